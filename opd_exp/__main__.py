@@ -1,0 +1,75 @@
+"""Command line: `python -m opd_exp {train,eval,toy} …`.
+
+    python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
+    python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
+    python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USAGE = __doc__
+
+
+def _hydra_command(fn) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from opd_exp.config import ConfigError, register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def main(cfg) -> None:
+        try:
+            fn(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    main()
+
+
+def _eval(cfg, run_dir: Path) -> None:
+    from opd_exp.evaluate_cmd import run_eval
+
+    run_eval(cfg, run_dir)
+
+
+def _train(cfg, run_dir: Path) -> None:
+    from opd_exp.train import train
+
+    train(cfg, run_dir)
+
+
+def _toy(argv: list[str]) -> None:
+    import argparse
+
+    from opd_exp.toyworld import SHIPPED_DIR
+    from opd_exp.toyworld.build import build_world
+
+    ap = argparse.ArgumentParser(prog="python -m opd_exp toy")
+    ap.add_argument("action", choices=["build"])
+    ap.add_argument("--out", type=Path, default=SHIPPED_DIR,
+                    help="folder to build into (default: the package's shipped copy)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    build_world(args.out, seed=args.seed)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "toy"):
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    command = sys.argv.pop(1)
+    if command == "toy":
+        _toy(sys.argv[1:])
+    else:
+        _hydra_command(_train if command == "train" else _eval)
+
+
+if __name__ == "__main__":
+    main()

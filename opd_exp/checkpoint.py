@@ -1,0 +1,52 @@
+"""Atomic checkpoints: `<run>/checkpoints/step_000050/` written as `.tmp` then renamed.
+
+A checkpoint holds the student (`save_pretrained` + tokenizer, loadable as a model path), the
+learner state (optimizer, scheduler) and `state.json` (step). `latest` names the newest one and
+is replaced atomically after the folder is complete, so a kill at any moment leaves either the
+old or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+    """`write(dir)` fills a fresh folder; it becomes `step_XXXXXX` only once complete."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = root / "latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_step(path: Path) -> int:
+    return json.loads((path / "state.json").read_text())["step"]

@@ -1,0 +1,224 @@
+"""Structured config: every default lives here, once. YAML under conf/ holds only changes.
+
+Each dataclass is the schema of one config group (conf/<group>/*.yaml); Hydra merges the YAML
+into it, so an unknown key or a wrongly typed value fails at composition. `validate` then checks
+ranges and names and raises `ConfigError` with one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # hub id, local folder, or toy:<name> for a toy-world model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PairConfig:
+    name: str = "toy"
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:student"))
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+
+
+@dataclass
+class RewardConfig:
+    """Per-token reward of the sampled-token estimator (SPEC §1.2)."""
+    name: str = "log_ratio"  # see opd_exp.rewards.REWARDS
+    alpha: float = 1.0  # power: Box-Cox exponent, > 0
+    scale_by_alpha: bool = True  # power: divide by alpha (paper) or not (authors' code)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the learner minimises (SPEC §1)."""
+    name: str = "sampled_token"  # see opd_exp.objectives.OBJECTIVES
+    gamma: float = 0.0  # reward-to-go discount: 0 token-level, 1 sequence-level
+    clip_eps: float = 0.2  # PPO ratio clip when rollouts come from an older policy
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # see opd_exp.rollout.BACKENDS
+    n: int = 4  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off (HF generate's own default of 50 is never used)
+    max_new_tokens: int = 96
+    batch_size: int = 256  # sequences generated at once
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"  # see opd_exp.learner.BACKENDS
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (<= 0: no clipping)
+    micro_batch_size: int = 64  # sequences per forward/backward
+    minibatches: int = 1  # optimizer steps per rollout batch (> 1: PPO-clipped ratio)
+
+
+@dataclass
+class DataConfig:
+    """Training prompts."""
+    source: str = "toy"  # toy | hub
+    prompts_per_step: int = 16
+    # toy source
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    pool_size: int = 4096  # distinct training prompts drawn from the toy task
+    # hub source (a datasets-style dataset; downloaded only when a run starts)
+    name: Optional[str] = None
+    split: str = "train"
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    prompt_suffix: str = ""  # appended to each prompt (e.g. a boxed-answer instruction)
+    chat_template: bool = True  # wrap prompts in the student tokenizer's chat template
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: [f"toy_L{i}" for i in range(1, 7)])
+    k: int = 8  # samples per problem: Avg@k and Pass@k
+    max_problems: int = 0  # per benchmark; 0 = all
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 96
+    every: int = 50  # optimizer steps between evals (and at step 0 and the end); 0 = never
+    teacher: bool = True  # measure the teacher once per run (logged as teacher/eval/...)
+    # hub benchmarks
+    prompt_suffix: str = ""
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    project: str = "opd_exp"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    plots: bool = True  # PNG curves in the run dir at the end
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    seed: int = 0
+    save_every: int = 50  # 0 = only the final checkpoint
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: bool = False  # continue from the run dir's latest checkpoint
+    threads: int = 0  # torch threads; 0 = all cores
+
+
+@dataclass
+class Config:
+    pair: PairConfig = field(default_factory=PairConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experiment: Optional[str] = None  # set by +experiment=… files, for the record
+
+
+GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
+                 "rollout": RolloutConfig, "learner": LearnerConfig, "data": DataConfig,
+                 "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="opd_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: one line per problem, naming the field and what is allowed
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(map(str, sorted(choices))))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges and names; raise ConfigError on the first bad field."""
+    from opd_exp import learner, objectives, rewards, rollout  # registries
+
+    for who in ("student", "teacher"):
+        m = cfg.pair[who]
+        _require(bool(m.path), f"pair.{who}.path", m.path, "a hub id, a folder or toy:<name>")
+        _choice(f"pair.{who}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
+    _choice("reward.name", cfg.reward.name, rewards.REWARDS)
+    _require(cfg.reward.alpha > 0, "reward.alpha", cfg.reward.alpha, "a number > 0")
+    _choice("objective.name", cfg.objective.name, objectives.OBJECTIVES)
+    _require(0 <= cfg.objective.gamma <= 1, "objective.gamma", cfg.objective.gamma, "0 <= gamma <= 1")
+    _require(0 < cfg.objective.clip_eps < 1, "objective.clip_eps", cfg.objective.clip_eps,
+             "0 < clip_eps < 1")
+    r = cfg.rollout
+    _choice("rollout.backend", r.backend, rollout.BACKENDS)
+    _require(r.n >= 1, "rollout.n", r.n, "an integer >= 1")
+    for prefix, s in (("rollout", r), ("eval", cfg.eval)):
+        _require(s.temperature > 0, f"{prefix}.temperature", s.temperature, "a number > 0")
+        _require(0 < s.top_p <= 1, f"{prefix}.top_p", s.top_p, "0 < top_p <= 1")
+        _require(s.top_k >= 0, f"{prefix}.top_k", s.top_k, "an integer >= 0 (0 = off)")
+        _require(s.max_new_tokens >= 1, f"{prefix}.max_new_tokens", s.max_new_tokens,
+                 "an integer >= 1")
+    _require(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
+    lc = cfg.learner
+    _choice("learner.backend", lc.backend, learner.BACKENDS)
+    _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")
+    _require(all(0 <= b < 1 for b in lc.betas), "learner.betas", list(lc.betas), "two numbers in [0, 1)")
+    _require(lc.weight_decay >= 0, "learner.weight_decay", lc.weight_decay, "a number >= 0")
+    _require(lc.warmup_steps >= 0, "learner.warmup_steps", lc.warmup_steps, "an integer >= 0")
+    _require(lc.micro_batch_size >= 1, "learner.micro_batch_size", lc.micro_batch_size,
+             "an integer >= 1")
+    _require(lc.minibatches >= 1, "learner.minibatches", lc.minibatches, "an integer >= 1")
+    total = cfg.data.prompts_per_step * r.n
+    _require(total % lc.minibatches == 0, "learner.minibatches", lc.minibatches,
+             f"a divisor of data.prompts_per_step * rollout.n = {total}")
+    d = cfg.data
+    _choice("data.source", d.source, {"toy", "hub"})
+    _require(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
+    if d.source == "toy":
+        _require(len(d.levels) > 0 and set(d.levels) <= set(range(1, 7)), "data.levels",
+                 list(d.levels), "a non-empty list of levels from 1..6")
+        _require(d.pool_size >= d.prompts_per_step, "data.pool_size", d.pool_size,
+                 "an integer >= data.prompts_per_step")
+    else:
+        _require(bool(d.name), "data.name", d.name, "a dataset id when data.source=hub")
+    e = cfg.eval
+    _require(e.k >= 1, "eval.k", e.k, "an integer >= 1")
+    _require(e.every >= 0, "eval.every", e.every, "an integer >= 0")
+    _require(e.max_problems >= 0, "eval.max_problems", e.max_problems, "an integer >= 0 (0 = all)")
+    _choice("logger.mode", cfg.logger.mode, {"auto", "online", "offline", "disabled"})
+    t = cfg.trainer
+    _require(t.steps >= 0, "trainer.steps", t.steps, "an integer >= 0")
+    _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")
+    _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
+    _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0 = all cores)")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

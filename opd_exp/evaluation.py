@@ -1,0 +1,147 @@
+"""Evaluation (SPEC §3): Avg@k and Pass@k with answers checked by math-verify.
+
+Definitions (logged as eval/<benchmark>/avg@k etc.; eval/avg@k is the mean over benchmarks):
+- avg@k  = mean over problems of (correct samples / k);
+- pass@k = mean over problems of 1 − C(n−c, k)/C(n, k) (n samples, c correct; = "any correct"
+  when n = k);
+- avg@k_stderr = standard error of avg@k over problems (std / sqrt(#problems)); for the
+  aggregate, sqrt(Σ_b se_b²) / #benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from opd_exp import toyworld
+from opd_exp.config import ConfigError
+from opd_exp.rollout import RolloutBackend, Sampling
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+# Hub benchmarks (SPEC §3): name -> (dataset id, split, prompt field, answer field).
+HUB_BENCHMARKS = {
+    "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
+    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime25": ("math-ai/aime25", "test", "problem", "answer"),
+    "amc23": ("math-ai/amc23", "test", "question", "answer"),
+    "minerva_math": ("math-ai/minervamath", "test", "question", "answer"),
+    "olympiadbench": ("math-ai/olympiadbench", "test", "question", "final_answer"),
+}
+
+
+def load_benchmark(name: str, max_problems: int = 0) -> list[Problem]:
+    if name.startswith("toy_"):
+        path = toyworld.benchmark_file(name)
+        if not path.is_file():
+            raise ConfigError(f"eval.benchmarks: unknown toy benchmark {name!r}: toy_L1 … toy_L6")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        problems = [Problem(r["prompt"], r["answer"]) for r in rows]
+    elif name in HUB_BENCHMARKS:
+        import datasets  # only real-model runs need it
+
+        hub_id, split, pf, af = HUB_BENCHMARKS[name]
+        ds = datasets.load_dataset(hub_id, split=split)
+        problems = [Problem(r[pf], str(r[af] if not isinstance(r[af], list) else r[af][0]))
+                    for r in ds]
+    else:
+        raise ConfigError(f"eval.benchmarks: unknown benchmark {name!r}: toy_L1 … toy_L6 or one "
+                          "of " + ", ".join(HUB_BENCHMARKS))
+    return problems[:max_problems] if max_problems else problems
+
+
+# ---------------------------------------------------------------------------------------------
+# answer checking
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} in `text` (balanced braces), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def _timeout() -> int | None:
+    """math-verify's timeouts use signal.alarm, which only works in the main thread."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=65536)
+def _parse(expr: str):
+    from math_verify import parse
+
+    return parse(f"\\boxed{{{expr}}}", parsing_timeout=_timeout())
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """The response's last boxed answer is mathematically equal to `answer` (math-verify)."""
+    pred = last_boxed(response)
+    if pred is None:
+        return False
+    if pred.strip() == answer.strip():
+        return True  # identical strings: no need to ask the verifier
+    from math_verify import verify
+
+    gold, guess = _parse(answer), _parse(pred)
+    return bool(gold) and bool(guess) and verify(gold, guess, timeout_seconds=_timeout())
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator 1 − C(n−c, k)/C(n, k) of P(at least one of k samples is correct)."""
+    if k > n:
+        raise ValueError(f"pass@k needs k <= n (k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score_counts(correct_counts: list[int], n: int, k: int) -> dict[str, float]:
+    """avg@k, pass@k and the standard error of avg@k from per-problem correct counts."""
+    accs = [c / n for c in correct_counts]
+    m = len(accs)
+    mean = sum(accs) / m
+    var = sum((a - mean) ** 2 for a in accs) / (m - 1) if m > 1 else 0.0
+    return {f"avg@{k}": mean, f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct_counts) / m,
+            f"avg@{k}_stderr": math.sqrt(var / m)}
+
+
+def evaluate(rollout: RolloutBackend, tokenizer, encode, benchmarks: dict[str, list[Problem]],
+             sampling: Sampling) -> dict[str, float]:
+    """Sample `sampling.n` responses per problem and score them. Keys: <bench>/avg@k, …, avg@k."""
+    k = sampling.n
+    out, ses = {}, []
+    for name, problems in benchmarks.items():
+        r = rollout.generate([encode(p.prompt) for p in problems], sampling)
+        texts = tokenizer.batch_decode(r.response_ids_B_T * r.response_mask_B_T.long(),
+                                       skip_special_tokens=True)
+        correct = torch.tensor([is_correct(t, problems[g].answer)
+                                for t, g in zip(texts, r.group_B.tolist())])
+        counts = torch.zeros(len(problems), dtype=torch.long).index_add_(
+            0, r.group_B, correct.long()).tolist()
+        scores = score_counts(counts, k, k)
+        out.update({f"{name}/{key}": v for key, v in scores.items()})
+        out[f"{name}/response_len"] = r.response_mask_B_T.sum(-1).mean().item()
+        ses.append(scores[f"avg@{k}_stderr"])
+    names = list(benchmarks)
+    for key in (f"avg@{k}", f"pass@{k}", "response_len"):
+        out[key] = sum(out[f"{b}/{key}"] for b in names) / len(names)
+    out[f"avg@{k}_stderr"] = math.sqrt(sum(s * s for s in ses)) / len(names)
+    return out

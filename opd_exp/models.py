@@ -1,0 +1,67 @@
+"""Loading the teacher/student pair: one code path for hub ids, local folders and the toy world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from opd_exp import toyworld
+from opd_exp.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(path: str) -> str:
+    """`toy:<name>` → the toy world's folder; anything else is passed to from_pretrained as is."""
+    if path.startswith("toy:"):
+        return str(toyworld.model_dir(path.removeprefix("toy:")))
+    return path
+
+
+def _load(what: str, field: str, fn, path: str, **kw):
+    try:
+        return fn(resolve_path(path), **kw)
+    except (OSError, ValueError) as e:  # missing folder, unknown hub id, no network
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field}={path!r}: could not load the {what}: {first}") from e
+
+
+def load_model(mcfg, field: str) -> PreTrainedModel:
+    """`field` names the config node (e.g. pair.student) for error messages."""
+    model = _load("model", f"{field}.path", AutoModelForCausalLM.from_pretrained, mcfg.path,
+                  dtype=DTYPES[mcfg.dtype], revision=mcfg.revision,
+                  trust_remote_code=mcfg.trust_remote_code)
+    return model
+
+
+def load_tokenizer(mcfg, field: str):
+    tok = _load("tokenizer", f"{field}.path", AutoTokenizer.from_pretrained, mcfg.path,
+                revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code,
+                padding_side="left")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same_vocab(student_tok, teacher_tok) -> None:
+    """Token-level OPD compares the two models token by token: their vocabularies must agree."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        diff = len(set(sv.items()) ^ set(tv.items()))
+        raise ConfigError(f"pair: student and teacher tokenizers differ ({diff} token/id pairs "
+                          "not shared); token-level distillation needs one vocabulary")
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def save_model(model: PreTrainedModel, tokenizer, out: Path) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,58 @@
+"""The embedded toy world (SPEC §6): where it lives, and building it on first use.
+
+Lookup order for the world folder:
+1. `$OPD_EXP_TOY_DIR` if set (built there on first use if empty);
+2. the copy shipped inside the package (`opd_exp/toyworld/artifacts`, built with seed 0);
+3. otherwise it is built into `~/.cache/opd_exp/toyworld` on first use.
+`python -m opd_exp toy build --out DIR` rebuilds it from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHIPPED_DIR = Path(__file__).parent / "artifacts"
+CACHE_DIR = Path.home() / ".cache" / "opd_exp" / "toyworld"
+ENV_VAR = "OPD_EXP_TOY_DIR"
+MODEL_NAMES = ("teacher", "student")
+
+
+def is_built(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def world_dir(build_if_missing: bool = True) -> Path:
+    """The toy world folder, built (≈ 15 min on 2 cores) if no built copy is found."""
+    if os.environ.get(ENV_VAR):
+        candidates, target = [Path(os.environ[ENV_VAR])], Path(os.environ[ENV_VAR])
+    else:
+        candidates, target = [SHIPPED_DIR, CACHE_DIR], CACHE_DIR
+    for path in candidates:
+        if is_built(path):
+            return path
+    if not build_if_missing:
+        raise FileNotFoundError(f"no toy world in {', '.join(map(str, candidates))}")
+    from opd_exp.toyworld.build import build_world
+
+    print(f"toy world not found; building it into {target} (one time)")
+    return build_world(target)
+
+
+def manifest(path: Path | None = None) -> dict:
+    return json.loads(((path or world_dir()) / "manifest.json").read_text())
+
+
+def model_dir(name: str) -> Path:
+    """Folder of toy model `name` (the part after `toy:` in a model path)."""
+    if name not in MODEL_NAMES:
+        from opd_exp.config import ConfigError
+
+        raise ConfigError(f"toy:{name} is not a toy model: one of " + ", ".join(
+            f"toy:{n}" for n in MODEL_NAMES))
+    return world_dir() / name
+
+
+def benchmark_file(name: str) -> Path:
+    return world_dir() / "benchmarks" / f"{name}.jsonl"

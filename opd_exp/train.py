@@ -1,0 +1,155 @@
+"""The OPD training loop, written out once.
+
+    for each step:
+      prompts → student rollouts → teacher scores → objective.prepare → learner.update
+      → log → (eval) → (checkpoint) → sync rollout weights
+
+Components are built from the config by their modules' `make_*`; this file never imports an
+engine (vLLM, DeepSpeed, W&B) itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from opd_exp import checkpoint
+from opd_exp.batch import TeacherScores
+from opd_exp.config import validate
+from opd_exp.data import make_encoder, make_prompts
+from opd_exp.evaluation import evaluate, load_benchmark
+from opd_exp.learner import make_learner
+from opd_exp.loggers import make_logger
+from opd_exp.models import check_same_vocab, load_model, load_tokenizer, save_model, stop_token_ids
+from opd_exp.objectives import StepBatch, make_objective
+from opd_exp.plots import write_plots
+from opd_exp.rollout import HFRollout, Sampling, make_rollout
+from opd_exp.teacher import make_teacher
+
+
+def step_seed(seed: int, step: int, purpose: int = 0) -> int:
+    """Every step reseeds the global RNG: a resumed run samples exactly what it would have."""
+    return (seed * 1_000_003 + step * 101 + purpose) % (2**63)
+
+
+@dataclass
+class Evaluator:
+    """Student evaluation on the configured benchmarks; the teacher's measured once."""
+    cfg: DictConfig
+    tokenizer: object
+    encode: object
+
+    def __post_init__(self):
+        e = self.cfg.eval
+        self.benchmarks = {b: load_benchmark(b, e.max_problems) for b in e.benchmarks}
+        self.sampling = Sampling.from_cfg(e, n=e.k)
+
+    def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
+        torch.manual_seed(step_seed(self.cfg.trainer.seed, step, purpose=1))
+        t = time.time()
+        scores = evaluate(rollout, self.tokenizer, self.encode, self.benchmarks, self.sampling)
+        out = {f"{prefix}/{k}": v for k, v in scores.items()}
+        out[f"{prefix}/seconds"] = time.time() - t
+        return out
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # ---- components, built from the config
+    tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
+    check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"))
+    resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
+    student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
+        cfg.pair.student, {"path": str(resume_from / "student")})
+    student = load_model(student_cfg, "pair.student")
+    teacher_model = load_model(cfg.pair.teacher, "pair.teacher")
+    stop_ids = stop_token_ids(student, tokenizer)
+    learner = make_learner(cfg, student)
+    rollout = make_rollout(cfg, learner.model, tokenizer, stop_ids)
+    teacher = make_teacher(cfg, teacher_model)
+    objective = make_objective(cfg)
+    prompts = make_prompts(cfg)
+    encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
+    evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
+                                                       cfg.eval.prompt_suffix))
+    sampling = Sampling.from_cfg(cfg.rollout)
+    start = 0
+    if resume_from is not None:
+        learner.load(resume_from)
+        start = checkpoint.load_step(resume_from)
+        print(f"resumed from {resume_from} at step {start}")
+    logger = make_logger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                         resume_step=start if resume_from is not None else None)
+
+    def save(step: int) -> None:
+        def write(d: Path) -> None:
+            save_model(learner.model, tokenizer, d / "student")
+            learner.save(d)
+        checkpoint.save(run_dir, step, write, cfg.trainer.keep_last)
+
+    e_every = cfg.eval.every
+    if start == 0:
+        if cfg.eval.teacher and e_every:
+            teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
+            logger.log(evaluator(teacher_rollout, 0, prefix="teacher/eval"), step=0)
+        if e_every:
+            logger.log(evaluator(rollout, 0), step=0)
+
+    # ---- the loop
+    last: dict[str, float] = {}
+    for step in range(start, cfg.trainer.steps):
+        t0 = time.time()
+        torch.manual_seed(step_seed(cfg.trainer.seed, step))
+        problems = prompts.batch(step)
+        rollouts = rollout.generate([encode(p.prompt) for p in problems], sampling)
+        t1 = time.time()
+        scores: TeacherScores = teacher.score(rollouts, objective.teacher_needs)
+        t2 = time.time()
+        batch = StepBatch(rollouts, scores)
+        if objective.needs_old_logp:
+            batch.logp_old_B_T = learner.logprobs(batch, cfg.rollout.temperature)
+        batch, obj_metrics = objective.prepare(batch)
+        train_metrics = learner.update(batch, objective)
+        rollout.sync_weights(learner.model)
+        t3 = time.time()
+
+        mask = rollouts.response_mask_B_T
+        metrics = {f"train/{k}": v for k, v in train_metrics.items()}
+        metrics.update({f"reward/{k.removeprefix('reward_')}" if k.startswith("reward_")
+                        else f"train/{k}": v for k, v in obj_metrics.items()})
+        metrics["train/reward_mean"] = obj_metrics.get("reward_mean", float("nan"))
+        metrics["rollout/response_len"] = mask.sum(-1).mean().item()
+        metrics["rollout/tokens"] = mask.sum().item()
+        if rollouts.logp_B_T is not None and batch.logp_old_B_T is not None:
+            n = mask.sum().clamp(min=1)
+            metrics["rollout/logprob_mismatch"] = (
+                (rollouts.logp_B_T - batch.logp_old_B_T).abs() * mask).sum().item() / n.item()
+        metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
+                        "train/seconds": t3 - t2})
+        done = step + 1
+        if e_every and (done % e_every == 0 or done == cfg.trainer.steps):
+            metrics.update(evaluator(rollout, done))
+        logger.log(metrics, step=done)
+        last = metrics
+        print(f"step {done}/{cfg.trainer.steps} loss {metrics['train/loss']:.4f} "
+              f"grad_norm {metrics['train/grad_norm']:.3g} reward {metrics['train/reward_mean']:.4f}"
+              + (f" eval/avg@{cfg.eval.k} {metrics[f'eval/avg@{cfg.eval.k}']:.3f}"
+                 if f"eval/avg@{cfg.eval.k}" in metrics else ""), flush=True)
+        if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:
+            save(done)
+
+    logger.finish()
+    if cfg.logger.plots:
+        write_plots(run_dir / "metrics.jsonl", run_dir, k=cfg.eval.k)
+    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+    return last

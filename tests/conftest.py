@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny toy world (random-ish models, seconds to build) and config composition."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd_exp.toyworld.build import ModelSpec, build_world
+
+TINY_SPECS = (
+    ModelSpec("teacher", layers=1, hidden=64, intermediate=128, levels=(1, 2), steps=4,
+              batch_size=8, heads=2, kv_heads=1),
+    ModelSpec("student", layers=1, hidden=64, intermediate=96, levels=(1,), steps=2,
+              batch_size=8, heads=2, kv_heads=1),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "world"
+    return build_world(out, seed=0, specs=TINY_SPECS, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture
+def use_tiny_world(tiny_world, monkeypatch):
+    monkeypatch.setenv("OPD_EXP_TOY_DIR", str(tiny_world))
+    return tiny_world
+
+
+def compose(overrides: list[str] = ()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from opd_exp.__main__ import CONF_DIR
+    from opd_exp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+# tiny, fast overrides for end-to-end runs on the tiny world
+TINY_RUN = [
+    "logger.mode=disabled", "logger.plots=false", "data.prompts_per_step=4", "rollout.n=2",
+    "rollout.max_new_tokens=12", "eval.max_problems=3", "eval.k=2", "eval.max_new_tokens=12",
+    "eval.benchmarks=[toy_L1,toy_L2]", "data.pool_size=64", "learner.micro_batch_size=3",
+]

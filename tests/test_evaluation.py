@@ -1,0 +1,56 @@
+"""Avg@k / Pass@k against brute force; answer extraction and math-verify checking."""
+
+import itertools
+import random
+
+import pytest
+
+from opd_exp.evaluation import is_correct, last_boxed, pass_at_k, score_counts
+
+
+@pytest.mark.parametrize("n,k", [(8, 8), (8, 1), (10, 3), (16, 8), (5, 5), (6, 2)])
+def test_pass_at_k_equals_subset_enumeration(n, k):
+    for c in range(n + 1):
+        outcomes = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+        assert abs(pass_at_k(n, c, k) - brute) < 1e-12
+
+
+def test_score_counts_brute_force():
+    rng = random.Random(0)
+    n = k = 8
+    counts = [rng.randint(0, n) for _ in range(50)]
+    samples = [[1] * c + [0] * (n - c) for c in counts]
+    s = score_counts(counts, n, k)
+    assert abs(s["avg@8"] - sum(sum(x) / n for x in samples) / 50) < 1e-12
+    assert abs(s["pass@8"] - sum(any(x) for x in samples) / 50) < 1e-12
+    accs = [sum(x) / n for x in samples]
+    mean = sum(accs) / 50
+    se = (sum((a - mean) ** 2 for a in accs) / 49 / 50) ** 0.5
+    assert abs(s["avg@8_stderr"] - se) < 1e-12
+
+
+def test_pass_at_k_rejects_k_above_n():
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 8)
+
+
+def test_last_boxed():
+    assert last_boxed(r"<think>1+1=2.</think> \boxed{2}") == "2"
+    assert last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{unclosed") is None
+    assert last_boxed("no answer") is None
+
+
+@pytest.mark.parametrize("response,answer,ok", [
+    (r"\boxed{64}", "64", True),
+    (r"\boxed{64.0}", "64", True),
+    (r"\boxed{\frac{1}{2}}", "0.5", True),
+    (r"\boxed{\dfrac12}", r"\frac{1}{2}", True),
+    (r"\boxed{63}", "64", False),
+    (r"the answer is 64", "64", False),
+    (r"\boxed{64} \boxed{7}", "64", False),  # the last boxed answer counts
+])
+def test_is_correct_uses_math_verify(response, answer, ok):
+    assert is_correct(response, answer) is ok
