@@ -6,18 +6,14 @@ import pytest
 
 from opd_exp.toyworld.build import ModelSpec, build_world
 
-TINY_SPECS = (
-    ModelSpec("teacher", layers=1, hidden=64, intermediate=128, levels=(1, 2), steps=4,
-              batch_size=8, heads=2, kv_heads=1),
-    ModelSpec("student", layers=1, hidden=64, intermediate=96, levels=(1,), steps=2,
-              batch_size=8, heads=2, kv_heads=1),
-)
+TINY_TEACHER = ModelSpec("teacher", layers=1, hidden=64, intermediate=128, levels=(1, 2),
+                         steps=4, batch_size=8, heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy") / "world"
-    return build_world(out, seed=0, specs=TINY_SPECS, progress=False, log=lambda *a: None)
+    return build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, progress=False, log=lambda *a: None)
 
 
 @pytest.fixture

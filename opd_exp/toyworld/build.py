@@ -48,10 +48,11 @@ class ModelSpec:
 
 
 TEACHER = ModelSpec("teacher", layers=3, hidden=128, intermediate=384, levels=task.LEVELS,
-                    steps=1400)
-STUDENT = ModelSpec("student", layers=2, hidden=128, intermediate=256, levels=(1, 2, 3),
-                    steps=600)
-SPECS = (TEACHER, STUDENT)
+                    steps=1500)
+# The student is the teacher's own run stopped early: same tokenizer and architecture, past the
+# sharp jump in learning (~step 650) but far from converged (TOYWORLD.md). It is weaker on every
+# level, most of all on the long chains.
+STUDENT_STEP = 900
 
 
 def benchmark_problems(seed: int) -> dict[str, list[task.Problem]]:
@@ -97,7 +98,7 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForC
 
 def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
              progress: bool = True, log=print, on_step=None) -> Qwen3ForCausalLM:
-    """Supervised pre-training; `on_step(step, model)` is called every 100 steps if given."""
+    """Supervised pre-training; `on_step(step, model)` is called after every step if given."""
     torch.manual_seed(seed)
     model = make_model(spec, tokenizer)
     rng = random.Random(seed + 1)
@@ -129,15 +130,20 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 100 == 0:
             log(f"  {spec.name} step {step + 1}/{spec.steps} loss {loss.item():.4f}")
-            if on_step is not None:
-                on_step(step + 1, model)
+        if on_step is not None:
+            on_step(step + 1, model)
     model.eval()
     return model
 
 
-def build_world(out: Path, seed: int = 0, specs: tuple[ModelSpec, ...] = SPECS,
-                progress: bool = True, log=print) -> Path:
-    """Build everything into `out` (atomically: a temp folder renamed at the end)."""
+def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
+                student_step: int = STUDENT_STEP, progress: bool = True, log=print) -> Path:
+    """Build everything into `out` (atomically: a temp folder renamed at the end).
+
+    The teacher is pre-trained for `teacher.steps`; the student is its snapshot at
+    `student_step`."""
+    if not 0 < student_step < teacher.steps:
+        raise ValueError(f"student_step must be in 1..{teacher.steps - 1}")
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,15 +172,24 @@ def build_world(out: Path, seed: int = 0, specs: tuple[ModelSpec, ...] = SPECS,
 
     manifest = {"format_version": FORMAT_VERSION, "seed": seed, "vocab_size": len(tokenizer),
                 "benchmarks": {k: len(v) for k, v in benches.items()}, "models": {}}
-    for i, spec in enumerate(specs):
-        t = time.time()
-        model = pretrain(spec, tokenizer, seed + 17 * (i + 1), exclude, progress, log)
+
+    def save(name: str, model, step: int, seconds: float) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp / spec.name)
-        tokenizer.save_pretrained(tmp / spec.name)
-        manifest["models"][spec.name] = {**asdict(spec), "params": model.num_parameters(),
-                                         "train_seconds": round(time.time() - t, 1)}
+        model.save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+        manifest["models"][name] = {**asdict(teacher), "name": name, "steps": step,
+                                    "params": model.num_parameters(),
+                                    "train_seconds": round(seconds, 1)}
+
+    t = time.time()
+
+    def snapshot(step: int, model) -> None:
+        if step == student_step:
+            save("student", model, step, time.time() - t)
+
+    model = pretrain(teacher, tokenizer, seed + 17, exclude, progress, log, on_step=snapshot)
+    save("teacher", model, teacher.steps, time.time() - t)
     manifest["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():

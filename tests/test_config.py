@@ -1,0 +1,104 @@
+"""Every config option and experiment composes; bad values fail with one line naming the field."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from opd_exp.__main__ import CONF_DIR
+from opd_exp.config import GROUP_SCHEMAS, ConfigError, validate
+
+from .conftest import compose
+
+GROUP_OPTIONS = [(g, p.stem) for g in GROUP_SCHEMAS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_group_option_composes_and_validates(group, option):
+    validate(compose([f"{group}={option}"]))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose([f"+experiment={name}"])
+    validate(cfg)
+    assert cfg.experiment == name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_files_start_with_package_then_command(name):
+    lines = (Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"  # Hydra reads the header only before other lines
+    assert lines[1] == f"# python -m opd_exp train +experiment={name}"
+
+
+def test_group_yaml_holds_no_defaults_twice():
+    """YAML files only change the schema: no value may equal the schema default it overrides,
+    except `name`/`backend`/`source` selectors, which document the option."""
+    for group, schema in GROUP_SCHEMAS.items():
+        base = OmegaConf.structured(schema)
+        for path in (Path(CONF_DIR) / group).glob("*.yaml"):
+            y = OmegaConf.load(path)
+            for key in y:
+                if key in ("name", "backend", "source", "defaults"):
+                    continue
+                assert y[key] != base.get(key), f"{path.name}: {key} repeats the schema default"
+
+
+def test_powerOPD_qwen3_names_both_models():
+    cfg = compose(["+experiment=powerOPD_qwen3"])
+    assert cfg.pair.student.path == "Qwen/Qwen3-1.7B-Base"
+    assert cfg.pair.teacher.path == "Qwen/Qwen3-4B"
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose(["reward.alhpa=0.5"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["reward.alpha=abc"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("reward.alpha=-1", "reward.alpha"), ("reward.alpha=0", "reward.alpha"),
+    ("reward.name=nope", "reward.name"), ("objective.gamma=1.5", "objective.gamma"),
+    ("rollout.top_p=0", "rollout.top_p"), ("learner.lr=0", "learner.lr"),
+    ("data.levels=[7]", "data.levels"), ("eval.k=0", "eval.k"), ("logger.mode=loud", "logger.mode"),
+    ("learner.minibatches=3", "learner.minibatches"), ("objective.name=nope", "objective.name"),
+])
+def test_validation_names_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        validate(compose([override]))
+    msg = str(e.value)
+    assert msg.startswith(field + "=") and "\n" not in msg
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "opd_exp", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_bad_alpha_exits_nonzero_with_one_line(tmp_path):
+    p = _cli("train", "reward.alpha=-1", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "reward.alpha" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_cli_missing_model_path_is_one_line(tmp_path, use_tiny_world):
+    p = _cli("train", f"pair.student.path={tmp_path}/nothing_here", f"hydra.run.dir={tmp_path}/run",
+             "logger.mode=disabled")
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "Loading" not in line]
+    assert len(lines) == 1 and "pair.student.path" in lines[0], p.stderr
+
+
+def test_cli_prints_qwen3_config_offline():
+    p = _cli("train", "+experiment=powerOPD_qwen3", "--cfg", "job",
+             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert "Qwen/Qwen3-4B" in p.stdout and "Qwen/Qwen3-1.7B-Base" in p.stdout
