@@ -47,6 +47,7 @@ class WandbLogger:
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_SILENT", "true")  # our own step lines stay readable
         (run_dir / "wandb").mkdir(exist_ok=True)
         run_id_file = run_dir / "wandb_run_id"
         run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None

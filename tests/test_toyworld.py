@@ -1,0 +1,98 @@
+"""The toy world: task invariants, tokenizer, deterministic build, hub-style loading."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd_exp import toyworld
+from opd_exp.evaluation import is_correct
+from opd_exp.toyworld import task
+from opd_exp.toyworld.build import BENCHMARK_SIZE, build_world
+
+from .conftest import TINY_TEACHER
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_problems_are_consistent(seed):
+    rng = random.Random(seed)
+    for level in task.LEVELS:
+        for family in task.FAMILIES:
+            p = task.make_problem(rng, level, family)
+            steps = re.findall(r"(\d+)([+-])(\d+)=(\d+)\.", p.thought)
+            assert len(steps) == level
+            value = int(steps[0][0])
+            for a, op, b, c in steps:
+                assert int(a) == value
+                value = int(a) + int(b) if op == "+" else int(a) - int(b)
+                assert int(c) == value and 0 <= value <= task.MAX_VALUE
+            assert p.answer == str(value) and is_correct(p.response, p.answer)
+            # every operand the thought uses is stated in the prompt
+            assert all(b in re.findall(r"\d+", p.prompt) for _, _, b, _ in steps)
+
+
+def test_benchmarks_fixed_and_disjoint_from_each_other(tiny_world):
+    prompts = set()
+    for lv in task.LEVELS:
+        rows = [json.loads(x) for x in (tiny_world / "benchmarks" / f"toy_L{lv}.jsonl").read_text().splitlines()]
+        assert len(rows) == BENCHMARK_SIZE and all(r["level"] == lv for r in rows)
+        prompts |= {r["prompt"] for r in rows}
+    assert len(prompts) == 6 * BENCHMARK_SIZE
+
+
+def test_tokenizer_roundtrip_and_chat_template(tiny_world):
+    tok = AutoTokenizer.from_pretrained(tiny_world / "student")
+    assert 300 <= len(tok) <= 1024 and tok.padding_side == "left"
+    p = task.make_problem(random.Random(3), 4, "words")
+    text = tok.apply_chat_template([{"role": "user", "content": p.prompt}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    full = text + p.response + tok.eos_token
+    ids = tok(full, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == full
+    digits = [tok.decode([i]) for i in tok(p.prompt).input_ids if tok.decode([i]).strip().isdigit()]
+    assert all(len(d.strip()) == 1 for d in digits)  # one digit per token
+    assert tok.decode(tok("any text: é ∑ 12").input_ids) == "any text: é ∑ 12"  # byte level
+
+
+def test_models_load_like_hub_models(tiny_world):
+    for name in toyworld.MODEL_NAMES:
+        model = AutoModelForCausalLM.from_pretrained(tiny_world / name)
+        assert model.config.model_type == "qwen3" and model.config.head_dim >= 32
+        assert model.generation_config.eos_token_id == AutoTokenizer.from_pretrained(
+            tiny_world / name).eos_token_id
+
+
+def test_build_is_deterministic(tiny_world, tmp_path):
+    again = build_world(tmp_path / "again", seed=0, teacher=TINY_TEACHER, student_step=2,
+                        progress=False, log=lambda *a: None)
+    for name in toyworld.MODEL_NAMES:
+        a = AutoModelForCausalLM.from_pretrained(tiny_world / name).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(again / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tiny_world / "student/tokenizer.json").read_text() == (again / "student/tokenizer.json").read_text()
+    for f in (tiny_world / "benchmarks").iterdir():
+        assert f.read_text() == (again / "benchmarks" / f.name).read_text()
+
+
+def test_world_dir_prefers_env_and_builds_on_first_use(tmp_path, monkeypatch, tiny_world):
+    monkeypatch.setenv(toyworld.ENV_VAR, str(tiny_world))
+    assert toyworld.world_dir() == tiny_world
+    monkeypatch.setenv(toyworld.ENV_VAR, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError):
+        toyworld.world_dir(build_if_missing=False)
+
+
+def test_shipped_world_is_complete_and_small():
+    d = toyworld.SHIPPED_DIR
+    if not toyworld.is_built(d):
+        pytest.skip("no shipped toy world in this checkout")
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    m = toyworld.manifest(d)
+    assert set(m["models"]) == {"teacher", "student"} and 300 <= m["vocab_size"] <= 1024
+    for name in toyworld.MODEL_NAMES:
+        assert AutoModelForCausalLM.from_pretrained(d / name).config.head_dim >= 32
