@@ -70,3 +70,21 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     checkpoint.save(tmp_path, 2, lambda d: None, keep_last=1)
     assert checkpoint.latest(tmp_path).name == "step_000002"
     assert not (tmp_path / "checkpoints/step_000001").exists()  # keep_last prunes
+
+
+def test_cli_multirun_sweeps_alpha(tmp_path, use_tiny_world):
+    """`train --multirun … reward.alpha=a,b` runs one job per value, each with its own run dir."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "opd_exp", "train", "--multirun", "+experiment=powerOPD_toy",
+         "reward.alpha=0.5,2", "trainer.steps=1", "eval.every=0", *TINY_RUN,
+         f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert p.returncode == 0, p.stderr[-2000:]
+    for job, alpha in (("0", 0.5), ("1", 2.0)):
+        cfg = (tmp_path / job / "config.yaml").read_text()
+        assert f"alpha: {alpha}" in cfg
+        assert math.isfinite(_records(tmp_path / job)[-1]["train/loss"])
