@@ -47,12 +47,19 @@ class Rollouts:
 
 @dataclass
 class TeacherScores:
-    """What the teacher says about the student's tokens; each objective asks only for its part."""
-    logp_B_T: Optional[torch.Tensor] = None  # teacher log-prob of each sampled token
+    """What the teacher says about the student's tokens; each objective asks only for its part:
+    "sampled" → `logp_B_T`; "topk" → `topk_logq_B_T_K`, `topk_idx_B_T_K` (log-probs under the
+    full softmax); "hidden" → `hidden_B_T_H` + `lm_head`, from which vocabulary-wide logits are
+    made a chunk of positions at a time (never [B, T, V] at once)."""
+    logp_B_T: Optional[torch.Tensor] = None
+    topk_logq_B_T_K: Optional[torch.Tensor] = None
+    topk_idx_B_T_K: Optional[torch.Tensor] = None
+    hidden_B_T_H: Optional[torch.Tensor] = None
+    lm_head: Optional[torch.nn.Module] = None  # shared, not per row
 
     def select(self, idx: torch.Tensor | slice) -> "TeacherScores":
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                                if getattr(self, f.name) is not None})
+                                if torch.is_tensor(getattr(self, f.name))})
 
 
 def response_mask(response_ids_B_T: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:

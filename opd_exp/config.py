@@ -35,18 +35,36 @@ class PairConfig:
 
 @dataclass
 class RewardConfig:
-    """Per-token reward of the sampled-token estimator (SPEC §1.2)."""
+    """Per-token (or sequence) reward of the sampled-token estimator (SPEC §1.2)."""
     name: str = "log_ratio"  # see opd_exp.rewards.REWARDS
     alpha: float = 1.0  # power: Box-Cox exponent, > 0
     scale_by_alpha: bool = True  # power: divide by alpha (paper) or not (authors' code)
+    clip: float = 5.0  # log_clip / log_tanh: c
+    eps: float = 1e-6  # zscore / verifiable: added to the std
+    std_normalize: bool = True  # verifiable: divide the group advantage by the group std
+    mix_lambda: float = 0.5  # mix: A = lambda * A_OPD + (1 - lambda) * A_RLVR
+    early_positions: int = 8  # reward/early_min is the min over the first positions
 
 
 @dataclass
 class ObjectiveConfig:
     """What the learner minimises (SPEC §1)."""
     name: str = "sampled_token"  # see opd_exp.objectives.OBJECTIVES
-    gamma: float = 0.0  # reward-to-go discount: 0 token-level, 1 sequence-level
-    clip_eps: float = 0.2  # PPO ratio clip when rollouts come from an older policy
+    gamma: float = 0.0  # sampled_token reward-to-go discount: 0 token-level, 1 sequence-level
+    clip_eps: float = 0.2  # PPO ratio clip [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: Optional[float] = None  # None = clip_eps (RLVR recipes use 0.28)
+    divergence: str = "reverse_kl"  # full_vocab / topk analytic: reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # jsd mixture weight, TRL's convention: 0 = forward KL, 1 = reverse KL
+    k: int = 32  # topk: support size
+    support: str = "teacher"  # topk: teacher | student | intersection | union (top-k sets)
+    renormalize: bool = True  # topk: softmax over the support (false: raw probabilities)
+    gradient: str = "analytic"  # topk: analytic | pg (policy gradient over the K candidates)
+    weight: str = "student"  # topk pg weights: student | teacher | uniform
+    chunk_size: int = 256  # positions per LM-head chunk for vocabulary-wide work
+    rollouts_from: str = "student"  # student (on-policy) | teacher (off-policy; sft)
+    special_mask: bool = False  # mask the first occurrence of each mask_strings token
+    mask_strings: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])
+    mask_stop_token: bool = True  # with special_mask: also never train on the stop token
 
 
 @dataclass
@@ -82,6 +100,7 @@ class DataConfig:
     pool_size: int = 4096  # distinct training prompts drawn from the toy task
     # hub source (a datasets-style dataset; downloaded only when a run starts)
     name: Optional[str] = None
+    subset: Optional[str] = None  # the dataset's configuration name, if it has several
     split: str = "train"
     prompt_field: str = "problem"
     answer_field: str = "answer"
@@ -116,7 +135,7 @@ class LoggerConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 100
+    steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
     seed: int = 0
     save_every: int = 50  # 0 = only the final checkpoint
     keep_last: int = 2  # checkpoints kept on disk
@@ -170,12 +189,27 @@ def validate(cfg: DictConfig) -> None:
         m = cfg.pair[who]
         _require(bool(m.path), f"pair.{who}.path", m.path, "a hub id, a folder or toy:<name>")
         _choice(f"pair.{who}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
-    _choice("reward.name", cfg.reward.name, rewards.REWARDS)
-    _require(cfg.reward.alpha > 0, "reward.alpha", cfg.reward.alpha, "a number > 0")
-    _choice("objective.name", cfg.objective.name, objectives.OBJECTIVES)
-    _require(0 <= cfg.objective.gamma <= 1, "objective.gamma", cfg.objective.gamma, "0 <= gamma <= 1")
-    _require(0 < cfg.objective.clip_eps < 1, "objective.clip_eps", cfg.objective.clip_eps,
-             "0 < clip_eps < 1")
+    rw = cfg.reward
+    _choice("reward.name", rw.name, rewards.REWARDS)
+    _require(rw.alpha > 0, "reward.alpha", rw.alpha, "a number > 0")
+    _require(rw.clip > 0, "reward.clip", rw.clip, "a number > 0")
+    _require(rw.eps > 0, "reward.eps", rw.eps, "a number > 0")
+    _require(0 <= rw.mix_lambda <= 1, "reward.mix_lambda", rw.mix_lambda, "0 <= mix_lambda <= 1")
+    _require(rw.early_positions >= 1, "reward.early_positions", rw.early_positions, "an integer >= 1")
+    o = cfg.objective
+    _choice("objective.name", o.name, objectives.OBJECTIVES)
+    _require(0 <= o.gamma <= 1, "objective.gamma", o.gamma, "0 <= gamma <= 1")
+    _require(0 < o.clip_eps < 1, "objective.clip_eps", o.clip_eps, "0 < clip_eps < 1")
+    _require(o.clip_eps_high is None or o.clip_eps_high > 0, "objective.clip_eps_high",
+             o.clip_eps_high, "null or a number > 0")
+    _choice("objective.divergence", o.divergence, {"reverse_kl", "forward_kl", "jsd"})
+    _require(0 <= o.beta <= 1, "objective.beta", o.beta, "0 <= beta <= 1")
+    _require(o.k >= 1, "objective.k", o.k, "an integer >= 1")
+    _choice("objective.support", o.support, {"teacher", "student", "intersection", "union"})
+    _choice("objective.gradient", o.gradient, {"analytic", "pg"})
+    _choice("objective.weight", o.weight, {"student", "teacher", "uniform"})
+    _require(o.chunk_size >= 1, "objective.chunk_size", o.chunk_size, "an integer >= 1")
+    _choice("objective.rollouts_from", o.rollouts_from, {"student", "teacher"})
     r = cfg.rollout
     _choice("rollout.backend", r.backend, rollout.BACKENDS)
     _require(r.n >= 1, "rollout.n", r.n, "an integer >= 1")

@@ -24,7 +24,7 @@ def hub_pool(cfg) -> list[Problem]:
     import datasets  # only real-model runs need it
 
     d = cfg.data
-    ds = datasets.load_dataset(d.name, split=d.split)
+    ds = datasets.load_dataset(d.name, d.subset, split=d.split)
     return [Problem(row[d.prompt_field], str(row[d.answer_field])) for row in ds]
 
 

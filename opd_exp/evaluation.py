@@ -20,6 +20,7 @@ import torch
 
 from opd_exp import toyworld
 from opd_exp.config import ConfigError
+from opd_exp.batch import Rollouts
 from opd_exp.rollout import RolloutBackend, Sampling
 
 
@@ -123,6 +124,13 @@ def score_counts(correct_counts: list[int], n: int, k: int) -> dict[str, float]:
             f"avg@{k}_stderr": math.sqrt(var / m)}
 
 
+def rollout_correctness(tokenizer, r: Rollouts, answers: list[str]) -> torch.Tensor:
+    """1.0 for each response whose last boxed answer equals its prompt's answer (math-verify)."""
+    ids = r.response_ids_B_T.masked_fill(r.response_mask_B_T == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return torch.tensor([float(is_correct(t, answers[g])) for t, g in zip(texts, r.group_B.tolist())])
+
+
 def evaluate(rollout: RolloutBackend, tokenizer, encode, benchmarks: dict[str, list[Problem]],
              sampling: Sampling) -> dict[str, float]:
     """Sample `sampling.n` responses per problem and score them. Keys: <bench>/avg@k, …, avg@k."""
@@ -130,10 +138,7 @@ def evaluate(rollout: RolloutBackend, tokenizer, encode, benchmarks: dict[str, l
     out, ses = {}, []
     for name, problems in benchmarks.items():
         r = rollout.generate([encode(p.prompt) for p in problems], sampling)
-        texts = tokenizer.batch_decode(r.response_ids_B_T * r.response_mask_B_T.long(),
-                                       skip_special_tokens=True)
-        correct = torch.tensor([is_correct(t, problems[g].answer)
-                                for t, g in zip(texts, r.group_B.tolist())])
+        correct = rollout_correctness(tokenizer, r, [p.answer for p in problems])
         counts = torch.zeros(len(problems), dtype=torch.long).index_add_(
             0, r.group_B, correct.long()).tolist()
         scores = score_counts(counts, k, k)

@@ -10,13 +10,16 @@ An objective has two small steps:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional, Protocol
 
 import torch
 
+from torch.utils.checkpoint import checkpoint
+
 from opd_exp.batch import Rollouts, TeacherScores
-from opd_exp.rewards import REWARDS, reward_to_go
+from opd_exp.rewards import SEQUENCE_REWARDS, RewardInputs, advantages
 
 
 @dataclass
@@ -25,6 +28,7 @@ class StepBatch:
     teacher: TeacherScores
     logp_old_B_T: Optional[torch.Tensor] = None  # learner's log-probs before the update
     advantages_B_T: Optional[torch.Tensor] = None
+    correct_B: Optional[torch.Tensor] = None  # 1.0 where the response's answer is right
 
     @property
     def mask_B_T(self) -> torch.Tensor:
@@ -34,6 +38,11 @@ class StepBatch:
         return replace(self, **{f.name: getattr(self, f.name)[idx] if torch.is_tensor(
             getattr(self, f.name)) else getattr(self, f.name).select(idx)
             for f in fields(self) if getattr(self, f.name) is not None})
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 before any softmax; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0) -> torch.Tensor:
@@ -46,17 +55,25 @@ def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0
     logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
                          position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
                          use_cache=False).logits[:, :-1]
-    if logits_B_T_V.dtype in (torch.float16, torch.bfloat16):
-        logits_B_T_V = logits_B_T_V.float()  # log-softmax in at least float32
+    logits_B_T_V = upcast(logits_B_T_V)
     if temperature != 1.0:
         logits_B_T_V = logits_B_T_V / temperature
     picked_B_T = logits_B_T_V.gather(-1, r.response_ids_B_T[..., None])[..., 0]
     return (picked_B_T - torch.logsumexp(logits_B_T_V, -1)) * r.response_mask_B_T
 
 
+def response_hidden(model: torch.nn.Module, r: Rollouts) -> torch.Tensor:
+    """Final hidden states at the positions that predict the response tokens: [B, T, H]
+    (the LM head is applied later, a chunk of positions at a time)."""
+    out = model.base_model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                           position_ids=r.position_ids_B_L, use_cache=False)
+    return out.last_hidden_state[:, r.prompt_ids_B_P.shape[1] - 1:-1]
+
+
 class Objective(Protocol):
-    teacher_needs: str  # "sampled" (log q of the sampled token); later "topk", "logits"
+    teacher_needs: str  # none | sampled | topk | hidden (see TeacherScores)
     needs_old_logp: bool
+    needs_correctness: bool
 
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]: ...
 
@@ -73,11 +90,16 @@ def _masked_quantiles(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, prefix: str) 
             f"{prefix}_p50": q[1].item(), f"{prefix}_p99": q[2].item()}
 
 
+def _early_min(r_B_T: torch.Tensor, mask_B_T: torch.Tensor, positions: int) -> float:
+    early = mask_B_T.bool() & (torch.arange(r_B_T.shape[1]) < positions)
+    return r_B_T[early].min().item() if early.any() else float("nan")
+
+
 class SampledTokenOPD:
     """Policy gradient on a per-token reward (SPEC §1.1): the "vanilla OPD" estimator.
 
     r_t = reward(log q(y_t), log p_old(y_t)); A_t = Σ_{t'≥t} γ^{t'−t} r_{t'} (sg);
-    ρ_t = exp(log p_θ − log p_old);  loss = −(1/N) Σ_t m_t min(ρ_t A_t, clip(ρ_t, 1±ε) A_t).
+    ρ_t = exp(log p_θ − log p_old);  loss = −(1/N) Σ_t m_t min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε_h) A_t).
     For fresh rollouts (first update on a batch) ρ = 1 and the gradient is the REINFORCE one,
     −(1/N) Σ m_t A_t ∇log p_θ(y_t); the logged loss is then −mean(A).
     """
@@ -86,27 +108,29 @@ class SampledTokenOPD:
 
     def __init__(self, cfg):
         self.reward_cfg = cfg.reward
-        self.reward_fn = REWARDS[cfg.reward.name]
+        self.needs_correctness = cfg.reward.name in SEQUENCE_REWARDS
         self.gamma = cfg.objective.gamma
-        self.clip_eps = cfg.objective.clip_eps
+        self.clip_low = cfg.objective.clip_eps
+        self.clip_high = cfg.objective.clip_eps_high or cfg.objective.clip_eps
         self.temperature = cfg.rollout.temperature
 
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         mask = batch.mask_B_T
         logq, logp = batch.teacher.logp_B_T, batch.logp_old_B_T
-        r_B_T = self.reward_fn(logq, logp, mask, self.reward_cfg)
-        A_B_T = reward_to_go(r_B_T, self.gamma) * mask
-        n = mask.sum().clamp(min=1)
+        x = RewardInputs(logq, logp, mask, batch.rollouts.group_B, batch.correct_B)
+        A_B_T, r_B_T = advantages(x, self.reward_cfg, self.gamma)
+        n = mask.sum().clamp(min=1).item()
         metrics = _masked_quantiles(r_B_T, mask, "reward")
-        metrics["kl_sampled"] = ((logp - logq) * mask).sum().item() / n.item()
-        metrics["advantage_mean"] = A_B_T.sum().item() / n.item()
+        metrics["reward_early_min"] = _early_min(r_B_T, mask, self.reward_cfg.early_positions)
+        metrics["kl_sampled"] = ((logp - logq) * mask).sum().item() / n
+        metrics["advantage_mean"] = A_B_T.sum().item() / n
         return replace(batch, advantages_B_T=A_B_T), metrics
 
     def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
         mask, A = mb.mask_B_T, mb.advantages_B_T
         logp = token_logprobs(model, mb.rollouts, self.temperature)
         ratio = torch.exp(logp - mb.logp_old_B_T) * mask
-        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps)
+        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
         per_token = -torch.minimum(ratio * A, clipped * A) * mask
         loss = per_token.sum() / n_tokens
         with torch.no_grad():
@@ -114,7 +138,168 @@ class SampledTokenOPD:
         return loss, {"loss": loss.item(), "clip_frac": clip_frac.item()}
 
 
-OBJECTIVES: dict[str, Callable[..., Objective]] = {"sampled_token": SampledTokenOPD}
+def divergence(logp_N_V: torch.Tensor, logq_N_V: torch.Tensor, kind: str,
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between student p and teacher q over the vocabulary: [N].
+
+    reverse_kl = Σ_v p (log p − log q);  forward_kl = Σ_v q (log q − log p);
+    jsd(β) = β KL(q ‖ m) + (1 − β) KL(p ‖ m), m = (1 − β) p + β q  (TRL's generalised JSD:
+    β = 0 is forward KL, β = 1 reverse KL).
+    """
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "reverse_kl":
+        return (logp_N_V.exp() * (logp_N_V - logq_N_V)).sum(-1)
+    if kind == "forward_kl":
+        return (logq_N_V.exp() * (logq_N_V - logp_N_V)).sum(-1)
+    logm = torch.logsumexp(torch.stack([logp_N_V + math.log(1 - beta), logq_N_V + math.log(beta)]), 0)
+    return (beta * (logq_N_V.exp() * (logq_N_V - logm)).sum(-1)
+            + (1 - beta) * (logp_N_V.exp() * (logp_N_V - logm)).sum(-1))
+
+
+def _chunked(fn, chunk: int, T: int, *tensors_B_T) -> torch.Tensor:
+    """Σ over chunks of positions of fn(*chunk_slices); each chunk is recomputed in backward
+    (activation checkpointing), so at most one chunk's [B, C, V] logits live at a time."""
+    total = 0.0
+    for c in range(0, T, chunk):
+        parts = [t[:, c:c + chunk] for t in tensors_B_T]
+        total = total + (checkpoint(fn, *parts, use_reentrant=False)
+                         if torch.is_grad_enabled() else fn(*parts))
+    return total
+
+
+class FullVocabOPD:
+    """Exact divergence over the whole vocabulary with its analytic gradient (SPEC §1.3):
+    loss = (1/N) Σ_t m_t D(p(·|c_t), q(·|c_t)), D = objective.divergence (reverse KL default).
+    Both models run to final hidden states; the LM heads are applied `chunk_size` positions at
+    a time inside the loss, recomputed in backward, so memory does not grow with T·V."""
+    teacher_needs = "hidden"
+    needs_old_logp = False
+    needs_correctness = False
+
+    def __init__(self, cfg):
+        o = cfg.objective
+        self.kind, self.beta, self.chunk = o.divergence, o.beta, o.chunk_size
+        self.temperature = cfg.rollout.temperature
+
+    def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
+        return batch, {}
+
+    def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        head_s, head_t = model.get_output_embeddings(), mb.teacher.lm_head
+        h_s = response_hidden(model, mb.rollouts)
+
+        def chunk_loss(h_s_C, h_t_C, mask_C):
+            logp = torch.log_softmax(upcast(head_s(h_s_C)) / self.temperature, -1)
+            logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
+            return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
+
+        loss = _chunked(chunk_loss, self.chunk, h_s.shape[1], h_s, mb.teacher.hidden_B_T_H,
+                        mb.mask_B_T) / n_tokens
+        return loss, {"loss": loss.item()}
+
+
+class TopKOPD:
+    """Local support matching (SPEC §1.4): reverse KL restricted to a support S_t of top-K tokens.
+
+    analytic:  loss_t = Σ_{v∈S_t} p̂(v) (log p̂(v) − log q̂(v)),  p̂, q̂ = softmax over S_t
+               (raw p, q when renormalize=false — the ablation that collapses);
+    pg:        loss_t = −Σ_{v∈S_t} sg(A_t(v)) log p̂(v),  A_t(v) = −(log p̂(v) − log q̂(v))·w(v),
+               w = p̂ (student) | q̂ (teacher) | 1/|S_t| (uniform).
+    Nothing flows to tokens outside S_t. With support=teacher only the teacher's top-K log-probs
+    are needed; the other supports need its logits (hidden states + head).
+    """
+    needs_old_logp = False
+    needs_correctness = False
+
+    def __init__(self, cfg):
+        o = cfg.objective
+        self.k, self.support, self.renorm = o.k, o.support, o.renormalize
+        self.gradient, self.weight, self.chunk = o.gradient, o.weight, o.chunk_size
+        self.temperature = cfg.rollout.temperature
+        self.teacher_needs = "topk" if o.support == "teacher" else "hidden"
+
+    def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
+        return batch, {}
+
+    def _support(self, logits_s, logq_full, idx_t):
+        """(idx_B_C_S, valid_B_C_S) of the support; duplicates / non-members are invalid."""
+        if self.support == "teacher":
+            return idx_t, torch.ones_like(idx_t, dtype=torch.bool)
+        idx_s = logits_s.detach().topk(self.k, -1).indices
+        if self.support == "student":
+            return idx_s, torch.ones_like(idx_s, dtype=torch.bool)
+        idx_t = logq_full.topk(self.k, -1).indices
+        s_in_t = (idx_s[..., :, None] == idx_t[..., None, :]).any(-1)
+        if self.support == "intersection":
+            return idx_s, s_in_t
+        return torch.cat([idx_t, idx_s], -1), torch.cat([torch.ones_like(s_in_t), ~s_in_t], -1)
+
+    def _chunk_loss(self, head_s, head_t, h_s_C, mask_C, *teacher_C):
+        logits_s = upcast(head_s(h_s_C)) / self.temperature
+        if self.support == "teacher":
+            logq_topk, idx_t = teacher_C
+            logq_full = None
+        else:
+            logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])), -1)
+            idx_t = None
+        idx, valid = self._support(logits_s, logq_full, idx_t)
+        # renormalised: only the support's logits enter (no full-vocabulary normaliser, so no
+        # gradient, not even a rounding error, reaches tokens outside S_t)
+        logp_S = (logits_s if self.renorm else torch.log_softmax(logits_s, -1)).gather(-1, idx)
+        logq_S = logq_topk if logq_full is None else logq_full.gather(-1, idx)
+        neg = torch.finfo(logp_S.dtype).min / 4
+        logp_S, logq_S = logp_S.masked_fill(~valid, neg), logq_S.masked_fill(~valid, neg)
+        if self.renorm:
+            logp_S, logq_S = torch.log_softmax(logp_S, -1), torch.log_softmax(logq_S, -1)
+        vf = valid.to(logp_S.dtype)
+        if self.gradient == "analytic":
+            per = (logp_S.exp() * (logp_S - logq_S) * vf).sum(-1)
+        else:
+            w = {"student": lambda: torch.softmax(logp_S.detach(), -1),
+                 "teacher": lambda: logq_S.exp(),
+                 "uniform": lambda: vf / vf.sum(-1, keepdim=True).clamp(min=1)}[self.weight]()
+            A = (-(logp_S - logq_S) * w).detach()
+            per = -(A * logp_S * vf).sum(-1)
+        return (per * mask_C).sum(), (vf.sum(-1) * mask_C).sum().detach()
+
+    def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        head_s, head_t = model.get_output_embeddings(), mb.teacher.lm_head
+        h_s = response_hidden(model, mb.rollouts)
+        t = mb.teacher
+        teacher_parts = ((t.topk_logq_B_T_K, t.topk_idx_B_T_K) if self.support == "teacher"
+                         else (t.hidden_B_T_H,))
+        total, support = 0.0, 0.0
+        for c in range(0, h_s.shape[1], self.chunk):
+            parts = [x[:, c:c + self.chunk] for x in (h_s, mb.mask_B_T, *teacher_parts)]
+            fn = lambda *a: self._chunk_loss(head_s, head_t, *a)  # noqa: E731
+            l_c, s_c = (checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled()
+                        else fn(*parts))
+            total, support = total + l_c, support + s_c
+        loss = total / n_tokens
+        return loss, {"loss": loss.item(), "support_size": float(support) / n_tokens}
+
+
+class SFT:
+    """Token cross-entropy on given traces (SPEC §1.5): loss = −(1/N) Σ_t m_t log p_θ(y_t).
+    Used with objective.rollouts_from=teacher (teacher-written traces)."""
+    teacher_needs = "none"
+    needs_old_logp = False
+    needs_correctness = False
+
+    def __init__(self, cfg):
+        self.temperature = 1.0
+
+    def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
+        return batch, {}
+
+    def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        loss = -token_logprobs(model, mb.rollouts).sum() / n_tokens
+        return loss, {"loss": loss.item()}
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "sampled_token": SampledTokenOPD, "full_vocab": FullVocabOPD, "topk": TopKOPD, "sft": SFT}
 
 
 def make_objective(cfg) -> Objective:

@@ -1,25 +1,37 @@
-"""Per-token rewards for the sampled-token estimator (SPEC §1.2).
+"""Rewards and advantages for the sampled-token estimator (SPEC §1.2), selected by `reward.name`.
 
-p = student π_θ, q = teacher π_T, both evaluated at the sampled token y_t in context c_t.
-Every reward has the sign of log q − log p: positive where the teacher likes the token more.
-Inputs are detached log-probs [B, T]; masked positions come out exactly 0.
+p = student π_θ (the rollout policy, sg), q = teacher π_T, both at the sampled token y_t in
+context c_t. Per-token rewards have the sign of log q − log p (positive where the teacher likes
+the token more) and become advantages by reward-to-go, A_t = Σ_{t'≥t} γ^{t'−t} r_{t'}.
+`verifiable` is a sequence reward (GRPO group advantage, the same for every token of a
+response) and `mix` blends the two. Everything is detached; masked positions come out exactly 0.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+@dataclass
+class RewardInputs:
+    logq_B_T: torch.Tensor  # teacher log-prob of each sampled token
+    logp_B_T: torch.Tensor  # student (rollout policy) log-prob of each sampled token
+    mask_B_T: torch.Tensor  # 1.0 on trained tokens
+    group_B: torch.Tensor  # prompt index of each row (GRPO groups)
+    correct_B: Optional[torch.Tensor] = None  # 1.0 where the response's answer is right
 
 
-def log_ratio(logq_B_T, logp_B_T, mask_B_T, cfg) -> torch.Tensor:
+# ---- per-token rewards r_t ------------------------------------------------------------------
+
+def log_ratio(x: RewardInputs, cfg) -> torch.Tensor:
     """r_t = log q(y_t) − log p(y_t): unbounded (a tail near −50 early in training)."""
-    return (logq_B_T - logp_B_T) * mask_B_T
+    return (x.logq_B_T - x.logp_B_T) * x.mask_B_T
 
 
-def power(logq_B_T, logp_B_T, mask_B_T, cfg) -> torch.Tensor:
+def power(x: RewardInputs, cfg) -> torch.Tensor:
     """PowerOPD Box-Cox reward r_t = (q^α − p^α)/α = BC_α(q) − BC_α(p), BC_α(u) = (u^α − 1)/α.
 
     In [−1/α, 1/α]; → log q − log p as α → 0; α = 1 is q − p. Computed as
@@ -27,11 +39,32 @@ def power(logq_B_T, logp_B_T, mask_B_T, cfg) -> torch.Tensor:
     1/α (the authors' public code; range [−1, 1]).
     """
     a = cfg.alpha
-    r = torch.expm1(a * logq_B_T) - torch.expm1(a * logp_B_T)
-    return (r / a if cfg.scale_by_alpha else r) * mask_B_T
+    r = torch.expm1(a * x.logq_B_T) - torch.expm1(a * x.logp_B_T)
+    return (r / a if cfg.scale_by_alpha else r) * x.mask_B_T
 
 
-REWARDS: dict[str, RewardFn] = {"log_ratio": log_ratio, "power": power}
+def log_clip(x: RewardInputs, cfg) -> torch.Tensor:
+    """Post-hoc stabiliser: clip(log q − log p, −c, c), c = reward.clip."""
+    return log_ratio(x, cfg).clamp(-cfg.clip, cfg.clip) * x.mask_B_T
+
+
+def log_tanh(x: RewardInputs, cfg) -> torch.Tensor:
+    """Post-hoc stabiliser: c·tanh((log q − log p)/c), c = reward.clip."""
+    return cfg.clip * torch.tanh(log_ratio(x, cfg) / cfg.clip) * x.mask_B_T
+
+
+def zscore(x: RewardInputs, cfg) -> torch.Tensor:
+    """Post-hoc stabiliser: the log-ratio standardised over the step's valid tokens."""
+    r, m = log_ratio(x, cfg), x.mask_B_T
+    n = m.sum().clamp(min=1)
+    mean = r.sum() / n
+    std = (((r - mean) * m) ** 2).sum().div(n).sqrt()
+    return (r - mean) / (std + cfg.eps) * m
+
+
+TOKEN_REWARDS: dict[str, Callable[[RewardInputs, object], torch.Tensor]] = {
+    "log_ratio": log_ratio, "power": power, "log_clip": log_clip, "log_tanh": log_tanh,
+    "zscore": zscore}
 
 
 def reward_to_go(r_B_T: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -44,3 +77,50 @@ def reward_to_go(r_B_T: torch.Tensor, gamma: float) -> torch.Tensor:
         running = r_B_T[:, t] + gamma * running
         A_B_T[:, t] = running
     return A_B_T
+
+
+# ---- sequence rewards ------------------------------------------------------------------------
+
+def group_advantage(R_B: torch.Tensor, group_B: torch.Tensor, std_normalize: bool,
+                    eps: float) -> torch.Tensor:
+    """GRPO: (R − mean over the prompt's group) / (std over the group + ε) (std optional)."""
+    A_B = torch.zeros_like(R_B)
+    for g in group_B.unique():
+        sel = group_B == g
+        centred = R_B[sel] - R_B[sel].mean()
+        if std_normalize:
+            std = R_B[sel].std(unbiased=False) if sel.sum() > 1 else torch.zeros(())
+            centred = centred / (std + eps)
+        A_B[sel] = centred
+    return A_B
+
+
+def _rlvr_advantage(x: RewardInputs, std_normalize: bool, eps: float) -> torch.Tensor:
+    if x.correct_B is None:
+        raise ValueError("the verifiable reward needs answer correctness of every rollout")
+    A_B = group_advantage(x.correct_B.to(x.mask_B_T.dtype), x.group_B, std_normalize, eps)
+    return A_B[:, None] * x.mask_B_T
+
+
+# ---- advantages: what objectives consume -----------------------------------------------------
+
+def advantages(x: RewardInputs, cfg, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_B_T, r_B_T): advantages to weight log p_θ with, and the per-token reward behind them
+    (for `verifiable` the sequence reward R spread over the response, for statistics)."""
+    name = cfg.name
+    if name in TOKEN_REWARDS:
+        r = TOKEN_REWARDS[name](x, cfg)
+        return reward_to_go(r, gamma) * x.mask_B_T, r
+    if name == "verifiable":
+        R = x.correct_B.to(x.mask_B_T.dtype)[:, None] * x.mask_B_T
+        return _rlvr_advantage(x, cfg.std_normalize, cfg.eps), R
+    if name == "mix":  # λ·A_OPD + (1 − λ)·A_RLVR, no std normalisation (SPEC §1.2)
+        r = log_ratio(x, cfg)
+        A = cfg.mix_lambda * reward_to_go(r, gamma) + (1 - cfg.mix_lambda) * _rlvr_advantage(
+            x, False, cfg.eps)
+        return A * x.mask_B_T, r
+    raise KeyError(name)
+
+
+REWARDS = (*TOKEN_REWARDS, "verifiable", "mix")
+SEQUENCE_REWARDS = ("verifiable", "mix")  # need answer correctness of the rollouts

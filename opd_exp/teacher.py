@@ -8,31 +8,47 @@ import torch
 
 from opd_exp.batch import Rollouts, TeacherScores
 from opd_exp.learner import micro_slices
-from opd_exp.objectives import token_logprobs
+from opd_exp.objectives import response_hidden, token_logprobs, upcast
+
+NEEDS = ("none", "sampled", "topk", "hidden")
 
 
 class Teacher(Protocol):
-    def score(self, rollouts: Rollouts, needs: str) -> TeacherScores:
-        """`needs` is the objective's `teacher_needs` ("sampled": log q of each sampled token)."""
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        """`needs` is the objective's `teacher_needs` (one of NEEDS); `k` the top-K size."""
 
 
 class HFTeacher:
-    def __init__(self, model: torch.nn.Module, micro_batch_size: int):
-        self.model, self.micro = model.eval(), micro_batch_size
+    def __init__(self, model: torch.nn.Module, micro_batch_size: int, chunk_size: int):
+        self.model, self.micro, self.chunk = model.eval(), micro_batch_size, chunk_size
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, needs: str) -> TeacherScores:
-        if needs != "sampled":
-            raise NotImplementedError(f"the hf teacher does not provide {needs!r} scores yet")
-        logq = torch.cat([token_logprobs(self.model, rollouts.select(s))
-                          for s in micro_slices(rollouts.size, self.micro)])
-        return TeacherScores(logp_B_T=logq)
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        if needs == "none":
+            return TeacherScores()
+        slices = micro_slices(rollouts.size, self.micro)
+        if needs == "sampled":
+            return TeacherScores(logp_B_T=torch.cat(
+                [token_logprobs(self.model, rollouts.select(s)) for s in slices]))
+        hidden = torch.cat([response_hidden(self.model, rollouts.select(s)) for s in slices])
+        head = self.model.get_output_embeddings()
+        if needs == "hidden":
+            return TeacherScores(hidden_B_T_H=hidden, lm_head=head)
+        if needs == "topk":  # one chunk of positions through the LM head at a time
+            vals, idx = [], []
+            for c in range(0, hidden.shape[1], self.chunk):
+                logq = torch.log_softmax(upcast(head(hidden[:, c:c + self.chunk])), -1)
+                v, i = logq.topk(k, dim=-1)
+                vals.append(v)
+                idx.append(i)
+            return TeacherScores(topk_logq_B_T_K=torch.cat(vals, 1), topk_idx_B_T_K=torch.cat(idx, 1))
+        raise ValueError(f"unknown teacher need {needs!r}: one of {NEEDS}")
 
 
 def _make_hf(cfg, model) -> Teacher:
-    return HFTeacher(model, cfg.learner.micro_batch_size)
+    return HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
 
 
 BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _make_hf}

@@ -22,8 +22,9 @@ from opd_exp import checkpoint
 from opd_exp.batch import TeacherScores
 from opd_exp.config import validate
 from opd_exp.data import make_encoder, make_prompts
-from opd_exp.evaluation import evaluate, load_benchmark
+from opd_exp.evaluation import evaluate, load_benchmark, rollout_correctness
 from opd_exp.learner import make_learner
+from opd_exp.masking import SpecialTokenMask
 from opd_exp.loggers import make_logger
 from opd_exp.models import check_same_vocab, load_model, load_tokenizer, save_model, stop_token_ids
 from opd_exp.objectives import StepBatch, make_objective
@@ -76,7 +77,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     stop_ids = stop_token_ids(student, tokenizer)
     learner = make_learner(cfg, student)
     rollout = make_rollout(cfg, learner.model, tokenizer, stop_ids)
+    teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
     teacher = make_teacher(cfg, teacher_model)
+    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
     objective = make_objective(cfg)
     prompts = make_prompts(cfg)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
@@ -100,7 +103,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     e_every = cfg.eval.every
     if start == 0:
         if cfg.eval.teacher and e_every:
-            teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
             logger.log(evaluator(teacher_rollout, 0, prefix="teacher/eval"), step=0)
         if e_every:
             logger.log(evaluator(rollout, 0), step=0)
@@ -111,11 +113,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         t0 = time.time()
         torch.manual_seed(step_seed(cfg.trainer.seed, step))
         problems = prompts.batch(step)
-        rollouts = rollout.generate([encode(p.prompt) for p in problems], sampling)
+        sampler = teacher_rollout if cfg.objective.rollouts_from == "teacher" else rollout
+        rollouts = sampler.generate([encode(p.prompt) for p in problems], sampling)
+        correct_B = rollout_correctness(tokenizer, rollouts, [p.answer for p in problems])
+        rollouts = masker(rollouts)  # special-token masking (objective.special_mask)
         t1 = time.time()
-        scores: TeacherScores = teacher.score(rollouts, objective.teacher_needs)
+        scores: TeacherScores = teacher.score(rollouts, objective.teacher_needs, cfg.objective.k)
         t2 = time.time()
-        batch = StepBatch(rollouts, scores)
+        batch = StepBatch(rollouts, scores, correct_B=correct_B)
         if objective.needs_old_logp:
             batch.logp_old_B_T = learner.logprobs(batch, cfg.rollout.temperature)
         batch, obj_metrics = objective.prepare(batch)
@@ -127,9 +132,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         metrics = {f"train/{k}": v for k, v in train_metrics.items()}
         metrics.update({f"reward/{k.removeprefix('reward_')}" if k.startswith("reward_")
                         else f"train/{k}": v for k, v in obj_metrics.items()})
-        metrics["train/reward_mean"] = obj_metrics.get("reward_mean", float("nan"))
+        if "reward_mean" in obj_metrics:
+            metrics["train/reward_mean"] = obj_metrics["reward_mean"]
         metrics["rollout/response_len"] = mask.sum(-1).mean().item()
         metrics["rollout/tokens"] = mask.sum().item()
+        metrics["rollout/accuracy"] = correct_B.mean().item()
         if rollouts.logp_B_T is not None and batch.logp_old_B_T is not None:
             n = mask.sum().clamp(min=1)
             metrics["rollout/logprob_mismatch"] = (
@@ -142,7 +149,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.log(metrics, step=done)
         last = metrics
         print(f"step {done}/{cfg.trainer.steps} loss {metrics['train/loss']:.4f} "
-              f"grad_norm {metrics['train/grad_norm']:.3g} reward {metrics['train/reward_mean']:.4f}"
+              f"grad_norm {metrics['train/grad_norm']:.3g}"
+              + (f" reward {metrics['train/reward_mean']:.4f}" if "train/reward_mean" in metrics else "")
               + (f" eval/avg@{cfg.eval.k} {metrics[f'eval/avg@{cfg.eval.k}']:.3f}"
                  if f"eval/avg@{cfg.eval.k}" in metrics else ""), flush=True)
         if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:

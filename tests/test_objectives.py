@@ -48,8 +48,9 @@ def test_token_logprobs_match_unpadded_per_sequence_forward(tiny_world):
 
 def _cfg(reward="log_ratio", gamma=0.0, **kw):
     return OmegaConf.create({
-        "reward": {"name": reward, "alpha": 0.5, "scale_by_alpha": True},
-        "objective": {"gamma": gamma, "clip_eps": 0.2},
+        "reward": {"name": reward, "alpha": 0.5, "scale_by_alpha": True, "clip": 5.0,
+                   "eps": 1e-6, "std_normalize": True, "mix_lambda": 0.5, "early_positions": 8},
+        "objective": {"gamma": gamma, "clip_eps": 0.2, "clip_eps_high": None},
         "rollout": {"temperature": 1.0},
         "learner": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": 0,
                     "max_grad_norm": 0.0, "micro_batch_size": kw.get("micro", 64),

@@ -6,11 +6,25 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_exp.rewards import log_ratio, power, reward_to_go
+from opd_exp.rewards import RewardInputs, log_clip, log_tanh, reward_to_go, zscore
+from opd_exp.rewards import log_ratio as _log_ratio
+from opd_exp.rewards import power as _power
 
 
-def _cfg(alpha, scale=True):
-    return OmegaConf.create({"alpha": alpha, "scale_by_alpha": scale})
+def _cfg(alpha=1.0, scale=True, clip=5.0):
+    return OmegaConf.create({"alpha": alpha, "scale_by_alpha": scale, "clip": clip, "eps": 1e-6})
+
+
+def _x(logq, logp, mask):
+    return RewardInputs(logq, logp, mask, torch.arange(logq.shape[0]))
+
+
+def log_ratio(logq, logp, mask, cfg):
+    return _log_ratio(_x(logq, logp, mask), cfg)
+
+
+def power(logq, logp, mask, cfg):
+    return _power(_x(logq, logp, mask), cfg)
 
 
 def _logps(seed, shape=(8, 33)):
@@ -72,3 +86,16 @@ def test_reward_to_go_brute_force(gamma):
         for t in range(17):
             ref = sum(gamma ** (u - t) * r[b, u].item() for u in range(t, 17))
             assert abs(A[b, t].item() - ref) < 1e-10
+
+
+def test_posthoc_stabilisers():
+    logq, logp, mask = _logps(0)
+    lr = log_ratio(logq, logp, mask, None)
+    x = _x(logq, logp, mask)
+    assert torch.equal(log_clip(x, _cfg(clip=5.0)), lr.clamp(-5, 5) * mask)
+    t = log_tanh(x, _cfg(clip=5.0))
+    assert torch.allclose(t, 5 * torch.tanh(lr / 5) * mask) and t.abs().max() < 5
+    z = zscore(x, _cfg())
+    vals = z[mask > 0]
+    assert abs(vals.mean().item()) < 1e-9 and abs(vals.std(unbiased=False).item() - 1) < 1e-5
+    assert (z[mask == 0] == 0).all()

@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from opd_exp import checkpoint
+from opd_exp.__main__ import CONF_DIR
 from opd_exp.train import train
 
 from .conftest import TINY_RUN, compose
@@ -88,3 +90,18 @@ def test_cli_multirun_sweeps_alpha(tmp_path, use_tiny_world):
         cfg = (tmp_path / job / "config.yaml").read_text()
         assert f"alpha: {alpha}" in cfg
         assert math.isfinite(_records(tmp_path / job)[-1]["train/loss"])
+
+
+TOY_EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*_toy.yaml"))
+
+
+@pytest.mark.parametrize("name", TOY_EXPERIMENTS)
+def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world, name):
+    cfg = compose([f"+experiment={name}", *TINY_RUN, "trainer.steps=2", "eval.every=2",
+                   "eval.teacher=false"])
+    train(cfg, tmp_path)
+    recs = [r for r in _records(tmp_path) if r["step"] > 0]
+    assert len(recs) == 2
+    for r in recs:
+        bad = {k: v for k, v in r.items() if v is None or not math.isfinite(v)}
+        assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
