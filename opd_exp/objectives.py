@@ -186,17 +186,23 @@ class FullVocabOPD:
         return batch, {}
 
     def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
-        head_s, head_t = model.get_output_embeddings(), mb.teacher.lm_head
-        h_s = response_hidden(model, mb.rollouts)
+        loss = self.summed(model.get_output_embeddings(), mb.teacher.lm_head,
+                           response_hidden(model, mb.rollouts), mb.teacher.hidden_B_T_H,
+                           mb.mask_B_T) / n_tokens
+        return loss, {"loss": loss.item()}
 
+    def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T) -> torch.Tensor:
+        """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time."""
         def chunk_loss(h_s_C, h_t_C, mask_C):
             logp = torch.log_softmax(upcast(head_s(h_s_C)) / self.temperature, -1)
             logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
-        loss = _chunked(chunk_loss, self.chunk, h_s.shape[1], h_s, mb.teacher.hidden_B_T_H,
-                        mb.mask_B_T) / n_tokens
-        return loss, {"loss": loss.item()}
+        return _chunked(chunk_loss, self.chunk, h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
+
+
+def _plain_linear(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and head.bias is None
 
 
 class TopKOPD:
@@ -236,18 +242,28 @@ class TopKOPD:
         return torch.cat([idx_t, idx_s], -1), torch.cat([torch.ones_like(s_in_t), ~s_in_t], -1)
 
     def _chunk_loss(self, head_s, head_t, h_s_C, mask_C, *teacher_C):
-        logits_s = upcast(head_s(h_s_C)) / self.temperature
-        if self.support == "teacher":
-            logq_topk, idx_t = teacher_C
-            logq_full = None
+        if self.support == "teacher" and self.renorm and _plain_linear(head_s):
+            # only the K support rows of the LM head are needed: [B, C, K] logits, never [B, C, V]
+            logq_S, idx = teacher_C
+            W_S = head_s.weight[idx]  # [B, C, K, H]
+            logp_S = upcast((W_S @ h_s_C[..., None])[..., 0]) / self.temperature
+            valid = torch.ones_like(idx, dtype=torch.bool)
         else:
-            logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])), -1)
-            idx_t = None
-        idx, valid = self._support(logits_s, logq_full, idx_t)
-        # renormalised: only the support's logits enter (no full-vocabulary normaliser, so no
-        # gradient, not even a rounding error, reaches tokens outside S_t)
-        logp_S = (logits_s if self.renorm else torch.log_softmax(logits_s, -1)).gather(-1, idx)
-        logq_S = logq_topk if logq_full is None else logq_full.gather(-1, idx)
+            logits_s = upcast(head_s(h_s_C)) / self.temperature
+            if self.support == "teacher":
+                logq_topk, idx_t = teacher_C
+                logq_full = None
+            else:
+                logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])), -1)
+                idx_t = None
+            idx, valid = self._support(logits_s, logq_full, idx_t)
+            # renormalised: only the support's logits enter (no full-vocabulary normaliser, so
+            # no gradient, not even a rounding error, reaches tokens outside S_t)
+            logp_S = (logits_s if self.renorm else torch.log_softmax(logits_s, -1)).gather(-1, idx)
+            logq_S = logq_topk if logq_full is None else logq_full.gather(-1, idx)
+        return self._support_loss(logp_S, logq_S, valid, mask_C)
+
+    def _support_loss(self, logp_S, logq_S, valid, mask_C):
         neg = torch.finfo(logp_S.dtype).min / 4
         logp_S, logq_S = logp_S.masked_fill(~valid, neg), logq_S.masked_fill(~valid, neg)
         if self.renorm:
@@ -264,20 +280,25 @@ class TopKOPD:
         return (per * mask_C).sum(), (vf.sum(-1) * mask_C).sum().detach()
 
     def loss(self, model, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
-        head_s, head_t = model.get_output_embeddings(), mb.teacher.lm_head
-        h_s = response_hidden(model, mb.rollouts)
         t = mb.teacher
         teacher_parts = ((t.topk_logq_B_T_K, t.topk_idx_B_T_K) if self.support == "teacher"
                          else (t.hidden_B_T_H,))
+        total, support = self.summed(model.get_output_embeddings(), t.lm_head,
+                                     response_hidden(model, mb.rollouts), mb.mask_B_T, teacher_parts)
+        loss = total / n_tokens
+        return loss, {"loss": loss.item(), "support_size": float(support) / n_tokens}
+
+    def summed(self, head_s, head_t, h_s_B_T_H, mask_B_T, teacher_parts):
+        """(Σ_t m_t loss_t, Σ_t m_t |S_t|), one chunk of positions at a time (recomputed in
+        backward); `teacher_parts` = (top-K log q, top-K ids) or (teacher hidden states,)."""
         total, support = 0.0, 0.0
-        for c in range(0, h_s.shape[1], self.chunk):
-            parts = [x[:, c:c + self.chunk] for x in (h_s, mb.mask_B_T, *teacher_parts)]
-            fn = lambda *a: self._chunk_loss(head_s, head_t, *a)  # noqa: E731
+        fn = lambda *a: self._chunk_loss(head_s, head_t, *a)  # noqa: E731
+        for c in range(0, h_s_B_T_H.shape[1], self.chunk):
+            parts = [x[:, c:c + self.chunk] for x in (h_s_B_T_H, mask_B_T, *teacher_parts)]
             l_c, s_c = (checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled()
                         else fn(*parts))
             total, support = total + l_c, support + s_c
-        loss = total / n_tokens
-        return loss, {"loss": loss.item(), "support_size": float(support) / n_tokens}
+        return total, support
 
 
 class SFT:
