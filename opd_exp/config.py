@@ -75,7 +75,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off (HF generate's own default of 50 is never used)
     max_new_tokens: int = 96
-    batch_size: int = 256  # sequences generated at once
+    batch_size: int = 256  # sequences generated at once (hf)
+    sync_every: int = 1  # vllm: push learner weights to the engine every this many steps
+    max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
+    gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
 
 
 @dataclass
@@ -220,6 +223,10 @@ def validate(cfg: DictConfig) -> None:
         _require(s.max_new_tokens >= 1, f"{prefix}.max_new_tokens", s.max_new_tokens,
                  "an integer >= 1")
     _require(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
+    _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
+    _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
+    _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+             r.gpu_memory_utilization, "0 < x <= 1")
     lc = cfg.learner
     _choice("learner.backend", lc.backend, learner.BACKENDS)
     _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")

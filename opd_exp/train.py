@@ -76,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     teacher_model = load_model(cfg.pair.teacher, "pair.teacher")
     stop_ids = stop_token_ids(student, tokenizer)
     learner = make_learner(cfg, student)
-    rollout = make_rollout(cfg, learner.model, tokenizer, stop_ids)
+    rollout = make_rollout(cfg, learner.model, tokenizer, stop_ids, run_dir)
     teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
     teacher = make_teacher(cfg, teacher_model)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)

@@ -1,0 +1,108 @@
+"""vLLM rollout backend (`rollout.backend=vllm`): the same `RolloutBackend` as HF generate.
+
+The engine runs in this process (colocated with the learner). It starts from the learner's
+current weights, saved with `save_pretrained` into `<run>/vllm_weights/`, and after every
+`rollout.sync_every` optimizer steps the learner's weights are written there again and loaded
+with vLLM's `reload_weights` (what works on the CPU build, ENGINES.md). Sampled-token log-probs
+come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
+otherwise they are left to the learner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from opd_exp.batch import Rollouts, response_mask
+from opd_exp.rollout import Sampling, concat_rollouts, left_pad
+
+
+class VLLMRollout:
+    def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
+                 dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
+                 seed: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
+        from vllm import LLM
+
+        self.tokenizer, self.stop_ids = tokenizer, sorted(stop_ids)
+        self.weights_dir = Path(work_dir) / "vllm_weights"
+        save_untied(model, self.weights_dir)
+        tokenizer.save_pretrained(self.weights_dir)
+        kw = {"max_model_len": max_model_len} if max_model_len else {}
+        self.llm = LLM(model=str(self.weights_dir), dtype=dtype, enforce_eager=True, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, **kw)
+        self.sync_every, self.calls = sync_every, 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.calls += 1
+        if self.calls % self.sync_every:
+            return
+        save_untied(model, self.weights_dir)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], s: Sampling) -> Rollouts:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        want_logp = s.temperature == 1.0
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the step's seed
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
+                                 stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
+                                 seed=seed, detokenize=False) for seed in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        parts = []
+        for g, (prompt, out) in enumerate(zip(prompts, outs)):
+            ids_1_P, mask_1_P = left_pad([prompt], pad)
+            seqs = [list(c.token_ids) for c in out.outputs]
+            T = max(1, max(len(x) for x in seqs))
+            resp = torch.full((len(seqs), T), pad, dtype=torch.long)
+            logp = torch.zeros(len(seqs), T)
+            for i, c in enumerate(out.outputs):
+                resp[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+                if want_logp and c.logprobs:
+                    logp[i, :len(c.token_ids)] = torch.tensor(
+                        [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)])
+            m = response_mask(resp, set(self.stop_ids))
+            m = m * (torch.arange(T)[None] < torch.tensor([len(x) for x in seqs])[:, None])
+            parts.append(Rollouts(ids_1_P.expand(len(seqs), -1), mask_1_P.expand(len(seqs), -1),
+                                  resp, m, torch.full((len(seqs),), g),
+                                  logp * m if want_logp else None))
+        return concat_rollouts(parts, pad)
+
+
+def save_untied(model: torch.nn.Module, out: Path) -> None:
+    """save_pretrained, but with an explicit `lm_head.weight` and `tie_word_embeddings: false`.
+
+    vLLM's in-place reload does not reload a tied LM head (it keeps the CPU kernel's packed copy
+    of the old one), so the engine is given an untied model whose head is loaded like any layer."""
+    model.save_pretrained(out)
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    from safetensors.torch import save_file
+
+    head = model.get_output_embeddings().weight.detach().contiguous().clone()
+    save_file({"lm_head.weight": head}, out / "lm_head.safetensors", metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.exists():  # sharded checkpoint: vLLM reads only the files the index names
+        idx = json.loads(index.read_text())
+        idx["weight_map"]["lm_head.weight"] = "lm_head.safetensors"
+        index.write_text(json.dumps(idx, indent=2))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def make_vllm(cfg, model, tokenizer, stop_ids, work_dir) -> VLLMRollout:
+    r = cfg.rollout
+    return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
+                       max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
+                       sync_every=r.sync_every, seed=cfg.trainer.seed)
