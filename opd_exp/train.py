@@ -59,6 +59,34 @@ class Evaluator:
         return out
 
 
+def step_metrics(batch: StepBatch, train_metrics: dict, obj_metrics: dict,
+                 on_policy: bool) -> dict[str, float]:
+    """The step's train/, reward/ and rollout/ metrics (definitions: docs/metrics.md)."""
+    mask = batch.mask_B_T
+    out = {f"train/{k}": v for k, v in train_metrics.items()}
+    out.update({f"reward/{k.removeprefix('reward_')}" if k.startswith("reward_") else f"train/{k}": v
+                for k, v in obj_metrics.items()})
+    if "reward_mean" in obj_metrics:
+        out["train/reward_mean"] = obj_metrics["reward_mean"]
+    out["rollout/response_len"] = mask.sum(-1).mean().item()
+    out["rollout/tokens"] = mask.sum().item()
+    out["rollout/accuracy"] = batch.correct_B.mean().item()
+    r = batch.rollouts
+    if on_policy and r.logp_B_T is not None and batch.logp_old_B_T is not None:
+        n = mask.sum().clamp(min=1).item()
+        out["rollout/logprob_mismatch"] = ((r.logp_B_T - batch.logp_old_B_T).abs() * mask).sum().item() / n
+    return out
+
+
+def progress_line(m: dict[str, float], step: int, steps: int, k: int) -> str:
+    line = f"step {step}/{steps} loss {m['train/loss']:.4f} grad_norm {m['train/grad_norm']:.3g}"
+    if "train/reward_mean" in m:
+        line += f" reward {m['train/reward_mean']:.4f}"
+    if f"eval/avg@{k}" in m:
+        line += f" eval/avg@{k} {m[f'eval/avg@{k}']:.3f}"
+    return line
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,19 +156,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         rollout.sync_weights(learner.model)
         t3 = time.time()
 
-        mask = rollouts.response_mask_B_T
-        metrics = {f"train/{k}": v for k, v in train_metrics.items()}
-        metrics.update({f"reward/{k.removeprefix('reward_')}" if k.startswith("reward_")
-                        else f"train/{k}": v for k, v in obj_metrics.items()})
-        if "reward_mean" in obj_metrics:
-            metrics["train/reward_mean"] = obj_metrics["reward_mean"]
-        metrics["rollout/response_len"] = mask.sum(-1).mean().item()
-        metrics["rollout/tokens"] = mask.sum().item()
-        metrics["rollout/accuracy"] = correct_B.mean().item()
-        if rollouts.logp_B_T is not None and batch.logp_old_B_T is not None:
-            n = mask.sum().clamp(min=1)
-            metrics["rollout/logprob_mismatch"] = (
-                (rollouts.logp_B_T - batch.logp_old_B_T).abs() * mask).sum().item() / n.item()
+        metrics = step_metrics(batch, train_metrics, obj_metrics,
+                               on_policy=sampler is rollout)
         metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
                         "train/seconds": t3 - t2})
         done = step + 1
@@ -148,11 +165,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics.update(evaluator(rollout, done))
         logger.log(metrics, step=done)
         last = metrics
-        print(f"step {done}/{cfg.trainer.steps} loss {metrics['train/loss']:.4f} "
-              f"grad_norm {metrics['train/grad_norm']:.3g}"
-              + (f" reward {metrics['train/reward_mean']:.4f}" if "train/reward_mean" in metrics else "")
-              + (f" eval/avg@{cfg.eval.k} {metrics[f'eval/avg@{cfg.eval.k}']:.3f}"
-                 if f"eval/avg@{cfg.eval.k}" in metrics else ""), flush=True)
+        print(progress_line(metrics, done, cfg.trainer.steps, cfg.eval.k), flush=True)
         if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:
             save(done)
 
