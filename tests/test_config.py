@@ -102,3 +102,16 @@ def test_cli_prints_qwen3_config_offline():
              env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     assert "Qwen/Qwen3-4B" in p.stdout and "Qwen/Qwen3-1.7B-Base" in p.stdout
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tiny_world):
+    from transformers import AutoTokenizer
+
+    from opd_exp.models import check_same_vocab
+
+    a = AutoTokenizer.from_pretrained(tiny_world / "student")
+    b = AutoTokenizer.from_pretrained(tiny_world / "teacher")
+    check_same_vocab(a, b)  # the toy pair shares one vocabulary
+    b.add_tokens(["<extra_token>"])
+    with pytest.raises(ConfigError, match="^pair: student and teacher tokenizers differ"):
+        check_same_vocab(a, b)
