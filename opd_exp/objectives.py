@@ -193,12 +193,51 @@ class FullVocabOPD:
 
     def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T) -> torch.Tensor:
         """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time."""
-        def chunk_loss(h_s_C, h_t_C, mask_C):
-            logp = torch.log_softmax(upcast(head_s(h_s_C)) / self.temperature, -1)
-            logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
+        def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
+            logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
+            with torch.no_grad():
+                logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
-        return _chunked(chunk_loss, self.chunk, h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
+        if _plain_linear(head_s) and torch.is_grad_enabled():
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, chunk_loss, self.chunk,
+                                       h_t_B_T_H, mask_B_T)
+        return _chunked(lambda h, t, m: chunk_loss(head_s(h), t, m), self.chunk,
+                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Σ_chunks f(h_C W^T, *extra_C) with the LM head fused into the loss (like fused linear
+    cross-entropy): the forward computes each chunk's logits, its loss and the loss's gradient
+    w.r.t. those logits, g_C, then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
+    No [B, T, V] tensor exists and nothing is recomputed in backward: the same four matmuls per
+    position as an unfused forward + backward."""
+
+    @staticmethod
+    def forward(ctx, h_B_T_H, W_V_H, fn, chunk, *extra_B_T):
+        grad_h = torch.zeros_like(h_B_T_H)
+        grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
+        total = h_B_T_H.new_zeros(())
+        for c in range(0, h_B_T_H.shape[1], chunk):
+            h_C = h_B_T_H[:, c:c + chunk]
+            with torch.enable_grad():
+                logits = (h_C @ W_V_H.T).detach().requires_grad_()
+                loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
+                (g_C,) = torch.autograd.grad(loss_c, logits)
+            total += loss_c.detach()
+            g_C = g_C.to(W_V_H.dtype)
+            grad_h[:, c:c + chunk] = g_C @ W_V_H
+            if grad_W is not None:
+                grad_W += g_C.flatten(0, 1).T @ h_C.flatten(0, 1)
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.n_extra = len(extra_B_T)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors
+        return (grad_h * grad_out, None if grad_W is None else grad_W * grad_out, None, None,
+                *([None] * ctx.n_extra))
 
 
 def _plain_linear(head) -> bool:
