@@ -227,16 +227,16 @@ class FusedHeadLoss(torch.autograd.Function):
             total += loss_c.detach()
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = g_C @ W_V_H
-            if grad_W is not None:
-                grad_W += g_C.flatten(0, 1).T @ h_C.flatten(0, 1)
+            if grad_W is not None:  # in place: no second [V, H] buffer
+                grad_W.addmm_(g_C.flatten(0, 1).T, h_C.flatten(0, 1))
         ctx.save_for_backward(grad_h, grad_W)
         ctx.n_extra = len(extra_B_T)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_W = ctx.saved_tensors
-        return (grad_h * grad_out, None if grad_W is None else grad_W * grad_out, None, None,
+        grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
+        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
                 *([None] * ctx.n_extra))
 
 
