@@ -60,7 +60,7 @@ class ObjectiveConfig:
     renormalize: bool = True  # topk: softmax over the support (false: raw probabilities)
     gradient: str = "analytic"  # topk: analytic | pg (policy gradient over the K candidates)
     weight: str = "student"  # topk pg weights: student | teacher | uniform
-    chunk_size: int = 256  # positions per LM-head chunk for vocabulary-wide work
+    chunk_size: int = 64  # positions per LM-head chunk for vocabulary-wide work (docs/benchmarks.md)
     rollouts_from: str = "student"  # student (on-policy) | teacher (off-policy; sft)
     special_mask: bool = False  # mask the first occurrence of each mask_strings token
     mask_strings: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])

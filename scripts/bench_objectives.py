@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--impls", nargs="+", default=["naive", "chunked", "trl_chunked", "topk"])
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: impl T
