@@ -51,11 +51,13 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         want_logp = s.temperature == 1.0
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()  # from the step's seed
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                 top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
-                                 stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
-                                 seed=seed, detokenize=False) for seed in seeds]
+        # No per-request seed: seeded requests crash vLLM's CPU sampler once a batch needs more
+        # than one scheduling step ("CPU Generator does not use offset"); the engine is seeded
+        # once (trainer.seed) at start, so vLLM rollouts are reproducible per run, not per step.
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
+                                stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
+                                detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
         pad = self.tokenizer.pad_token_id

@@ -21,6 +21,7 @@ def test_vllm_logprobs_match_hf_and_follow_weight_sync(tiny_world, tmp_path):
                        timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["big_rows"] == 33 * 8
     assert out["rows"] == 12 and out["groups"] == [0] * 4 + [1] * 4 + [2] * 4 and out["stop_ok"]
     assert out["before"] <= 1e-3  # vLLM's sampled log-probs = HF forward of the same tokens
     assert out["after_new"] <= 1e-3  # after a learner step + sync: the updated model ...

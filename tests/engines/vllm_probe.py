@@ -57,7 +57,9 @@ def main(world: Path, work: Path) -> dict:
         after_old = ((token_logprobs(old, r2) - r2.logp_B_T).abs() * m2).max().item()
     stop_ok = all(r.response_ids_B_T[i, int(m[i].sum()) - 1].item() == tok.eos_token_id
                   or int(m[i].sum()) == 24 for i in range(r.size))
-    return {"before": before, "after_new": after_new, "after_old": after_old,
+    # a batch that needs several scheduling steps (seeded requests used to crash here on CPU)
+    big = engine.generate(prompts * 11, Sampling(n=8, max_new_tokens=24))
+    return {"big_rows": big.size, "before": before, "after_new": after_new, "after_old": after_old,
             "rows": r.size, "stop_ok": stop_ok, "groups": r.group_B.tolist()}
 
 
