@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 
 class ConfigError(ValueError):
@@ -259,7 +259,3 @@ def validate(cfg: DictConfig) -> None:
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")
     _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
     _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0 = all cores)")
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

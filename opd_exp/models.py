@@ -30,10 +30,9 @@ def _load(what: str, field: str, fn, path: str, **kw):
 
 def load_model(mcfg, field: str) -> PreTrainedModel:
     """`field` names the config node (e.g. pair.student) for error messages."""
-    model = _load("model", f"{field}.path", AutoModelForCausalLM.from_pretrained, mcfg.path,
-                  dtype=DTYPES[mcfg.dtype], revision=mcfg.revision,
-                  trust_remote_code=mcfg.trust_remote_code)
-    return model
+    return _load("model", f"{field}.path", AutoModelForCausalLM.from_pretrained, mcfg.path,
+                 dtype=DTYPES[mcfg.dtype], revision=mcfg.revision,
+                 trust_remote_code=mcfg.trust_remote_code)
 
 
 def load_tokenizer(mcfg, field: str):

@@ -348,7 +348,7 @@ class SFT:
     needs_correctness = False
 
     def __init__(self, cfg):
-        self.temperature = 1.0
+        pass
 
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         return batch, {}
