@@ -1,6 +1,7 @@
 """Command line: `python -m opd_exp {train,eval,toy} …`.
 
     python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
+    python -m opd_exp train learner=deepspeed launcher.nproc_per_node=2   # 2 ranks under torchrun
     python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
 """
@@ -40,6 +41,18 @@ def _eval(cfg, run_dir: Path) -> None:
 
 
 def _train(cfg, run_dir: Path) -> None:
+    from opd_exp.config import validate
+    from opd_exp.launcher import launch, wants_launch
+
+    if wants_launch(cfg.launcher):  # re-run this command under torchrun, on this node's ranks
+        from hydra.core.hydra_config import HydraConfig
+
+        validate(cfg)
+        code = launch(cfg.launcher, "train", list(HydraConfig.get().overrides.task), run_dir)
+        if code:
+            print(f"error: the launched ranks failed (exit code {code})", file=sys.stderr)
+            sys.exit(code)
+        return
     from opd_exp.train import train
 
     train(cfg, run_dir)

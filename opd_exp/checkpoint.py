@@ -3,7 +3,9 @@
 A checkpoint holds the student (`save_pretrained` + tokenizer, loadable as a model path), the
 learner state (optimizer, scheduler) and `state.json` (step). `latest` names the newest one and
 is replaced atomically after the folder is complete, so a kill at any moment leaves either the
-old or the new checkpoint, never half of one.
+old or the new checkpoint, never half of one. With several ranks, all of them write into the
+folder (a ZeRO learner writes one shard per rank; the run dir must be shared between nodes) and
+rank 0 alone prepares, renames and prunes, between barriers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from opd_exp.distributed import Dist
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -27,15 +31,28 @@ def latest(run_dir: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """`write(dir)` fills a fresh folder; it becomes `step_XXXXXX` only once complete."""
+def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int,
+         dist: Dist = Dist()) -> Path:
+    """`write(dir)` fills a fresh folder (on every rank); it becomes `step_XXXXXX` only once
+    complete."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     write(tmp)
+    dist.barrier()
+    if dist.is_main:
+        _publish(root, tmp, final, step, keep_last)
+    dist.barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
+    name = final.name
     (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
     if final.exists():
         shutil.rmtree(final)
@@ -45,7 +62,6 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
     os.replace(pointer_tmp, root / "latest")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")[:-keep_last]:
         shutil.rmtree(old)
-    return final
 
 
 def load_step(path: Path) -> int:

@@ -7,7 +7,9 @@ ranges and names and raises `ConfigError` with one line naming the field and wha
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -91,6 +93,22 @@ class LearnerConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (<= 0: no clipping)
     micro_batch_size: int = 64  # sequences per forward/backward
     minibatches: int = 1  # optimizer steps per rollout batch (> 1: PPO-clipped ratio)
+    # deepspeed backend (opd_exp/learner_deepspeed.py)
+    zero_stage: int = 2  # ZeRO stage 1 | 2 | 3
+    precision: str = "fp32"  # fp32 | bf16 (bf16 weights and compute, fp32 master weights)
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-Offload)
+    deepspeed_config: Optional[str] = None  # a ZeRO JSON of your own; the loop still sets batch keys
+
+
+@dataclass
+class LauncherConfig:
+    """Ranks of the job (opd_exp/launcher.py): torchrun is started underneath when > 1 process."""
+    nproc_per_node: int = 1  # processes (GPUs) on this node
+    nnodes: int = 1  # nodes in the job
+    node_rank: int = 0  # this node's rank, 0 .. nnodes - 1
+    master_addr: str = "127.0.0.1"  # node 0's address (torchrun static rendezvous)
+    master_port: int = 29500
+    dist_backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
 
 
 @dataclass
@@ -157,12 +175,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 
 GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
                  "rollout": RolloutConfig, "learner": LearnerConfig, "data": DataConfig,
-                 "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig}
+                 "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig,
+                 "launcher": LauncherConfig}
 
 
 def register_configs() -> None:
@@ -170,6 +190,14 @@ def register_configs() -> None:
     cs.store(name="opd_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def zero_stage(lc) -> int:
+    """The ZeRO stage in effect: the user's JSON (learner.deepspeed_config) wins over the key."""
+    if lc.deepspeed_config:
+        user = json.loads(Path(lc.deepspeed_config).read_text())
+        return int(user.get("zero_optimization", {}).get("stage", lc.zero_stage))
+    return lc.zero_stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +264,33 @@ def validate(cfg: DictConfig) -> None:
     _require(lc.micro_batch_size >= 1, "learner.micro_batch_size", lc.micro_batch_size,
              "an integer >= 1")
     _require(lc.minibatches >= 1, "learner.minibatches", lc.minibatches, "an integer >= 1")
-    total = cfg.data.prompts_per_step * r.n
+    _choice("learner.zero_stage", lc.zero_stage, {1, 2, 3})
+    _choice("learner.precision", lc.precision, {"fp32", "bf16"})
+    if lc.backend == "deepspeed":
+        if lc.deepspeed_config:
+            _require(Path(lc.deepspeed_config).is_file(), "learner.deepspeed_config",
+                     lc.deepspeed_config, "null or the path of a DeepSpeed JSON file")
+        stage = zero_stage(lc)
+        _require(stage != 3 or o.name not in ("full_vocab", "topk"), "learner.zero_stage",
+                 stage, f"1 or 2 with objective.name={o.name} (it reads the LM head "
+                 "weight outside the model's forward, which ZeRO-3 partitions)")
+        _require(not lc.offload_optimizer or stage >= 1, "learner.offload_optimizer",
+                 lc.offload_optimizer, "false unless learner.zero_stage >= 1")
+    la = cfg.launcher
+    _require(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "an integer >= 1")
+    _require(la.nnodes >= 1, "launcher.nnodes", la.nnodes, "an integer >= 1")
+    _require(0 <= la.node_rank < la.nnodes, "launcher.node_rank", la.node_rank,
+             f"an integer in 0 .. launcher.nnodes - 1 = {la.nnodes - 1}")
+    _require(1 <= la.master_port <= 65535, "launcher.master_port", la.master_port, "a port 1..65535")
+    _choice("launcher.dist_backend", la.dist_backend, {"auto", "nccl", "gloo"})
+    world = la.nproc_per_node * la.nnodes
+    _require(world == 1 or lc.backend != "torch", "learner.backend", lc.backend,
+             "deepspeed when launcher.nproc_per_node * launcher.nnodes > 1")
+    _require(cfg.data.prompts_per_step % world == 0, "data.prompts_per_step",
+             cfg.data.prompts_per_step, f"a multiple of the number of ranks ({world})")
+    total = cfg.data.prompts_per_step // world * r.n
     _require(total % lc.minibatches == 0, "learner.minibatches", lc.minibatches,
-             f"a divisor of data.prompts_per_step * rollout.n = {total}")
+             f"a divisor of data.prompts_per_step / ranks * rollout.n = {total}")
     d = cfg.data
     _choice("data.source", d.source, {"toy", "hub"})
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")

@@ -1,8 +1,10 @@
 """Learner backends: own the student's trainable weights and the optimizer.
 
 The loop calls `logprobs` (no gradient) and `update` (one or more optimizer steps on a batch);
-checkpoints go through `save` / `load`. `torch` (here) is plain single-process PyTorch; other
-backends (DeepSpeed ZeRO) register in BACKENDS by name.
+checkpoints go through `save` / `load`. `model` is the module the objectives differentiate;
+`policy` is the student with its whole current weights, for sampling and saving (the same module
+unless the learner shards it, ZeRO-3). `torch` (here) is plain single-process PyTorch;
+`deepspeed` (opd_exp/learner_deepspeed.py) is DeepSpeed ZeRO over the launcher's ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from opd_exp.objectives import Objective, StepBatch, token_logprobs
 
 class Learner(Protocol):
     model: torch.nn.Module
+    policy: torch.nn.Module
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor: ...
 
@@ -32,6 +35,41 @@ def micro_slices(size: int, micro: int) -> list[slice]:
     return [slice(i, min(i + micro, size)) for i in range(0, size, micro)]
 
 
+def make_optimizer(params, c) -> torch.optim.Optimizer:
+    """AdamW from `learner.*` (a torch optimizer for every backend: DeepSpeed compiles none)."""
+    return torch.optim.AdamW(list(params), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+
+
+def make_scheduler(optimizer, c) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over `learner.warmup_steps` optimizer steps, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0)
+
+
+def minibatch_updates(batch: StepBatch, objective: Objective, c, model: torch.nn.Module,
+                      backward: Callable, optimizer_step: Callable[[], float],
+                      token_count: Callable[[float], float]) -> dict[str, float]:
+    """`learner.minibatches` optimizer steps over disjoint slices of the batch, each accumulated
+    over micro-batches of `learner.micro_batch_size` sequences. The loss of a micro-batch is
+    normalised by `token_count(tokens of the minibatch)`, so the accumulated gradient is the
+    minibatch's token mean. Metrics are token-weighted over micro-batches and averaged over
+    minibatches; `optimizer_step` returns the gradient norm before clipping."""
+    B = batch.rollouts.size
+    totals: dict[str, float] = defaultdict(float)
+    for mini in micro_slices(B, B // c.minibatches):
+        mb_all = batch.select(mini)
+        n_tokens = token_count(mb_all.mask_B_T.sum().clamp(min=1).item())
+        for s in micro_slices(mb_all.rollouts.size, c.micro_batch_size):
+            loss, m = objective.loss(model, mb_all.select(s), n_tokens)
+            backward(loss)
+            for k, v in m.items():
+                totals[k] += v / c.minibatches
+        grad_norm = optimizer_step()
+        totals["grad_norm"] += grad_norm / c.minibatches
+        totals["grad_norm_max"] = max(totals["grad_norm_max"], grad_norm)
+    return dict(totals)
+
+
 class TorchLearner:
     """AdamW with linear warm-up then a constant learning rate; global-norm gradient clipping.
 
@@ -39,12 +77,10 @@ class TorchLearner:
     """
 
     def __init__(self, model: torch.nn.Module, cfg):
-        self.model, self.cfg = model, cfg.learner
-        c = self.cfg
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0)
+        self.model = self.policy = model
+        self.cfg = cfg.learner
+        self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg)
         model.train()
 
     @torch.no_grad()
@@ -53,29 +89,21 @@ class TorchLearner:
                           for s in micro_slices(batch.rollouts.size, self.cfg.micro_batch_size)])
 
     def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]:
-        """`learner.minibatches` optimizer steps over disjoint slices of the batch; metrics are
-        token-weighted over micro-batches and averaged over minibatches."""
-        c, B = self.cfg, batch.rollouts.size
-        totals: dict[str, float] = defaultdict(float)
-        per_mini = B // c.minibatches
-        for mini in micro_slices(B, per_mini):
-            mb_all = batch.select(mini)
-            n_tokens = mb_all.mask_B_T.sum().clamp(min=1).item()
-            self.optimizer.zero_grad(set_to_none=True)
-            for s in micro_slices(mb_all.rollouts.size, c.micro_batch_size):
-                loss, m = objective.loss(self.model, mb_all.select(s), n_tokens)
-                loss.backward()
-                for k, v in m.items():
-                    totals[k] += v / c.minibatches
+        def optimizer_step() -> float:
             params = [p for p in self.model.parameters() if p.grad is not None]
-            max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+            max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            totals["grad_norm"] += grad_norm / c.minibatches
-            totals["grad_norm_max"] = max(totals["grad_norm_max"], grad_norm)
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = minibatch_updates(batch, objective, self.cfg, self.model,
+                                   backward=lambda loss: loss.backward(),
+                                   optimizer_step=optimizer_step, token_count=lambda n: n)
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        return dict(totals)
+        return totals
 
     def save(self, directory: Path) -> None:
         torch.save({"optimizer": self.optimizer.state_dict(),
@@ -87,12 +115,19 @@ class TorchLearner:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _make_torch(cfg, model) -> Learner:
+def _make_torch(cfg, model, dist, run_dir) -> Learner:
     return TorchLearner(model, cfg)
 
 
-BACKENDS: dict[str, Callable[..., Learner]] = {"torch": _make_torch}
+def _make_deepspeed(cfg, model, dist, run_dir) -> Learner:
+    from opd_exp.learner_deepspeed import DeepSpeedLearner  # imports DeepSpeed only when asked for
+
+    return DeepSpeedLearner(model, cfg, dist, run_dir)
 
 
-def make_learner(cfg, model) -> Learner:
-    return BACKENDS[cfg.learner.backend](cfg, model)
+BACKENDS: dict[str, Callable[..., Learner]] = {"torch": _make_torch, "deepspeed": _make_deepspeed}
+
+
+def make_learner(cfg, model, dist, run_dir: Path | None = None) -> Learner:
+    """`dist` (opd_exp.distributed.Dist): the ranks the learner reduces gradients over."""
+    return BACKENDS[cfg.learner.backend](cfg, model, dist, run_dir)

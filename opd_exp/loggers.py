@@ -77,7 +77,11 @@ class MultiLogger:
             lg.finish()
 
 
-def make_logger(cfg, run_dir: Path, config: dict, resume_step: int | None) -> Logger:
+def make_logger(cfg, run_dir: Path, config: dict, resume_step: int | None,
+                main: bool = True) -> Logger:
+    """Rank 0 (`main`) logs; the other ranks get a logger that writes nothing."""
+    if not main:
+        return MultiLogger([])
     loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step)]
     if cfg.logger.mode != "disabled":
         loggers.append(WandbLogger(cfg.logger, run_dir, config, resume_step is not None))

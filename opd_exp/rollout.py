@@ -114,18 +114,20 @@ class HFRollout:
             logp_B_T=logp_B_T * resp_mask)
 
 
-def _make_hf(cfg, model, tokenizer, stop_ids, work_dir) -> RolloutBackend:
+def _make_hf(cfg, model, tokenizer, stop_ids, work_dir, rank) -> RolloutBackend:
     return HFRollout(model, tokenizer, stop_ids, batch_size=cfg.rollout.batch_size)
 
 
-def _make_vllm(cfg, model, tokenizer, stop_ids, work_dir) -> RolloutBackend:
+def _make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank) -> RolloutBackend:
     from opd_exp.rollout_vllm import make_vllm  # imports vLLM only when asked for
 
-    return make_vllm(cfg, model, tokenizer, stop_ids, work_dir)
+    return make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank)
 
 
 BACKENDS: dict[str, Callable[..., RolloutBackend]] = {"hf": _make_hf, "vllm": _make_vllm}
 
 
-def make_rollout(cfg, model, tokenizer, stop_ids: set[int], work_dir) -> RolloutBackend:
-    return BACKENDS[cfg.rollout.backend](cfg, model, tokenizer, stop_ids, work_dir)
+def make_rollout(cfg, model, tokenizer, stop_ids: set[int], work_dir,
+                 rank: int = 0) -> RolloutBackend:
+    """`rank`: this process's rank in a launched job (engines seeded apart)."""
+    return BACKENDS[cfg.rollout.backend](cfg, model, tokenizer, stop_ids, work_dir, rank)

@@ -103,8 +103,8 @@ def save_untied(model: torch.nn.Module, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make_vllm(cfg, model, tokenizer, stop_ids, work_dir) -> VLLMRollout:
+def make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> VLLMRollout:
     r = cfg.rollout
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                       sync_every=r.sync_every, seed=cfg.trainer.seed)
+                       sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opd_exp import checkpoint
+from opd_exp import checkpoint, distributed
 from opd_exp.batch import TeacherScores
 from opd_exp.config import validate
 from opd_exp.data import make_encoder, make_prompts
@@ -33,9 +33,9 @@ from opd_exp.rollout import HFRollout, Sampling, make_rollout
 from opd_exp.teacher import make_teacher
 
 
-def step_seed(seed: int, step: int, purpose: int = 0) -> int:
+def step_seed(seed: int, step: int, purpose: int = 0, rank: int = 0) -> int:
     """Every step reseeds the global RNG: a resumed run samples exactly what it would have."""
-    return (seed * 1_000_003 + step * 101 + purpose) % (2**63)
+    return (seed * 1_000_003 + step * 101 + purpose + rank * 7_919) % (2**63)
 
 
 @dataclass
@@ -89,10 +89,12 @@ def progress_line(m: dict[str, float], step: int, steps: int, k: int) -> str:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
+    dist = distributed.init(cfg.launcher.dist_backend)  # one plain process unless launched
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     # ---- components, built from the config
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
@@ -103,8 +105,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     student = load_model(student_cfg, "pair.student")
     teacher_model = load_model(cfg.pair.teacher, "pair.teacher")
     stop_ids = stop_token_ids(student, tokenizer)
-    learner = make_learner(cfg, student)
-    rollout = make_rollout(cfg, learner.model, tokenizer, stop_ids, run_dir)
+    learner = make_learner(cfg, student, dist, run_dir)
+    rollout = make_rollout(cfg, learner.policy, tokenizer, stop_ids,
+                           run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}",
+                           rank=dist.rank)
     teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
     teacher = make_teacher(cfg, teacher_model)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
@@ -113,6 +117,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
     evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
                                                        cfg.eval.prompt_suffix))
+    e_every = cfg.eval.every if dist.is_main else 0  # rank 0 evaluates, with its own engine
     sampling = Sampling.from_cfg(cfg.rollout)
     start = 0
     if resume_from is not None:
@@ -120,15 +125,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         start = checkpoint.load_step(resume_from)
         print(f"resumed from {resume_from} at step {start}")
     logger = make_logger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                         resume_step=start if resume_from is not None else None)
+                         resume_step=start if resume_from is not None else None, main=dist.is_main)
 
     def save(step: int) -> None:
         def write(d: Path) -> None:
-            save_model(learner.model, tokenizer, d / "student")
-            learner.save(d)
-        checkpoint.save(run_dir, step, write, cfg.trainer.keep_last)
+            learner.save(d)  # collective under DeepSpeed
+            if dist.is_main:
+                save_model(learner.policy, tokenizer, d / "student")
+        checkpoint.save(run_dir, step, write, cfg.trainer.keep_last, dist)
 
-    e_every = cfg.eval.every
     if start == 0:
         if cfg.eval.teacher and e_every:
             logger.log(evaluator(teacher_rollout, 0, prefix="teacher/eval"), step=0)
@@ -139,8 +144,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     last: dict[str, float] = {}
     for step in range(start, cfg.trainer.steps):
         t0 = time.time()
-        torch.manual_seed(step_seed(cfg.trainer.seed, step))
-        problems = prompts.batch(step)
+        torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
+        problems = dist.shard(prompts.batch(step))  # this rank's prompts
         sampler = teacher_rollout if cfg.objective.rollouts_from == "teacher" else rollout
         rollouts = sampler.generate([encode(p.prompt) for p in problems], sampling)
         correct_B = rollout_correctness(tokenizer, rollouts, [p.answer for p in problems])
@@ -153,24 +158,28 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             batch.logp_old_B_T = learner.logprobs(batch, cfg.rollout.temperature)
         batch, obj_metrics = objective.prepare(batch)
         train_metrics = learner.update(batch, objective)
-        rollout.sync_weights(learner.model)
+        rollout.sync_weights(learner.policy)
         t3 = time.time()
 
         metrics = step_metrics(batch, train_metrics, obj_metrics,
                                on_policy=sampler is rollout)
         metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
                         "train/seconds": t3 - t2})
+        metrics = dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
         done = step + 1
         if e_every and (done % e_every == 0 or done == cfg.trainer.steps):
             metrics.update(evaluator(rollout, done))
         logger.log(metrics, step=done)
         last = metrics
-        print(progress_line(metrics, done, cfg.trainer.steps, cfg.eval.k), flush=True)
+        if dist.is_main:
+            print(progress_line(metrics, done, cfg.trainer.steps, cfg.eval.k), flush=True)
         if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.steps:
             save(done)
 
     logger.finish()
-    if cfg.logger.plots:
-        write_plots(run_dir / "metrics.jsonl", run_dir, k=cfg.eval.k)
-    (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+    if dist.is_main:
+        if cfg.logger.plots:
+            write_plots(run_dir / "metrics.jsonl", run_dir, k=cfg.eval.k)
+        (run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+    dist.close()
     return last

@@ -1,0 +1,94 @@
+"""The ranks of one job, as `torchrun` started them (see opd_exp.launcher).
+
+Data parallel: every rank holds the student (whole, or a ZeRO shard of it), a rollout engine and
+a teacher, and works on its shard of each step's prompts; the learner reduces gradients across
+ranks. Rank 0 alone logs, evaluates and renames checkpoints. With one process every call here is
+a no-op, so the loop reads the same with and without a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+# how per-rank metrics combine into the logged value (docs/metrics.md); everything else: mean
+SUM_KEYS = ("rollout/tokens",)
+MIN_SUFFIXES = ("/min", "_min")
+MAX_SUFFIXES = ("/max", "_max")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share: items rank, rank + W, rank + 2W, …"""
+        return items[self.rank::self.world_size]
+
+    def close(self) -> None:
+        if self.world_size > 1 and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def sum(self, x: float) -> float:
+        if self.world_size == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return t.item()
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Combine the ranks' metrics: sums for counts (SUM_KEYS), min/max for extremes, the mean
+        over ranks otherwise. All ranks must pass the same keys."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        total, lo, hi = vals.clone(), vals.clone(), vals.clone()
+        tdist.all_reduce(total)
+        tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+        tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+        out = {}
+        for i, k in enumerate(keys):
+            if k in SUM_KEYS:
+                out[k] = total[i].item()
+            elif k.endswith(MIN_SUFFIXES):
+                out[k] = lo[i].item()
+            elif k.endswith(MAX_SUFFIXES):
+                out[k] = hi[i].item()
+            else:
+                out[k] = total[i].item() / self.world_size
+        return out
+
+
+def launched() -> bool:
+    """True inside a process that torchrun (or the deepspeed launcher) started."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(backend: str = "auto", timeout_minutes: int = 60) -> Dist:
+    """Join the job torchrun set up (env:// rendezvous); one plain process otherwise."""
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    if not tdist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        tdist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
+                local_rank=int(os.environ["LOCAL_RANK"]))
