@@ -99,7 +99,7 @@ class DeepSpeedLearner:
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
 
-        totals = minibatch_updates(batch, objective, self.cfg, self.model, backward=backward,
+        totals = minibatch_updates(batch, objective, self.cfg, self.engine, backward=backward,
                                    optimizer_step=optimizer_step,
                                    token_count=lambda n: self.dist.sum(n) / W)
         totals["lr"] = self.engine.get_lr()[0]

@@ -1,7 +1,7 @@
 """vLLM rollout backend (`rollout.backend=vllm`): the same `RolloutBackend` as HF generate.
 
 The engine runs in this process (colocated with the learner). It starts from the learner's
-current weights, saved with `save_pretrained` into `<run>/vllm_weights/`, and after every
+current weights, saved (`save_untied`) into `<run>/vllm_weights/`, and after every
 `rollout.sync_every` optimizer steps the learner's weights are written there again and loaded
 with vLLM's `reload_weights` (what works on the CPU build, ENGINES.md). Sampled-token log-probs
 come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
@@ -82,25 +82,29 @@ class VLLMRollout:
 
 
 def save_untied(model: torch.nn.Module, out: Path) -> None:
-    """save_pretrained, but with an explicit `lm_head.weight` and `tie_word_embeddings: false`.
+    """The model's weights (one safetensors file) and config, with an explicit `lm_head.weight`
+    and `tie_word_embeddings: false`.
 
     vLLM's in-place reload does not reload a tied LM head (it keeps the CPU kernel's packed copy
-    of the old one), so the engine is given an untied model whose head is loaded like any layer."""
-    model.save_pretrained(out)
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return
+    of the old one), so the engine is given an untied model whose head is loaded like any layer.
+    Written here rather than by `save_pretrained`, which writes on global rank 0 only: every
+    rank of a launched job feeds its own engine."""
     from safetensors.torch import save_file
 
-    head = model.get_output_embeddings().weight.detach().contiguous().clone()
-    save_file({"lm_head.weight": head}, out / "lm_head.safetensors", metadata={"format": "pt"})
-    index = out / "model.safetensors.index.json"
-    if index.exists():  # sharded checkpoint: vLLM reads only the files the index names
-        idx = json.loads(index.read_text())
-        idx["weight_map"]["lm_head.weight"] = "lm_head.safetensors"
-        index.write_text(json.dumps(idx, indent=2))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        tensors[name] = t.clone() if t.data_ptr() in seen else t  # tied: its own copy
+        seen.add(t.data_ptr())
+    if "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().cpu().clone()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.to_json_file(out / "generation_config.json")
 
 
 def make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> VLLMRollout:
