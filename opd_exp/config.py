@@ -84,6 +84,14 @@ class RolloutConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """How the teacher scores rollouts (opd_exp/teacher.py); the model is pair.teacher."""
+    backend: str = "hf"  # hf (forward pass; every objective) | vllm (prompt log-probs: sampled, topk)
+    max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
+    gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+
+
+@dataclass
 class LearnerConfig:
     backend: str = "torch"  # see opd_exp.learner.BACKENDS
     lr: float = 5e-4
@@ -170,6 +178,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -180,7 +189,7 @@ class Config:
 
 
 GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
-                 "rollout": RolloutConfig, "learner": LearnerConfig, "data": DataConfig,
+                 "rollout": RolloutConfig, "teacher": TeacherConfig, "learner": LearnerConfig, "data": DataConfig,
                  "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig,
                  "launcher": LauncherConfig}
 
@@ -214,7 +223,7 @@ def _choice(key: str, value: Any, choices) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check ranges and names; raise ConfigError on the first bad field."""
-    from opd_exp import learner, objectives, rewards, rollout  # registries
+    from opd_exp import learner, objectives, rewards, rollout, teacher  # registries
 
     for who in ("student", "teacher"):
         m = cfg.pair[who]
@@ -255,6 +264,15 @@ def validate(cfg: DictConfig) -> None:
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
              r.gpu_memory_utilization, "0 < x <= 1")
+    tc = cfg.teacher
+    _choice("teacher.backend", tc.backend, teacher.BACKENDS)
+    needs = objectives.OBJECTIVES[o.name](cfg).teacher_needs
+    _require(needs in teacher.NEEDS_BY_BACKEND[tc.backend], "teacher.backend", tc.backend,
+             f"hf with objective.name={o.name}, objective.support={o.support} (it needs the "
+             f"teacher's {needs} scores, which only the HF forward gives)")
+    _require(tc.max_model_len >= 0, "teacher.max_model_len", tc.max_model_len, "an integer >= 0")
+    _require(0 < tc.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization",
+             tc.gpu_memory_utilization, "0 < x <= 1")
     lc = cfg.learner
     _choice("learner.backend", lc.backend, learner.BACKENDS)
     _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")

@@ -1,4 +1,5 @@
-"""Teacher backends: score the student's rollouts. `hf` runs the teacher model's forward pass."""
+"""Teacher backends: score the student's rollouts. `hf` runs the teacher model's forward pass;
+`vllm` (opd_exp/teacher_vllm.py) scores with a vLLM engine's prompt log-probs."""
 
 from __future__ import annotations
 
@@ -51,8 +52,16 @@ def _make_hf(cfg, model) -> Teacher:
     return HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
 
 
-BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _make_hf}
+def _make_vllm(cfg, model) -> Teacher:
+    from opd_exp.teacher_vllm import make_vllm_teacher  # imports vLLM only when asked for
+
+    return make_vllm_teacher(cfg)
+
+
+BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _make_hf, "vllm": _make_vllm}
+NEEDS_BY_BACKEND = {"hf": NEEDS, "vllm": ("none", "sampled", "topk")}
 
 
 def make_teacher(cfg, model) -> Teacher:
-    return BACKENDS["hf"](cfg, model)
+    """`model`: the HF teacher (the `hf` backend scores with it)."""
+    return BACKENDS[cfg.teacher.backend](cfg, model)

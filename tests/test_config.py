@@ -69,10 +69,18 @@ def test_unknown_key_fails_at_composition():
     ("rollout.top_p=0", "rollout.top_p"), ("learner.lr=0", "learner.lr"),
     ("data.levels=[7]", "data.levels"), ("eval.k=0", "eval.k"), ("logger.mode=loud", "logger.mode"),
     ("learner.minibatches=3", "learner.minibatches"), ("objective.name=nope", "objective.name"),
+    ("teacher=vllm objective=full_vocab", "teacher.backend"),
+    ("teacher=vllm +experiment=lsm_toy objective.support=union", "teacher.backend"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("learner=deepspeed learner.zero_stage=3 objective=topk", "learner.zero_stage"),
+    ("learner=deepspeed learner.deepspeed_config=/no/such.json", "learner.deepspeed_config"),
+    ("launcher.nproc_per_node=2", "learner.backend"),
+    ("learner=deepspeed launcher.nproc_per_node=3", "data.prompts_per_step"),
+    ("launcher.node_rank=1", "launcher.node_rank"),
 ])
 def test_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
-        validate(compose([override]))
+        validate(compose(override.split()))
     msg = str(e.value)
     assert msg.startswith(field + "=") and "\n" not in msg
 

@@ -43,3 +43,27 @@ def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path):
     for r in steps:
         assert math.isfinite(r["train/loss"]) and r["rollout/logprob_mismatch"] <= 1e-3
     assert "eval/avg@2" in steps[-1]
+
+
+def test_vllm_teacher_scores_match_hf_teacher(tiny_world):
+    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_teacher_probe", str(tiny_world)],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["positions"] > 100
+    assert out["sampled_max_diff"] <= 1e-3  # log q of the sampled tokens, prompt_logprobs vs HF
+    assert out["topk_value_max_diff"] <= 1e-3 and out["topk_same_idx_frac"] > 0.99  # top-K
+
+
+def test_train_lsm_with_vllm_teacher_end_to_end(tiny_world, tmp_path):
+    from .conftest import TINY_RUN
+
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "+experiment=lsm_toy",
+                        "teacher=vllm", "teacher.max_model_len=256", "objective.k=8", *TINY_RUN,
+                        "trainer.steps=2", "eval.every=0", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs)

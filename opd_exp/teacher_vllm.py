@@ -1,0 +1,74 @@
+"""vLLM teacher backend (`teacher=vllm`): scores the student's rollouts with `prompt_logprobs`.
+
+For big teachers: a vLLM engine scores prompt + response in one prefill and returns, at each
+response position t, log q(y_t | y_<t) of the sampled token (`needs=sampled`) or the teacher's K
+most likely tokens with their log-probs (`needs=topk`, top-K local support matching). Full
+logits / hidden states (`needs=hidden`: full-vocabulary KL, student-side supports) stay with the
+HF teacher. Log-probs are vLLM's raw ones: log softmax of the teacher's logits, temperature 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opd_exp.batch import Rollouts, TeacherScores
+
+
+class VLLMTeacher:
+    def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                 max_logprobs: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
+        from vllm import LLM
+
+        kw = {"max_model_len": max_model_len} if max_model_len else {}
+        self.llm = LLM(model=path, dtype=dtype, enforce_eager=True, max_logprobs=max_logprobs,
+                       gpu_memory_utilization=gpu_memory_utilization, **kw)
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if needs == "none":
+            return TeacherScores()
+        if needs not in ("sampled", "topk"):
+            raise ValueError(f"teacher=vllm scores needs sampled|topk, not {needs!r}")
+        B, T = rollouts.response_ids_B_T.shape
+        # whole rows: the response mask may have holes (special-token masking); positions after
+        # a row's end are scored too and masked out (causal: they change nothing before)
+        seqs, starts = [], []
+        for b in range(B):
+            prompt = rollouts.prompt_ids_B_P[b][rollouts.prompt_mask_B_P[b].bool()].tolist()
+            seqs.append(prompt + rollouts.response_ids_B_T[b].tolist())
+            starts.append(len(prompt))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k if needs == "topk" else 0,
+                                detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params,
+                                 use_tqdm=False)
+        logp_B_T = torch.zeros(B, T)
+        topv_B_T_K = torch.full((B, T, max(k, 1)), -float("inf"))
+        topi_B_T_K = torch.zeros((B, T, max(k, 1)), dtype=torch.long)
+        for b, out in enumerate(outs):
+            for t in range(T):
+                pos = out.prompt_logprobs[starts[b] + t]  # {token id: Logprob} at this position
+                logp_B_T[b, t] = pos[seqs[b][starts[b] + t]].logprob
+                if needs == "topk":
+                    top = sorted((lp.rank, tok, lp.logprob) for tok, lp in pos.items()
+                                 if lp.rank is not None and lp.rank <= k)[:k]
+                    topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
+                    topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
+        mask = rollouts.response_mask_B_T
+        if needs == "sampled":
+            return TeacherScores(logp_B_T=logp_B_T * mask)
+        return TeacherScores(topk_logq_B_T_K=topv_B_T_K.masked_fill(mask[..., None] == 0, 0.0),
+                             topk_idx_B_T_K=topi_B_T_K)
+
+
+def make_vllm_teacher(cfg) -> VLLMTeacher:
+    from opd_exp.models import resolve_path
+
+    t = cfg.teacher
+    return VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
+                       t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20))
