@@ -81,6 +81,7 @@ class RolloutConfig:
     sync_every: int = 1  # vllm: push learner weights to the engine every this many steps
     max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+    sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
 
 
 @dataclass
@@ -261,6 +262,8 @@ def validate(cfg: DictConfig) -> None:
                  "an integer >= 1")
     _require(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
     _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
+    _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
+             "false unless rollout.backend=vllm (GPU only)")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
              r.gpu_memory_utilization, "0 < x <= 1")

@@ -6,6 +6,10 @@ current weights, saved (`save_untied`) into `<run>/vllm_weights/`, and after eve
 with vLLM's `reload_weights` (what works on the CPU build, ENGINES.md). Sampled-token log-probs
 come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
 otherwise they are left to the learner.
+
+`rollout.sleep=true` (CUDA only): the engine sleeps (level 1: weights to CPU memory, KV cache
+freed) after each generation, so the learner has the GPU memory, and wakes before it is next
+used. Not exercised in CI (this CPU build has no sleep mode).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from pathlib import Path
 import torch
 
 from opd_exp.batch import Rollouts, response_mask
+from opd_exp.config import ConfigError
 from opd_exp.rollout import Sampling, concat_rollouts, left_pad
 
 
 class VLLMRollout:
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
-                 seed: int):
+                 seed: int, sleep: bool = False):
+        if sleep and not torch.cuda.is_available():
+            raise ConfigError("rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
         from vllm import LLM
 
@@ -32,14 +39,23 @@ class VLLMRollout:
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)
         kw = {"max_model_len": max_model_len} if max_model_len else {}
+        if sleep:
+            kw["enable_sleep_mode"] = True
         self.llm = LLM(model=str(self.weights_dir), dtype=dtype, enforce_eager=True, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, **kw)
         self.sync_every, self.calls = sync_every, 0
+        self.sleep, self.asleep = sleep, False
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.calls += 1
         if self.calls % self.sync_every:
             return
+        self._wake()
         save_untied(model, self.weights_dir)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir),
                                                           "is_checkpoint_format": True})
@@ -58,8 +74,12 @@ class VLLMRollout:
                                 top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
                                 stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
                                 detokenize=False)
+        self._wake()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
+        if self.sleep:  # give the learner the memory until the engine is next needed
+            self.llm.sleep(level=1)
+            self.asleep = True
         pad = self.tokenizer.pad_token_id
         parts = []
         for g, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -111,4 +131,5 @@ def make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> VLLMR
     r = cfg.rollout
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
-                       sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank)
+                       sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank,
+                       sleep=r.sleep)

@@ -54,6 +54,8 @@ def test_powerOPD_qwen3_names_both_models():
     cfg = compose(["+experiment=powerOPD_qwen3"])
     assert cfg.pair.student.path == "Qwen/Qwen3-1.7B-Base"
     assert cfg.pair.teacher.path == "Qwen/Qwen3-4B"
+    assert cfg.rollout.backend == "vllm" and cfg.learner.backend == "deepspeed"
+    validate(compose(["+experiment=powerOPD_qwen3", "launcher.nproc_per_node=8"]))  # 1 prompt/rank
 
 
 def test_unknown_key_fails_at_composition():
@@ -76,7 +78,7 @@ def test_unknown_key_fails_at_composition():
     ("learner=deepspeed learner.deepspeed_config=/no/such.json", "learner.deepspeed_config"),
     ("launcher.nproc_per_node=2", "learner.backend"),
     ("learner=deepspeed launcher.nproc_per_node=3", "data.prompts_per_step"),
-    ("launcher.node_rank=1", "launcher.node_rank"),
+    ("launcher.node_rank=1", "launcher.node_rank"), ("rollout.sleep=true", "rollout.sleep"),
 ])
 def test_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -103,6 +105,14 @@ def test_cli_missing_model_path_is_one_line(tmp_path, use_tiny_world):
     assert p.returncode != 0
     lines = [line for line in p.stderr.splitlines() if line.strip() and "Loading" not in line]
     assert len(lines) == 1 and "pair.student.path" in lines[0], p.stderr
+
+
+def test_cli_vllm_sleep_mode_without_gpu_is_one_line(tmp_path, use_tiny_world):
+    p = _cli("train", "rollout=vllm", "rollout.sleep=true", f"hydra.run.dir={tmp_path}",
+             "logger.mode=disabled")
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "Loading" not in line]
+    assert lines == ["error: rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU"]
 
 
 def test_cli_prints_qwen3_config_offline():
