@@ -82,6 +82,7 @@ class RolloutConfig:
     max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
+    is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
 
 
 @dataclass
@@ -195,6 +196,14 @@ GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": Object
                  "launcher": LauncherConfig}
 
 
+def schema_cfg(overrides: dict | None = None) -> DictConfig:
+    """The schema's defaults with `overrides` merged in (typed; unknown keys fail): for scripts
+    and tests that build components without Hydra."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(Config), overrides or {})
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="opd_schema", node=Config)
@@ -264,6 +273,7 @@ def validate(cfg: DictConfig) -> None:
     _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
     _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
              "false unless rollout.backend=vllm (GPU only)")
+    _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
              r.gpu_memory_utilization, "0 < x <= 1")

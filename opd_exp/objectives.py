@@ -102,6 +102,10 @@ class SampledTokenOPD:
     ρ_t = exp(log p_θ − log p_old);  loss = −(1/N) Σ_t m_t min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε_h) A_t).
     For fresh rollouts (first update on a batch) ρ = 1 and the gradient is the REINFORCE one,
     −(1/N) Σ m_t A_t ∇log p_θ(y_t); the logged loss is then −mean(A).
+
+    Rollout-engine correction (`rollout.is_cap` > 0, on-policy rollouts that carry the engine's
+    log-probs): the tokens were drawn from the engine's π_rollout, not the learner's p_old, so
+    A_t is weighted by the truncated importance ratio w_t = min(p_old(y_t) / π_rollout(y_t), cap).
     """
     teacher_needs = "sampled"
     needs_old_logp = True
@@ -113,6 +117,7 @@ class SampledTokenOPD:
         self.clip_low = cfg.objective.clip_eps
         self.clip_high = cfg.objective.clip_eps_high or cfg.objective.clip_eps
         self.temperature = cfg.rollout.temperature
+        self.is_cap = cfg.rollout.is_cap if cfg.objective.rollouts_from == "student" else 0.0
 
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         mask = batch.mask_B_T
@@ -120,7 +125,14 @@ class SampledTokenOPD:
         x = RewardInputs(logq, logp, mask, batch.rollouts.group_B, batch.correct_B)
         A_B_T, r_B_T = advantages(x, self.reward_cfg, self.gamma)
         n = mask.sum().clamp(min=1).item()
-        metrics = _masked_quantiles(r_B_T, mask, "reward")
+        metrics = {}
+        if self.is_cap > 0 and batch.rollouts.logp_B_T is not None:
+            w_B_T = torch.exp(logp - batch.rollouts.logp_B_T)
+            metrics["is_truncated_frac"] = ((w_B_T > self.is_cap).float() * mask).sum().item() / n
+            w_B_T = w_B_T.clamp(max=self.is_cap) * mask
+            metrics["is_weight_mean"] = w_B_T.sum().item() / n
+            A_B_T = A_B_T * w_B_T
+        metrics.update(_masked_quantiles(r_B_T, mask, "reward"))
         metrics["reward_early_min"] = _early_min(r_B_T, mask, self.reward_cfg.early_positions)
         metrics["kl_sampled"] = ((logp - logq) * mask).sum().item() / n
         metrics["advantage_mean"] = A_B_T.sum().item() / n

@@ -32,7 +32,8 @@ def _rss_kb() -> int:
 
 def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     import torch
-    from omegaconf import OmegaConf
+
+    from opd_exp.config import schema_cfg
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -43,7 +44,7 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     for p in head_t.parameters():
         p.requires_grad_(False)
     mask = torch.ones(1, T)
-    cfg = OmegaConf.create({"objective": {"divergence": "reverse_kl", "beta": 0.5, "chunk_size": chunk,
+    cfg = schema_cfg({"objective": {"divergence": "reverse_kl", "beta": 0.5, "chunk_size": chunk,
                                           "k": K, "support": "teacher", "renormalize": True,
                                           "gradient": "analytic", "weight": "student"},
                             "rollout": {"temperature": 1.0}})

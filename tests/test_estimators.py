@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from opd_exp.batch import Rollouts, TeacherScores, response_mask
+from opd_exp.config import schema_cfg
 from opd_exp.objectives import FullVocabOPD, SampledTokenOPD, StepBatch, TopKOPD, divergence
 from opd_exp.rewards import RewardInputs, advantages, group_advantage
 from opd_exp.rollout import left_pad
@@ -21,7 +21,7 @@ def _cfg(**objective):
             "divergence": "reverse_kl", "beta": 0.5, "k": 8, "support": "teacher",
             "renormalize": True, "gradient": "analytic", "weight": "student", "chunk_size": 4}
     base.update(objective)
-    return OmegaConf.create({"objective": base, "rollout": {"temperature": 1.0},
+    return schema_cfg({"objective": base, "rollout": {"temperature": 1.0},
                              "reward": {"name": "log_ratio", "alpha": 0.5, "scale_by_alpha": True,
                                         "clip": 5.0, "eps": 1e-6, "std_normalize": True,
                                         "mix_lambda": 0.5, "early_positions": 8}})

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from opd_exp.batch import Rollouts, TeacherScores, response_mask
+from opd_exp.config import schema_cfg
 from opd_exp.learner import TorchLearner
 from opd_exp.objectives import SampledTokenOPD, StepBatch, token_logprobs
 from opd_exp.rollout import left_pad
@@ -47,11 +47,11 @@ def test_token_logprobs_match_unpadded_per_sequence_forward(tiny_world):
 
 
 def _cfg(reward="log_ratio", gamma=0.0, **kw):
-    return OmegaConf.create({
+    return schema_cfg({
         "reward": {"name": reward, "alpha": 0.5, "scale_by_alpha": True, "clip": 5.0,
                    "eps": 1e-6, "std_normalize": True, "mix_lambda": 0.5, "early_positions": 8},
         "objective": {"gamma": gamma, "clip_eps": 0.2, "clip_eps_high": None},
-        "rollout": {"temperature": 1.0},
+        "rollout": {"temperature": 1.0, "is_cap": kw.get("is_cap", 0.0)},
         "learner": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": 0,
                     "max_grad_norm": 0.0, "micro_batch_size": kw.get("micro", 64),
                     "minibatches": 1}})
@@ -128,6 +128,28 @@ def test_masked_tokens_get_zero_gradient_and_identical_models_give_zero(tiny_wor
         obj.loss(student, b, r.response_mask_B_T.sum().item())[0].backward()
         grads.append(_grads(student).clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_rollout_engine_importance_weights_are_truncated_ratios():
+    """rollout.is_cap: A_t is multiplied by min(p_old / π_rollout, cap) on valid tokens."""
+    _, r = _rollouts(seed=4)
+    g = torch.Generator().manual_seed(0)
+    logq, logp_old = torch.randn(r.response_ids_B_T.shape, generator=g), -torch.rand(
+        r.response_ids_B_T.shape, generator=g)
+    w = torch.tensor([0.5, 1.0, 1.5, 3.0])[torch.randint(0, 4, logq.shape, generator=g)]
+    r.logp_B_T = (logp_old - w.log()) * r.response_mask_B_T  # the engine's log-probs
+    plain, _ = SampledTokenOPD(_cfg()).prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
+    weighted, m = SampledTokenOPD(_cfg(is_cap=2.0)).prepare(
+        StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
+    mask = r.response_mask_B_T
+    expect = plain.advantages_B_T * w.clamp(max=2.0) * mask
+    assert torch.allclose(weighted.advantages_B_T, expect, atol=1e-6)
+    assert m["is_truncated_frac"] == pytest.approx(((w > 2) * mask).sum().item() / mask.sum().item())
+    # off-policy rollouts (from the teacher) are never reweighted
+    off = _cfg(is_cap=2.0)
+    off.objective.rollouts_from = "teacher"
+    same, m_off = SampledTokenOPD(off).prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
+    assert torch.equal(same.advantages_B_T, plain.advantages_B_T) and "is_weight_mean" not in m_off
 
 
 def test_learner_reports_preclip_grad_norm_and_clips(tiny_world):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -18,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main(world: Path, work: Path) -> dict:
     from opd_exp.batch import TeacherScores
+    from opd_exp.config import schema_cfg
     from opd_exp.learner import TorchLearner
     from opd_exp.objectives import SampledTokenOPD, StepBatch, token_logprobs
     from opd_exp.rollout import Sampling
@@ -35,7 +35,7 @@ def main(world: Path, work: Path) -> dict:
     before = ((token_logprobs(student, r) - r.logp_B_T).abs() * m).max().item()
 
     # one learner step of sampled-token OPD on these rollouts, then a weight sync
-    cfg = OmegaConf.create({
+    cfg = schema_cfg({
         "reward": {"name": "log_ratio", "alpha": 1.0, "scale_by_alpha": True, "clip": 5.0,
                    "eps": 1e-6, "std_normalize": True, "mix_lambda": 0.5, "early_positions": 8},
         "objective": {"gamma": 0.0, "clip_eps": 0.2, "clip_eps_high": None},
