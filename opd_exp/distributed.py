@@ -50,6 +50,13 @@ class Dist:
         tdist.all_reduce(t)
         return t.item()
 
+    def sum_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (a new tensor; the input is unchanged)."""
+        x = x.clone()
+        if self.world_size > 1:
+            tdist.all_reduce(x)
+        return x
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Combine the ranks' metrics: sums for counts (SUM_KEYS), min/max for extremes, the mean
         over ranks otherwise. All ranks must pass the same keys."""

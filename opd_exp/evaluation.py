@@ -21,6 +21,7 @@ import torch
 from opd_exp import toyworld
 from opd_exp.config import ConfigError
 from opd_exp.batch import Rollouts
+from opd_exp.distributed import Dist
 from opd_exp.rollout import RolloutBackend, Sampling
 
 
@@ -132,18 +133,26 @@ def rollout_correctness(tokenizer, r: Rollouts, answers: list[str]) -> torch.Ten
 
 
 def evaluate(rollout: RolloutBackend, tokenizer, encode, benchmarks: dict[str, list[Problem]],
-             sampling: Sampling) -> dict[str, float]:
-    """Sample `sampling.n` responses per problem and score them. Keys: <bench>/avg@k, …, avg@k."""
+             sampling: Sampling, dist: Dist = Dist()) -> dict[str, float]:
+    """Sample `sampling.n` responses per problem and score them. Keys: <bench>/avg@k, …, avg@k.
+
+    With several ranks each samples its share of the problems (i ≡ rank mod W, `dist.shard`)
+    with its own engine; the per-problem correct counts are summed over ranks, so every rank
+    returns the scores of the whole benchmark."""
     k = sampling.n
     out, ses = {}, []
     for name, problems in benchmarks.items():
-        r = rollout.generate([encode(p.prompt) for p in problems], sampling)
-        correct = rollout_correctness(tokenizer, r, [p.answer for p in problems])
-        counts = torch.zeros(len(problems), dtype=torch.long).index_add_(
-            0, r.group_B, correct.long()).tolist()
-        scores = score_counts(counts, k, k)
+        mine = list(range(len(problems)))[dist.rank::dist.world_size]
+        counts_P = torch.zeros(len(problems) + 1, dtype=torch.float64)  # + total response tokens
+        if mine:
+            r = rollout.generate([encode(problems[i].prompt) for i in mine], sampling)
+            correct = rollout_correctness(tokenizer, r, [problems[i].answer for i in mine])
+            counts_P.index_add_(0, torch.tensor(mine)[r.group_B], correct.double())
+            counts_P[-1] = r.response_mask_B_T.sum().item()
+        counts_P = dist.sum_tensor(counts_P)
+        scores = score_counts([int(c) for c in counts_P[:-1].tolist()], k, k)
         out.update({f"{name}/{key}": v for key, v in scores.items()})
-        out[f"{name}/response_len"] = r.response_mask_B_T.sum(-1).mean().item()
+        out[f"{name}/response_len"] = counts_P[-1].item() / (len(problems) * k)
         ses.append(scores[f"avg@{k}_stderr"])
     names = list(benchmarks)
     for key in (f"avg@{k}", f"pass@{k}", "response_len"):

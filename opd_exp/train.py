@@ -44,6 +44,7 @@ class Evaluator:
     cfg: DictConfig
     tokenizer: object
     encode: object
+    dist: distributed.Dist = distributed.Dist()  # several ranks: each evaluates its share
 
     def __post_init__(self):
         e = self.cfg.eval
@@ -51,9 +52,10 @@ class Evaluator:
         self.sampling = Sampling.from_cfg(e, n=e.k)
 
     def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
-        torch.manual_seed(step_seed(self.cfg.trainer.seed, step, purpose=1))
+        torch.manual_seed(step_seed(self.cfg.trainer.seed, step, purpose=1, rank=self.dist.rank))
         t = time.time()
-        scores = evaluate(rollout, self.tokenizer, self.encode, self.benchmarks, self.sampling)
+        scores = evaluate(rollout, self.tokenizer, self.encode, self.benchmarks, self.sampling,
+                          self.dist)
         out = {f"{prefix}/{k}": v for k, v in scores.items()}
         out[f"{prefix}/seconds"] = time.time() - t
         return out
@@ -116,8 +118,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     prompts = make_prompts(cfg)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
     evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
-                                                       cfg.eval.prompt_suffix))
-    e_every = cfg.eval.every if dist.is_main else 0  # rank 0 evaluates, with its own engine
+                                                       cfg.eval.prompt_suffix), dist)
+    e_every = cfg.eval.every
     sampling = Sampling.from_cfg(cfg.rollout)
     start = 0
     if resume_from is not None:

@@ -91,6 +91,17 @@ def test_zero_options_follow_torch_learner(stage, precision, offload, reference,
         assert max(loss_d) < 0.02
 
 
+def test_sharded_evaluation_equals_one_process(tiny_world, tmp_path):
+    """Each rank samples its share of the problems; the reduced scores are the whole benchmark's."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run([sys.executable, "-m", "tests.engines.eval_probe", str(one)], tiny_world)
+    run(TORCHRUN + ["--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+                    "tests.engines.eval_probe", str(two)], tiny_world)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-12) for k in a)
+    assert 0 < a["avg@4"] < 1 and a["pass@4"] > a["avg@4"]  # the script gives mixed counts
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
