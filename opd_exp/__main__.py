@@ -3,6 +3,7 @@
     python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
     python -m opd_exp train learner=deepspeed launcher.nproc_per_node=2   # 2 ranks under torchrun
     python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
+    python -m opd_exp serve [same overrides]         # a vLLM server for rollout=vllm_server
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
 """
 
@@ -58,6 +59,12 @@ def _train(cfg, run_dir: Path) -> None:
     train(cfg, run_dir)
 
 
+def _serve(cfg, run_dir: Path) -> None:
+    from opd_exp.rollout_vllm_server import run_serve
+
+    sys.exit(run_serve(cfg, run_dir))
+
+
 def _toy(argv: list[str]) -> None:
     import argparse
 
@@ -74,14 +81,14 @@ def _toy(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "toy"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "toy"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
     if command == "toy":
         _toy(sys.argv[1:])
     else:
-        _hydra_command(_train if command == "train" else _eval)
+        _hydra_command({"train": _train, "eval": _eval, "serve": _serve}[command])
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
     is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
+    server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
 
 
 @dataclass
@@ -273,6 +274,8 @@ def validate(cfg: DictConfig) -> None:
     _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
     _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
              "false unless rollout.backend=vllm (GPU only)")
+    _require(r.server_url.startswith(("http://", "https://")), "rollout.server_url", r.server_url,
+             "an http(s):// address")
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
@@ -315,6 +318,8 @@ def validate(cfg: DictConfig) -> None:
     _require(1 <= la.master_port <= 65535, "launcher.master_port", la.master_port, "a port 1..65535")
     _choice("launcher.dist_backend", la.dist_backend, {"auto", "nccl", "gloo"})
     world = la.nproc_per_node * la.nnodes
+    _require(world == 1 or r.backend != "vllm_server", "rollout.backend", r.backend,
+             "hf or vllm with several ranks (one vllm_server serves one training process)")
     _require(world == 1 or lc.backend != "torch", "learner.backend", lc.backend,
              "deepspeed when launcher.nproc_per_node * launcher.nnodes > 1")
     _require(cfg.data.prompts_per_step % world == 0, "data.prompts_per_step",

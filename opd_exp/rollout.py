@@ -124,7 +124,15 @@ def _make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank) -> RolloutBacken
     return make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank)
 
 
-BACKENDS: dict[str, Callable[..., RolloutBackend]] = {"hf": _make_hf, "vllm": _make_vllm}
+def _make_vllm_server(cfg, model, tokenizer, stop_ids, work_dir, rank) -> RolloutBackend:
+    from opd_exp.rollout_vllm_server import VLLMServerRollout
+
+    return VLLMServerRollout(model, cfg.rollout.server_url, tokenizer, stop_ids, work_dir,
+                             cfg.rollout.sync_every)
+
+
+BACKENDS: dict[str, Callable[..., RolloutBackend]] = {"hf": _make_hf, "vllm": _make_vllm,
+                                                      "vllm_server": _make_vllm_server}
 
 
 def make_rollout(cfg, model, tokenizer, stop_ids: set[int], work_dir,

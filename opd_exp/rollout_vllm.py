@@ -80,25 +80,32 @@ class VLLMRollout:
         if self.sleep:  # give the learner the memory until the engine is next needed
             self.llm.sleep(level=1)
             self.asleep = True
-        pad = self.tokenizer.pad_token_id
-        parts = []
-        for g, (prompt, out) in enumerate(zip(prompts, outs)):
-            ids_1_P, mask_1_P = left_pad([prompt], pad)
-            seqs = [list(c.token_ids) for c in out.outputs]
-            T = max(1, max(len(x) for x in seqs))
-            resp = torch.full((len(seqs), T), pad, dtype=torch.long)
-            logp = torch.zeros(len(seqs), T)
-            for i, c in enumerate(out.outputs):
-                resp[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-                if want_logp and c.logprobs:
-                    logp[i, :len(c.token_ids)] = torch.tensor(
-                        [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)])
-            m = response_mask(resp, set(self.stop_ids))
-            m = m * (torch.arange(T)[None] < torch.tensor([len(x) for x in seqs])[:, None])
-            parts.append(Rollouts(ids_1_P.expand(len(seqs), -1), mask_1_P.expand(len(seqs), -1),
-                                  resp, m, torch.full((len(seqs),), g),
-                                  logp * m if want_logp else None))
-        return concat_rollouts(parts, pad)
+        samples = [[(list(c.token_ids),
+                     [st[t].logprob for st, t in zip(c.logprobs, c.token_ids)] if want_logp else None)
+                    for c in out.outputs] for out in outs]
+        return rollouts_from_samples(prompts, samples, self.tokenizer.pad_token_id, self.stop_ids)
+
+
+def rollouts_from_samples(prompts: list[list[int]],
+                          samples: list[list[tuple[list[int], list[float] | None]]],
+                          pad: int, stop_ids: list[int]) -> Rollouts:
+    """`samples[g]`: the (token ids, sampled-token log-probs or None) of prompt g's responses."""
+    parts = []
+    for g, (prompt, group) in enumerate(zip(prompts, samples)):
+        ids_1_P, mask_1_P = left_pad([prompt], pad)
+        lens = torch.tensor([len(ids) for ids, _ in group])
+        T = max(1, int(lens.max()))
+        resp = torch.full((len(group), T), pad, dtype=torch.long)
+        logp = torch.zeros(len(group), T)
+        for i, (ids, lps) in enumerate(group):
+            resp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if lps is not None:
+                logp[i, :len(ids)] = torch.tensor(lps)
+        m = response_mask(resp, set(stop_ids)) * (torch.arange(T)[None] < lens[:, None])
+        has_logp = all(lps is not None for _, lps in group)
+        parts.append(Rollouts(ids_1_P.expand(len(group), -1), mask_1_P.expand(len(group), -1),
+                              resp, m, torch.full((len(group),), g), logp * m if has_logp else None))
+    return concat_rollouts(parts, pad)
 
 
 def save_untied(model: torch.nn.Module, out: Path) -> None:

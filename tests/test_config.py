@@ -79,6 +79,8 @@ def test_unknown_key_fails_at_composition():
     ("launcher.nproc_per_node=2", "learner.backend"),
     ("learner=deepspeed launcher.nproc_per_node=3", "data.prompts_per_step"),
     ("launcher.node_rank=1", "launcher.node_rank"), ("rollout.sleep=true", "rollout.sleep"),
+    ("rollout=vllm_server learner=deepspeed launcher.nproc_per_node=2", "rollout.backend"),
+    ("rollout.server_url=localhost:8000", "rollout.server_url"),
 ])
 def test_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:

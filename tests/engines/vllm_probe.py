@@ -1,6 +1,7 @@
 """Run in its own process by tests/test_vllm.py (vLLM binds threads and keeps global state).
 
     python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR   → prints one JSON line of measurements
+    python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR SERVER_URL     (rollout=vllm_server)
 """
 
 import copy
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def main(world: Path, work: Path) -> dict:
+def main(world: Path, work: Path, url: str | None = None) -> dict:
     from opd_exp.batch import TeacherScores
     from opd_exp.config import schema_cfg
     from opd_exp.learner import TorchLearner
@@ -26,7 +27,12 @@ def main(world: Path, work: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(world / "student")
     student = AutoModelForCausalLM.from_pretrained(world / "student")
     teacher = AutoModelForCausalLM.from_pretrained(world / "teacher")
-    engine = VLLMRollout(student, tok, {tok.eos_token_id}, work, "float32", 256, 0.3, 1, seed=0)
+    if url:
+        from opd_exp.rollout_vllm_server import VLLMServerRollout
+
+        engine = VLLMServerRollout(student, url, tok, {tok.eos_token_id}, work, sync_every=1)
+    else:
+        engine = VLLMRollout(student, tok, {tok.eos_token_id}, work, "float32", 256, 0.3, 1, seed=0)
     prompts = [tok(f"<|im_start|>user\nCompute {a}+{b}.<|im_end|>\n<|im_start|>assistant\n",
                    add_special_tokens=False).input_ids for a, b in ((3, 4), (10, 20), (7, 1))]
     torch.manual_seed(0)
@@ -64,4 +70,4 @@ def main(world: Path, work: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]))))
+    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:])))

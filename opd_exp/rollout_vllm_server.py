@@ -1,0 +1,102 @@
+"""vLLM server rollout backend (`rollout=vllm_server`): sampling from a separately started vLLM
+OpenAI-compatible server (other GPUs, another machine) instead of an engine in this process.
+
+Start the server with `python -m opd_exp serve [the run's overrides]`: it writes an untied copy of
+`pair.student` (see `save_untied`) and runs vLLM's OpenAI server on it with `VLLM_SERVER_DEV_MODE=1`, on
+the host and port of `rollout.server_url`. The run then:
+- samples with POST /v1/completions (prompts as token ids, `n`, temperature / top-p / top-k,
+  `stop_token_ids`, `return_token_ids`, `logprobs=0` for the sampled tokens' log-probs at T = 1);
+- pushes the learner's weights every `rollout.sync_every` steps (and once at start, so a resumed
+  run samples from its checkpoint): written to `<run>/vllm_weights/` — a path the server must be
+  able to read — then POST /collective_rpc `reload_weights` and POST /reset_prefix_cache.
+One training process per server (the launcher's ranks would push over each other).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from opd_exp.batch import Rollouts
+from opd_exp.rollout import Sampling
+from opd_exp.rollout_vllm import rollouts_from_samples, save_untied
+
+
+class VLLMServerRollout:
+    def __init__(self, model: torch.nn.Module, url: str, tokenizer, stop_ids: set[int],
+                 work_dir: Path, sync_every: int, timeout_s: float = 3600.0):
+        self.url, self.tokenizer, self.stop_ids = url.rstrip("/"), tokenizer, sorted(stop_ids)
+        self.weights_dir = Path(work_dir) / "vllm_weights"
+        self.sync_every, self.calls, self.timeout = sync_every, 0, timeout_s
+        self.model_name = self._request("/v1/models")["data"][0]["id"]
+        self._push(model)
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            text = resp.read().decode()
+        return json.loads(text) if text.strip() else {}
+
+    def _push(self, model: torch.nn.Module) -> None:
+        save_untied(model, self.weights_dir)
+        self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
+            "weights_path": str(self.weights_dir.resolve()), "is_checkpoint_format": True}})
+        self._request("/reset_prefix_cache", {})  # cached prompt KV used the old weights
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.calls += 1
+        if self.calls % self.sync_every == 0:
+            self._push(model)
+
+    def generate(self, prompts: list[list[int]], s: Sampling) -> Rollouts:
+        want_logp = s.temperature == 1.0
+        out = self._request("/v1/completions", {
+            "model": self.model_name, "prompt": prompts, "n": s.n, "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
+            "stop_token_ids": self.stop_ids, "return_token_ids": True, "skip_special_tokens": False,
+            "logprobs": 0 if want_logp else None})
+        choices = sorted(out["choices"], key=lambda c: c["index"])  # prompt-major, n per prompt
+        samples = [[(c["token_ids"], c["logprobs"]["token_logprobs"] if want_logp else None)
+                    for c in choices[g * s.n:(g + 1) * s.n]] for g in range(len(prompts))]
+        return rollouts_from_samples(prompts, samples, self.tokenizer.pad_token_id, self.stop_ids)
+
+
+def serve_command(cfg, weights_dir: Path) -> list[str]:
+    """vLLM's OpenAI-compatible server (`vllm serve`, run as its module: the CPU build's `vllm`
+    script looks for a package named vllm) on the untied student, at rollout.server_url."""
+    import sys
+    from urllib.parse import urlparse
+
+    u = urlparse(cfg.rollout.server_url)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights_dir),
+           "--host", u.hostname or "127.0.0.1",
+           "--port", str(u.port or 8000), "--dtype", cfg.pair.student.dtype,
+           "--generation-config", "vllm", "--seed", str(cfg.trainer.seed),
+           "--gpu-memory-utilization", str(cfg.rollout.gpu_memory_utilization)]
+    if cfg.rollout.max_model_len:
+        cmd += ["--max-model-len", str(cfg.rollout.max_model_len)]
+    if not torch.cuda.is_available():
+        cmd += ["--enforce-eager"]
+    return cmd
+
+
+def run_serve(cfg, run_dir: Path) -> int:
+    """`python -m opd_exp serve …`: write the untied student, then run the server (blocks)."""
+    import os
+    import subprocess
+
+    from opd_exp.config import validate
+    from opd_exp.models import load_model, load_tokenizer
+
+    validate(cfg)
+    weights = run_dir / "server_weights"
+    save_untied(load_model(cfg.pair.student, "pair.student"), weights)
+    load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
+    cmd = serve_command(cfg, weights)
+    print("serving: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}).returncode

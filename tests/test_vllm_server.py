@@ -1,0 +1,77 @@
+"""`rollout=vllm_server`: a real vLLM OpenAI server, started by `python -m opd_exp serve` as a
+user would in another terminal, sampling for a training run that pushes weights into it."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_RUN
+from .test_deepspeed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_world, tmp_path_factory):
+    url = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path_factory.mktemp("server")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(OPD_EXP_TOY_DIR=str(tiny_world), VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(run_dir / "server.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "opd_exp", "serve", "rollout=vllm_server",
+                          f"rollout.server_url={url}", "rollout.max_model_len=256",
+                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert p.poll() is None, (run_dir / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail("the vLLM server did not come up in 600 s")
+        yield url
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
+        log.close()
+
+
+def test_server_logprobs_match_hf_and_follow_weight_push(server, tiny_world, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_probe", str(tiny_world),
+                        str(tmp_path), server], capture_output=True, text=True, cwd=ROOT,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 12 and out["groups"] == [0] * 4 + [1] * 4 + [2] * 4 and out["stop_ok"]
+    assert out["big_rows"] == 33 * 8
+    assert out["before"] <= 1e-3  # the server's sampled log-probs = HF forward of the same tokens
+    assert out["after_new"] <= 1e-3 and out["after_old"] > 1e-2  # weights pushed over HTTP
+
+
+def test_train_with_server_rollouts(server, tiny_world, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "rollout=vllm_server",
+                        f"rollout.server_url={server}", *TINY_RUN, "trainer.steps=3",
+                        "eval.every=3", "eval.teacher=false", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "OPD_EXP_TOY_DIR": str(tiny_world)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3] and "eval/avg@2" in steps[-1]
+    for r in steps:
+        assert math.isfinite(r["train/loss"]) and r["rollout/logprob_mismatch"] <= 1e-3
+        assert r["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
