@@ -25,25 +25,11 @@ from opd_exp.config import ConfigError
 from opd_exp.rollout import Sampling, concat_rollouts, left_pad
 
 
-class VLLMRollout:
-    def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
-                 dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
-                 seed: int, sleep: bool = False):
-        if sleep and not torch.cuda.is_available():
-            raise ConfigError("rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
-        from vllm import LLM
+class VLLMSampler:
+    """Sampling from an in-process vLLM engine `llm` (fixed weights: e.g. the teacher's)."""
 
-        self.tokenizer, self.stop_ids = tokenizer, sorted(stop_ids)
-        self.weights_dir = Path(work_dir) / "vllm_weights"
-        save_untied(model, self.weights_dir)
-        tokenizer.save_pretrained(self.weights_dir)
-        kw = {"max_model_len": max_model_len} if max_model_len else {}
-        if sleep:
-            kw["enable_sleep_mode"] = True
-        self.llm = LLM(model=str(self.weights_dir), dtype=dtype, enforce_eager=True, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, **kw)
-        self.sync_every, self.calls = sync_every, 0
+    def __init__(self, llm, tokenizer, stop_ids: set[int], sleep: bool = False):
+        self.llm, self.tokenizer, self.stop_ids = llm, tokenizer, sorted(stop_ids)
         self.sleep, self.asleep = sleep, False
 
     def _wake(self) -> None:
@@ -52,14 +38,7 @@ class VLLMRollout:
             self.asleep = False
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.calls += 1
-        if self.calls % self.sync_every:
-            return
-        self._wake()
-        save_untied(model, self.weights_dir)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir),
-                                                          "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        pass
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], s: Sampling) -> Rollouts:
@@ -84,6 +63,44 @@ class VLLMRollout:
                      [st[t].logprob for st, t in zip(c.logprobs, c.token_ids)] if want_logp else None)
                     for c in out.outputs] for out in outs]
         return rollouts_from_samples(prompts, samples, self.tokenizer.pad_token_id, self.stop_ids)
+
+
+class VLLMRollout(VLLMSampler):
+    """The student's engine: started from the learner's weights, which it follows."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
+                 dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
+                 seed: int, sleep: bool = False):
+        if sleep and not torch.cuda.is_available():
+            raise ConfigError("rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU")
+        self.weights_dir = Path(work_dir) / "vllm_weights"
+        save_untied(model, self.weights_dir)
+        tokenizer.save_pretrained(self.weights_dir)
+        kw = {"max_model_len": max_model_len} if max_model_len else {}
+        if sleep:
+            kw["enable_sleep_mode"] = True
+        super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
+                                      seed=seed, **kw), tokenizer, stop_ids, sleep)
+        self.sync_every, self.calls = sync_every, 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.calls += 1
+        if self.calls % self.sync_every:
+            return
+        self._wake()
+        save_untied(model, self.weights_dir)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+def start_engine(path: str, dtype: str, gpu_memory_utilization: float, **kw):
+    """An in-process vLLM engine (eager: starts in seconds; ENGINES.md)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    return LLM(model=path, dtype=dtype, enforce_eager=True,
+               gpu_memory_utilization=gpu_memory_utilization, **kw)
 
 
 def rollouts_from_samples(prompts: list[list[int]],

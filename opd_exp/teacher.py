@@ -9,6 +9,8 @@ import torch
 
 from opd_exp.batch import Rollouts, TeacherScores
 from opd_exp.learner import micro_slices
+from opd_exp.models import load_model
+from opd_exp.rollout import HFRollout, RolloutBackend
 from opd_exp.objectives import response_hidden, token_logprobs, upcast
 
 NEEDS = ("none", "sampled", "topk", "hidden")
@@ -48,20 +50,23 @@ class HFTeacher:
         raise ValueError(f"unknown teacher need {needs!r}: one of {NEEDS}")
 
 
-def _make_hf(cfg, model) -> Teacher:
-    return HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
+def _make_hf(cfg, tokenizer, stop_ids) -> tuple[Teacher, RolloutBackend]:
+    model = load_model(cfg.pair.teacher, "pair.teacher")
+    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size),
+            HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size))
 
 
-def _make_vllm(cfg, model) -> Teacher:
+def _make_vllm(cfg, tokenizer, stop_ids) -> tuple[Teacher, RolloutBackend]:
     from opd_exp.teacher_vllm import make_vllm_teacher  # imports vLLM only when asked for
 
-    return make_vllm_teacher(cfg)
+    return make_vllm_teacher(cfg, tokenizer, stop_ids)
 
 
 BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _make_hf, "vllm": _make_vllm}
 NEEDS_BY_BACKEND = {"hf": NEEDS, "vllm": ("none", "sampled", "topk")}
 
 
-def make_teacher(cfg, model) -> Teacher:
-    """`model`: the HF teacher (the `hf` backend scores with it)."""
-    return BACKENDS[cfg.teacher.backend](cfg, model)
+def make_teacher(cfg, tokenizer, stop_ids: set[int]) -> tuple[Teacher, RolloutBackend]:
+    """The teacher's scorer and a sampler over the same weights (for the teacher's evaluation and
+    off-policy rollouts), so a big vLLM teacher is never also loaded in HF."""
+    return BACKENDS[cfg.teacher.backend](cfg, tokenizer, stop_ids)

@@ -9,22 +9,22 @@ HF teacher. Log-probs are vLLM's raw ones: log softmax of the teacher's logits, 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from opd_exp.batch import Rollouts, TeacherScores
+from opd_exp.rollout_vllm import VLLMSampler, start_engine
 
 
 class VLLMTeacher:
     def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                 max_logprobs: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
-        from vllm import LLM
-
+                 max_logprobs: int, seed: int = 0):
         kw = {"max_model_len": max_model_len} if max_model_len else {}
-        self.llm = LLM(model=path, dtype=dtype, enforce_eager=True, max_logprobs=max_logprobs,
-                       gpu_memory_utilization=gpu_memory_utilization, **kw)
+        self.llm = start_engine(path, dtype, gpu_memory_utilization, max_logprobs=max_logprobs,
+                                seed=seed, **kw)
+
+    def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
+        """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
+        return VLLMSampler(self.llm, tokenizer, stop_ids)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
@@ -66,9 +66,12 @@ class VLLMTeacher:
                              topk_idx_B_T_K=topi_B_T_K)
 
 
-def make_vllm_teacher(cfg) -> VLLMTeacher:
+def make_vllm_teacher(cfg, tokenizer, stop_ids):
+    """(scorer, sampler) over one vLLM engine of pair.teacher: no HF copy of the teacher."""
     from opd_exp.models import resolve_path
 
     t = cfg.teacher
-    return VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
-                       t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20))
+    teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
+                          t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20),
+                          seed=cfg.trainer.seed)
+    return teacher, teacher.sampler(tokenizer, stop_ids)

@@ -29,7 +29,7 @@ from opd_exp.loggers import make_logger
 from opd_exp.models import check_same_vocab, load_model, load_tokenizer, save_model, stop_token_ids
 from opd_exp.objectives import StepBatch, make_objective
 from opd_exp.plots import write_plots
-from opd_exp.rollout import HFRollout, Sampling, make_rollout
+from opd_exp.rollout import Sampling, make_rollout
 from opd_exp.teacher import make_teacher
 
 
@@ -105,14 +105,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
     student = load_model(student_cfg, "pair.student")
-    teacher_model = load_model(cfg.pair.teacher, "pair.teacher")
     stop_ids = stop_token_ids(student, tokenizer)
     learner = make_learner(cfg, student, dist, run_dir)
     rollout = make_rollout(cfg, learner.policy, tokenizer, stop_ids,
                            run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}",
                            rank=dist.rank)
-    teacher_rollout = HFRollout(teacher_model, tokenizer, stop_ids, cfg.rollout.batch_size)
-    teacher = make_teacher(cfg, teacher_model)
+    teacher, teacher_rollout = make_teacher(cfg, tokenizer, stop_ids)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
     objective = make_objective(cfg)
     prompts = make_prompts(cfg)

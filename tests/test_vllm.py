@@ -60,10 +60,11 @@ def test_train_lsm_with_vllm_teacher_end_to_end(tiny_world, tmp_path):
 
     p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "+experiment=lsm_toy",
                         "teacher=vllm", "teacher.max_model_len=256", "objective.k=8", *TINY_RUN,
-                        "trainer.steps=2", "eval.every=0", f"hydra.run.dir={tmp_path}"],
+                        "trainer.steps=2", "eval.every=2", f"hydra.run.dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2]
-    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs)
+    assert [r["step"] for r in recs] == [0, 0, 1, 2]
+    assert "teacher/eval/avg@2" in recs[0]  # the teacher evaluated with its vLLM engine
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs[2:])

@@ -25,7 +25,7 @@ from opd_exp.learner import make_learner
 from opd_exp.models import load_model, load_tokenizer, save_model, stop_token_ids
 from opd_exp.objectives import StepBatch, make_objective
 from opd_exp.rollout import HFRollout, Sampling
-from opd_exp.teacher import make_teacher
+from opd_exp.teacher import HFTeacher
 from tests.conftest import TINY_RUN, compose
 
 STEPS = 10
@@ -35,7 +35,7 @@ FIXED = ["learner.lr=5e-3", "learner.max_grad_norm=1.0", "rollout.max_new_tokens
 
 def fixed_batches(cfg, student, teacher_model, tok) -> list[StepBatch]:
     sampler = HFRollout(copy.deepcopy(student), tok, stop_token_ids(student, tok))
-    teacher = make_teacher(cfg, teacher_model)
+    teacher = HFTeacher(teacher_model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
     encode = make_encoder(tok, cfg.data.chat_template)
     prompts = make_prompts(cfg)
     out = []
