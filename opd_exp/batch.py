@@ -44,6 +44,10 @@ class Rollouts:
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
+    def to(self, device: torch.device | str) -> "Rollouts":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
 
 @dataclass
 class TeacherScores:

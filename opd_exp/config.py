@@ -212,10 +212,19 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 
 
+def sequences_per_rank(cfg, world_size: int) -> int:
+    """Rollouts each rank trains on per step (prompts are sharded over the ranks)."""
+    return cfg.data.prompts_per_step // world_size * cfg.rollout.n
+
+
 def zero_stage(lc) -> int:
     """The ZeRO stage in effect: the user's JSON (learner.deepspeed_config) wins over the key."""
     if lc.deepspeed_config:
-        user = json.loads(Path(lc.deepspeed_config).read_text())
+        try:
+            user = json.loads(Path(lc.deepspeed_config).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"learner.deepspeed_config={lc.deepspeed_config!r} is not allowed: "
+                              f"not a readable JSON file ({type(e).__name__})") from e
         return int(user.get("zero_optimization", {}).get("stage", lc.zero_stage))
     return lc.zero_stage
 
@@ -274,6 +283,11 @@ def validate(cfg: DictConfig) -> None:
     _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
     _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
              "false unless rollout.backend=vllm (GPU only)")
+    if r.sleep:
+        import torch
+
+        _require(torch.cuda.is_available(), "rollout.sleep", r.sleep,
+                 "false on a machine without CUDA (vLLM sleep mode is GPU only)")
     _require(r.server_url.startswith(("http://", "https://")), "rollout.server_url", r.server_url,
              "an http(s):// address")
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
@@ -324,7 +338,7 @@ def validate(cfg: DictConfig) -> None:
              "deepspeed when launcher.nproc_per_node * launcher.nnodes > 1")
     _require(cfg.data.prompts_per_step % world == 0, "data.prompts_per_step",
              cfg.data.prompts_per_step, f"a multiple of the number of ranks ({world})")
-    total = cfg.data.prompts_per_step // world * r.n
+    total = sequences_per_rank(cfg, world)
     _require(total % lc.minibatches == 0, "learner.minibatches", lc.minibatches,
              f"a divisor of data.prompts_per_step / ranks * rollout.n = {total}")
     d = cfg.data

@@ -1,8 +1,8 @@
 """The ranks of one job, as `torchrun` started them (see opd_exp.launcher).
 
 Data parallel: every rank holds the student (whole, or a ZeRO shard of it), a rollout engine and
-a teacher, and works on its shard of each step's prompts; the learner reduces gradients across
-ranks. Rank 0 alone logs, evaluates and renames checkpoints. With one process every call here is
+a teacher, and works on its shard of each step's prompts and eval problems; the learner reduces
+gradients across ranks. Rank 0 alone logs, prints and publishes checkpoints. With one process every call here is
 a no-op, so the loop reads the same with and without a launcher.
 """
 
@@ -30,6 +30,11 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's accelerator (cuda:<local rank>) if there is one, else the CPU."""
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
     def shard(self, items: list) -> list:
         """This rank's share: items rank, rank + W, rank + 2W, …"""
@@ -59,26 +64,46 @@ class Dist:
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Combine the ranks' metrics: sums for counts (SUM_KEYS), min/max for extremes, the mean
-        over ranks otherwise. All ranks must pass the same keys."""
+        over ranks otherwise; a rank's NaN (no valid token) is left out. The ranks' key lists are
+        checked to be the same (a mismatch would pair values with the wrong names)."""
         if self.world_size == 1:
             return metrics
         keys = sorted(metrics)
+        all_keys: list = [None] * self.world_size
+        tdist.all_gather_object(all_keys, keys)
+        if any(k != keys for k in all_keys):
+            raise RuntimeError(f"ranks logged different metric names: {all_keys}")
         vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        total, lo, hi = vals.clone(), vals.clone(), vals.clone()
-        tdist.all_reduce(total)
-        tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
-        tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+        nan = vals.isnan()
+        total, count = vals.masked_fill(nan, 0.0), (~nan).double()
+        lo, hi = vals.masked_fill(nan, float("inf")), vals.masked_fill(nan, -float("inf"))
+        for t, op in ((total, tdist.ReduceOp.SUM), (count, tdist.ReduceOp.SUM),
+                      (lo, tdist.ReduceOp.MIN), (hi, tdist.ReduceOp.MAX)):
+            tdist.all_reduce(t, op=op)
         out = {}
         for i, k in enumerate(keys):
-            if k in SUM_KEYS:
+            if count[i] == 0:
+                out[k] = float("nan")
+            elif k in SUM_KEYS:
                 out[k] = total[i].item()
             elif k.endswith(MIN_SUFFIXES):
                 out[k] = lo[i].item()
             elif k.endswith(MAX_SUFFIXES):
                 out[k] = hi[i].item()
             else:
-                out[k] = total[i].item() / self.world_size
+                out[k] = total[i].item() / count[i].item()
         return out
+
+
+def check_world(dist: Dist, launcher_cfg) -> None:
+    """The job's real size must be the configured one (validation sized shards from it)."""
+    from opd_exp.config import ConfigError
+
+    want = launcher_cfg.nproc_per_node * launcher_cfg.nnodes
+    if dist.world_size != want:
+        raise ConfigError(f"launcher.nproc_per_node * launcher.nnodes = {want} is not allowed: "
+                          f"this job has {dist.world_size} processes (started by another launcher?); "
+                          "set them to match")
 
 
 def launched() -> bool:
@@ -94,8 +119,9 @@ def init(backend: str = "auto", timeout_minutes: int = 60) -> Dist:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         local_rank = int(os.environ["LOCAL_RANK"])
-        if backend == "nccl":
+        if backend == "nccl":  # CUDA tensors over NCCL; the loop's CPU scalars over gloo
             torch.cuda.set_device(local_rank)
+            backend = "cpu:gloo,cuda:nccl"
         tdist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
                 local_rank=int(os.environ["LOCAL_RANK"]))

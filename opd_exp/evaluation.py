@@ -142,7 +142,7 @@ def evaluate(rollout: RolloutBackend, tokenizer, encode, benchmarks: dict[str, l
     k = sampling.n
     out, ses = {}, []
     for name, problems in benchmarks.items():
-        mine = list(range(len(problems)))[dist.rank::dist.world_size]
+        mine = dist.shard(list(range(len(problems))))
         counts_P = torch.zeros(len(problems) + 1, dtype=torch.float64)  # + total response tokens
         if mine:
             r = rollout.generate([encode(problems[i].prompt) for i in mine], sampling)

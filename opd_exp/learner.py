@@ -35,6 +35,14 @@ def micro_slices(size: int, micro: int) -> list[slice]:
     return [slice(i, min(i + micro, size)) for i in range(0, size, micro)]
 
 
+@torch.no_grad()
+def batch_logprobs(model: torch.nn.Module, batch: StepBatch, temperature: float,
+                   micro: int) -> torch.Tensor:
+    """log p(y_t) of every response token under `model`, `micro` sequences at a time: [B, T]."""
+    return torch.cat([token_logprobs(model, batch.rollouts.select(s), temperature)
+                      for s in micro_slices(batch.rollouts.size, micro)])
+
+
 def make_optimizer(params, c) -> torch.optim.Optimizer:
     """AdamW from `learner.*` (a torch optimizer for every backend: DeepSpeed compiles none)."""
     return torch.optim.AdamW(list(params), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
@@ -83,10 +91,8 @@ class TorchLearner:
         self.scheduler = make_scheduler(self.optimizer, self.cfg)
         model.train()
 
-    @torch.no_grad()
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
-        return torch.cat([token_logprobs(self.model, batch.rollouts.select(s), temperature)
-                          for s in micro_slices(batch.rollouts.size, self.cfg.micro_batch_size)])
+        return batch_logprobs(self.model, batch, temperature, self.cfg.micro_batch_size)
 
     def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]:
         def optimizer_step() -> float:

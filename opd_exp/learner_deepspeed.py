@@ -24,16 +24,16 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from opd_exp.config import zero_stage
+from opd_exp.config import sequences_per_rank, zero_stage
 from opd_exp.distributed import Dist
-from opd_exp.learner import micro_slices, minibatch_updates, make_optimizer, make_scheduler
-from opd_exp.objectives import Objective, StepBatch, token_logprobs
+from opd_exp.learner import batch_logprobs, make_optimizer, make_scheduler, minibatch_updates
+from opd_exp.objectives import Objective, StepBatch
 
 
 def micro_batches_per_step(cfg, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank (DeepSpeed's gradient_accumulation_steps)."""
-    per_rank = cfg.data.prompts_per_step // world_size * cfg.rollout.n
-    return math.ceil(per_rank // cfg.learner.minibatches / cfg.learner.micro_batch_size)
+    per_minibatch = sequences_per_rank(cfg, world_size) // cfg.learner.minibatches
+    return math.ceil(per_minibatch / cfg.learner.micro_batch_size)
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -83,10 +83,8 @@ class DeepSpeedLearner:
         self.policy = policy if policy is not None else self.model
         self.n_micro = self.ds_config["gradient_accumulation_steps"]
 
-    @torch.no_grad()
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
-        return torch.cat([token_logprobs(self.model, batch.rollouts.select(s), temperature)
-                          for s in micro_slices(batch.rollouts.size, self.cfg.micro_batch_size)])
+        return batch_logprobs(self.engine, batch, temperature, self.cfg.micro_batch_size)
 
     def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]:
         W = self.dist.world_size

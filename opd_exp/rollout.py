@@ -31,7 +31,7 @@ class Sampling:
 
 class RolloutBackend(Protocol):
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
-        """`n` samples for each prompt (token ids, unpadded); rows grouped by prompt."""
+        """`n` samples for each prompt (token ids, unpadded); rows grouped by prompt; CPU tensors."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the sampler use `model`'s current weights."""
@@ -94,16 +94,17 @@ class HFRollout:
         ids_B_P, mask_B_P = left_pad(prompts, self.tokenizer.pad_token_id)
         was_training = self.model.training
         self.model.eval()
+        dev = self.model.device
         out = self.model.generate(
-            input_ids=ids_B_P, attention_mask=mask_B_P, do_sample=True,
+            input_ids=ids_B_P.to(dev), attention_mask=mask_B_P.to(dev), do_sample=True,
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
             num_return_sequences=s.n, eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id, output_logits=True,
             return_dict_in_generate=True)
         self.model.train(was_training)
         P = ids_B_P.shape[1]
-        response_B_T = out.sequences[:, P:]
-        logits_B_T_V = torch.stack(out.logits, dim=1).float() / s.temperature
+        response_B_T = out.sequences[:, P:].cpu()  # rollouts are returned on the CPU
+        logits_B_T_V = torch.stack(out.logits, dim=1).float().cpu() / s.temperature
         logp_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, response_B_T[..., None])[..., 0]
         resp_mask = response_mask(response_B_T, set(self.stop_ids))
         return Rollouts(

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from opd_exp.batch import Rollouts, response_mask
-from opd_exp.config import ConfigError
 from opd_exp.rollout import Sampling, concat_rollouts, left_pad
 
 
@@ -71,8 +70,6 @@ class VLLMRollout(VLLMSampler):
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
                  seed: int, sleep: bool = False):
-        if sleep and not torch.cuda.is_available():
-            raise ConfigError("rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU")
         self.weights_dir = Path(work_dir) / "vllm_weights"
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)

@@ -50,13 +50,13 @@ class HFTeacher:
         raise ValueError(f"unknown teacher need {needs!r}: one of {NEEDS}")
 
 
-def _make_hf(cfg, tokenizer, stop_ids) -> tuple[Teacher, RolloutBackend]:
-    model = load_model(cfg.pair.teacher, "pair.teacher")
+def _make_hf(cfg, tokenizer, stop_ids, device) -> tuple[Teacher, RolloutBackend]:
+    model = load_model(cfg.pair.teacher, "pair.teacher").to(device)
     return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size),
             HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size))
 
 
-def _make_vllm(cfg, tokenizer, stop_ids) -> tuple[Teacher, RolloutBackend]:
+def _make_vllm(cfg, tokenizer, stop_ids, device) -> tuple[Teacher, RolloutBackend]:
     from opd_exp.teacher_vllm import make_vllm_teacher  # imports vLLM only when asked for
 
     return make_vllm_teacher(cfg, tokenizer, stop_ids)
@@ -66,7 +66,9 @@ BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _make_hf, "vllm": _make_vll
 NEEDS_BY_BACKEND = {"hf": NEEDS, "vllm": ("none", "sampled", "topk")}
 
 
-def make_teacher(cfg, tokenizer, stop_ids: set[int]) -> tuple[Teacher, RolloutBackend]:
+def make_teacher(cfg, tokenizer, stop_ids: set[int],
+                 device: torch.device | str = "cpu") -> tuple[Teacher, RolloutBackend]:
     """The teacher's scorer and a sampler over the same weights (for the teacher's evaluation and
-    off-policy rollouts), so a big vLLM teacher is never also loaded in HF."""
-    return BACKENDS[cfg.teacher.backend](cfg, tokenizer, stop_ids)
+    off-policy rollouts), so a big vLLM teacher is never also loaded in HF. Scores come back on
+    the device of the rollouts given to `score`."""
+    return BACKENDS[cfg.teacher.backend](cfg, tokenizer, stop_ids, device)

@@ -36,12 +36,16 @@ class VLLMTeacher:
         if needs not in ("sampled", "topk"):
             raise ValueError(f"teacher=vllm scores needs sampled|topk, not {needs!r}")
         B, T = rollouts.response_ids_B_T.shape
-        # whole rows: the response mask may have holes (special-token masking); positions after
-        # a row's end are scored too and masked out (causal: they change nothing before)
+        # each row up to its last trained position (the mask may have holes: special-token
+        # masking); later positions are left at 0 and are masked out
+        device, rollouts = rollouts.response_mask_B_T.device, rollouts.to("cpu")
+        mask = rollouts.response_mask_B_T
+        pos_T = torch.arange(1, T + 1)
+        lengths = (mask.bool() * pos_T).max(-1).values.tolist()
         seqs, starts = [], []
         for b in range(B):
             prompt = rollouts.prompt_ids_B_P[b][rollouts.prompt_mask_B_P[b].bool()].tolist()
-            seqs.append(prompt + rollouts.response_ids_B_T[b].tolist())
+            seqs.append(prompt + rollouts.response_ids_B_T[b, :lengths[b]].tolist())
             starts.append(len(prompt))
         params = SamplingParams(max_tokens=1, prompt_logprobs=k if needs == "topk" else 0,
                                 detokenize=False)
@@ -51,7 +55,7 @@ class VLLMTeacher:
         topv_B_T_K = torch.full((B, T, max(k, 1)), -float("inf"))
         topi_B_T_K = torch.zeros((B, T, max(k, 1)), dtype=torch.long)
         for b, out in enumerate(outs):
-            for t in range(T):
+            for t in range(lengths[b]):
                 pos = out.prompt_logprobs[starts[b] + t]  # {token id: Logprob} at this position
                 logp_B_T[b, t] = pos[seqs[b][starts[b] + t]].logprob
                 if needs == "topk":
@@ -59,11 +63,10 @@ class VLLMTeacher:
                                  if lp.rank is not None and lp.rank <= k)[:k]
                     topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
                     topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
-        mask = rollouts.response_mask_B_T
         if needs == "sampled":
-            return TeacherScores(logp_B_T=logp_B_T * mask)
-        return TeacherScores(topk_logq_B_T_K=topv_B_T_K.masked_fill(mask[..., None] == 0, 0.0),
-                             topk_idx_B_T_K=topi_B_T_K)
+            return TeacherScores(logp_B_T=(logp_B_T * mask).to(device))
+        topv_B_T_K = topv_B_T_K.masked_fill(mask[..., None] == 0, 0.0)
+        return TeacherScores(topk_logq_B_T_K=topv_B_T_K.to(device), topk_idx_B_T_K=topi_B_T_K.to(device))
 
 
 def make_vllm_teacher(cfg, tokenizer, stop_ids):

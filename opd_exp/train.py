@@ -92,6 +92,7 @@ def progress_line(m: dict[str, float], step: int, steps: int, k: int) -> str:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
     dist = distributed.init(cfg.launcher.dist_backend)  # one plain process unless launched
+    distributed.check_world(dist, cfg.launcher)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -104,13 +105,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
-    student = load_model(student_cfg, "pair.student")
+    student = load_model(student_cfg, "pair.student").to(dist.device)
     stop_ids = stop_token_ids(student, tokenizer)
     learner = make_learner(cfg, student, dist, run_dir)
     rollout = make_rollout(cfg, learner.policy, tokenizer, stop_ids,
                            run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}",
                            rank=dist.rank)
-    teacher, teacher_rollout = make_teacher(cfg, tokenizer, stop_ids)
+    teacher, teacher_rollout = make_teacher(cfg, tokenizer, stop_ids, dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
     objective = make_objective(cfg)
     prompts = make_prompts(cfg)
@@ -150,6 +151,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         rollouts = sampler.generate([encode(p.prompt) for p in problems], sampling)
         correct_B = rollout_correctness(tokenizer, rollouts, [p.answer for p in problems])
         rollouts = masker(rollouts)  # special-token masking (objective.special_mask)
+        rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
         t1 = time.time()
         scores: TeacherScores = teacher.score(rollouts, objective.teacher_needs, cfg.objective.k)
         t2 = time.time()

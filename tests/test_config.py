@@ -114,7 +114,8 @@ def test_cli_vllm_sleep_mode_without_gpu_is_one_line(tmp_path, use_tiny_world):
              "logger.mode=disabled")
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if line.strip() and "Loading" not in line]
-    assert lines == ["error: rollout.sleep=True is not allowed: vLLM sleep mode needs a CUDA GPU"]
+    assert lines == ["error: rollout.sleep=True is not allowed: false on a machine without CUDA "
+                     "(vLLM sleep mode is GPU only)"]
 
 
 def test_cli_prints_qwen3_config_offline():

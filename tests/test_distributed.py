@@ -1,0 +1,53 @@
+"""Rank bookkeeping (opd_exp/distributed.py) on 2 real processes over gloo, no launcher."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from opd_exp.config import ConfigError
+from opd_exp.distributed import Dist, check_world
+
+from .test_deepspeed import free_port
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world_size=2, local_rank=rank)
+    m = d.reduce_metrics({"rollout/tokens": [10.0, 30.0][rank], "reward/min": [-1.0, -5.0][rank],
+                          "train/grad_norm_max": [2.0, 1.0][rank], "train/loss": [1.0, 3.0][rank],
+                          "reward/p50": [0.5, float("nan")][rank],  # rank 1: no valid token
+                          "reward/max": float("nan")})
+    shard = d.shard(list(range(7)))
+    summed = d.sum_tensor(torch.tensor([1.0, rank])).tolist()
+    try:
+        d.reduce_metrics({"a": 1.0} if rank == 0 else {"b": 1.0})
+        mismatch = "accepted"
+    except RuntimeError as e:
+        mismatch = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"m": m, "shard": shard, "summed": summed, "mismatch": mismatch}, f)
+    tdist.destroy_process_group()
+
+
+def test_reduce_metrics_shards_and_key_check(tmp_path):
+    out = str(tmp_path / "r")
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+    r0, r1 = (json.loads(open(f"{out}.{i}").read()) for i in (0, 1))
+    assert r0["m"] == r1["m"]  # every rank gets the same reduced numbers
+    m = r0["m"]
+    assert m["rollout/tokens"] == 40.0 and m["reward/min"] == -5.0 and m["train/grad_norm_max"] == 2.0
+    assert m["train/loss"] == 2.0 and m["reward/p50"] == 0.5  # NaN rank left out of the mean
+    assert m["reward/max"] != m["reward/max"]  # NaN on every rank stays NaN
+    assert r0["shard"] == [0, 2, 4, 6] and r1["shard"] == [1, 3, 5]
+    assert r0["summed"] == [2.0, 1.0]
+    assert "different metric names" in r0["mismatch"] and "different metric names" in r1["mismatch"]
+
+
+def test_world_size_must_match_the_launcher_config():
+    check_world(Dist(), OmegaConf.create({"nproc_per_node": 1, "nnodes": 1}))
+    with pytest.raises(ConfigError, match=r"^launcher.nproc_per_node \* launcher.nnodes = 2 is not"):
+        check_world(Dist(), OmegaConf.create({"nproc_per_node": 2, "nnodes": 1}))
