@@ -32,7 +32,7 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int,
-         dist: Dist = Dist()) -> Path:
+         dist: Dist = Dist(), meta: dict | None = None) -> Path:
     """`write(dir)` fills a fresh folder (on every rank); it becomes `step_XXXXXX` only once
     complete."""
     root = checkpoint_root(run_dir)
@@ -46,14 +46,14 @@ def save(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
     write(tmp)
     dist.barrier()
     if dist.is_main:
-        _publish(root, tmp, final, step, keep_last)
+        _publish(root, tmp, final, {"step": step, **(meta or {})}, keep_last)
     dist.barrier()
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
+def _publish(root: Path, tmp: Path, final: Path, state: dict, keep_last: int) -> None:
     name = final.name
-    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    (tmp / "state.json").write_text(json.dumps(state) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -66,3 +66,15 @@ def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int) -> N
 
 def load_step(path: Path) -> int:
     return json.loads((path / "state.json").read_text())["step"]
+
+
+def check_resumable(path: Path, meta: dict) -> None:
+    """The run that wrote `path` must match this one in what its learner state depends on
+    (`meta`: learner backend, number of ranks); else one line saying what differs."""
+    from opd_exp.config import ConfigError
+
+    saved = json.loads((path / "state.json").read_text())
+    diff = {k: (saved[k], v) for k, v in meta.items() if k in saved and saved[k] != v}
+    if diff:
+        said = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in diff.items())
+        raise ConfigError(f"trainer.resume=True is not allowed: {path.name} was written with {said}")

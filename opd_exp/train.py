@@ -103,6 +103,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
     check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"))
     resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
+    ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}  # what resume needs
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, ckpt_meta)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
     student = load_model(student_cfg, "pair.student").to(dist.device)
@@ -133,7 +136,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             learner.save(d)  # collective under DeepSpeed
             if dist.is_main:
                 save_model(learner.policy, tokenizer, d / "student")
-        checkpoint.save(run_dir, step, write, cfg.trainer.keep_last, dist)
+        checkpoint.save(run_dir, step, write, cfg.trainer.keep_last, dist, ckpt_meta)
 
     if start == 0:
         if cfg.eval.teacher and e_every:

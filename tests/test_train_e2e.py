@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from opd_exp import checkpoint
 from opd_exp.__main__ import CONF_DIR
+from opd_exp.config import ConfigError
 from opd_exp.train import train
 
 from .conftest import TINY_RUN, compose
@@ -58,6 +59,16 @@ def test_resume_continues_exactly(tmp_path, use_tiny_world):
     assert [r["step"] for r in rb] == [1, 2, 3, 4]  # no duplicated or lost records
     drop = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}  # noqa: E731
     assert [drop(r) for r in ra] == [drop(r) for r in rb]
+
+
+def test_resume_with_another_learner_is_one_clear_error(tmp_path):
+    checkpoint.save(tmp_path, 2, lambda d: None, keep_last=1, meta={"learner": "deepspeed", "ranks": 2})
+    ckpt = checkpoint.latest(tmp_path)
+    checkpoint.check_resumable(ckpt, {"learner": "deepspeed", "ranks": 2})
+    with pytest.raises(ConfigError) as e:
+        checkpoint.check_resumable(ckpt, {"learner": "torch", "ranks": 1})
+    assert str(e.value) == ("trainer.resume=True is not allowed: step_000002 was written with "
+                            "learner deepspeed (this run: torch), ranks 2 (this run: 1)")
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
