@@ -2,8 +2,8 @@
 
 Data parallel: every rank holds the student (whole, or a ZeRO shard of it), a rollout engine and
 a teacher, and works on its shard of each step's prompts and eval problems; the learner reduces
-gradients across ranks. Rank 0 alone logs, prints and publishes checkpoints. With one process every call here is
-a no-op, so the loop reads the same with and without a launcher.
+gradients across ranks. Rank 0 alone logs, prints and publishes checkpoints. With one process
+every call here is a no-op, so the loop reads the same with and without a launcher.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ class Dist:
     def sum(self, x: float) -> float:
         if self.world_size == 1:
             return x
-        t = torch.tensor([x], dtype=torch.float64)
-        tdist.all_reduce(t)
-        return t.item()
+        return self.sum_tensor(torch.tensor([x], dtype=torch.float64)).item()
 
     def sum_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (a new tensor; the input is unchanged)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from opd_exp.config import sequences_per_rank, zero_stage
+from opd_exp.config import sequences_per_rank
 from opd_exp.distributed import Dist
 from opd_exp.learner import batch_logprobs, make_optimizer, make_scheduler, minibatch_updates
 from opd_exp.objectives import Objective, StepBatch
@@ -38,7 +38,7 @@ def micro_batches_per_step(cfg, world_size: int) -> int:
 
 def deepspeed_config(cfg, world_size: int) -> dict:
     lc = cfg.learner
-    zero: dict = {"stage": zero_stage(lc)}
+    zero: dict = {"stage": lc.zero_stage}  # a user JSON's zero_optimization replaces it whole
     if lc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     generated = {
@@ -81,7 +81,6 @@ class DeepSpeedLearner:
             config=self.ds_config)
         self.model = self.engine.module
         self.policy = policy if policy is not None else self.model
-        self.n_micro = self.ds_config["gradient_accumulation_steps"]
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.engine, batch, temperature, self.cfg.micro_batch_size)
