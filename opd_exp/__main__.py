@@ -36,14 +36,14 @@ def _hydra_command(fn) -> None:
 
 
 def _eval(cfg, run_dir: Path) -> None:
-    from opd_exp.evaluate_cmd import run_eval
+    from opd_exp.commands import run_eval
 
     run_eval(cfg, run_dir)
 
 
 def _train(cfg, run_dir: Path) -> None:
     from opd_exp.config import validate
-    from opd_exp.launcher import launch, wants_launch
+    from opd_exp.runtime.launcher import launch, wants_launch
 
     if wants_launch(cfg.launcher):  # re-run this command under torchrun, on this node's ranks
         from hydra.core.hydra_config import HydraConfig
@@ -60,7 +60,7 @@ def _train(cfg, run_dir: Path) -> None:
 
 
 def _serve(cfg, run_dir: Path) -> None:
-    from opd_exp.rollout_vllm_server import run_serve
+    from opd_exp.commands import run_serve
 
     sys.exit(run_serve(cfg, run_dir))
 

@@ -1,20 +1,25 @@
-"""Training prompts: a fixed pool, visited in a seeded shuffled order (epoch by epoch).
+"""Prompts and benchmarks: the training prompt pool (toy or hub), visited in a seeded shuffled
+order epoch by epoch, the evaluation benchmarks, and prompt text → token ids.
 
-`batch(step)` is a pure function of (seed, step), so a resumed run sees the same prompts.
+`PromptSource.batch(step)` is a pure function of (seed, step), so a resumed run sees the same
+prompts.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
-from opd_exp.evaluation import Problem
+from opd_exp import toyworld
+from opd_exp.config import ConfigError
+from opd_exp.core.types import Problem
 
 
 def toy_pool(cfg) -> list[Problem]:
-    from opd_exp.toyworld import build, manifest, task
+    from opd_exp.toyworld import build, task
 
-    seed = manifest()["seed"]  # held-out benchmarks of the world in use are never trained on
+    seed = toyworld.manifest()["seed"]  # the world's held-out benchmarks are never trained on
     problems = task.sample_problems(cfg.trainer.seed + 7_919, tuple(cfg.data.levels),
                                     cfg.data.pool_size, exclude=build.heldout_prompts(seed))
     return [Problem(p.prompt, p.answer) for p in problems]
@@ -60,3 +65,34 @@ def make_encoder(tokenizer, chat_template: bool, suffix: str = ""):
                                                  add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False).input_ids
     return encode
+
+
+# Hub benchmarks (SPEC §3): name -> (dataset id, split, prompt field, answer field).
+HUB_BENCHMARKS = {
+    "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
+    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime25": ("math-ai/aime25", "test", "problem", "answer"),
+    "amc23": ("math-ai/amc23", "test", "question", "answer"),
+    "minerva_math": ("math-ai/minervamath", "test", "question", "answer"),
+    "olympiadbench": ("math-ai/olympiadbench", "test", "question", "final_answer"),
+}
+
+
+def load_benchmark(name: str, max_problems: int = 0) -> list[Problem]:
+    if name.startswith("toy_"):
+        path = toyworld.benchmark_file(name)
+        if not path.is_file():
+            raise ConfigError(f"eval.benchmarks: unknown toy benchmark {name!r}: toy_L1 … toy_L6")
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        problems = [Problem(r["prompt"], r["answer"]) for r in rows]
+    elif name in HUB_BENCHMARKS:
+        import datasets  # only real-model runs need it
+
+        hub_id, split, pf, af = HUB_BENCHMARKS[name]
+        ds = datasets.load_dataset(hub_id, split=split)
+        problems = [Problem(r[pf], str(r[af] if not isinstance(r[af], list) else r[af][0]))
+                    for r in ds]
+    else:
+        raise ConfigError(f"eval.benchmarks: unknown benchmark {name!r}: toy_L1 … toy_L6 or one "
+                          "of " + ", ".join(HUB_BENCHMARKS))
+    return problems[:max_problems] if max_problems else problems

@@ -10,56 +10,15 @@ Definitions (logged as eval/<benchmark>/avg@k etc.; eval/avg@k is the mean over 
 
 from __future__ import annotations
 
-import json
 import math
 import threading
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from opd_exp import toyworld
-from opd_exp.config import ConfigError
-from opd_exp.batch import Rollouts
-from opd_exp.distributed import Dist
-from opd_exp.rollout import RolloutBackend, Sampling
-
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str
-
-
-# Hub benchmarks (SPEC §3): name -> (dataset id, split, prompt field, answer field).
-HUB_BENCHMARKS = {
-    "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
-    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
-    "aime25": ("math-ai/aime25", "test", "problem", "answer"),
-    "amc23": ("math-ai/amc23", "test", "question", "answer"),
-    "minerva_math": ("math-ai/minervamath", "test", "question", "answer"),
-    "olympiadbench": ("math-ai/olympiadbench", "test", "question", "final_answer"),
-}
-
-
-def load_benchmark(name: str, max_problems: int = 0) -> list[Problem]:
-    if name.startswith("toy_"):
-        path = toyworld.benchmark_file(name)
-        if not path.is_file():
-            raise ConfigError(f"eval.benchmarks: unknown toy benchmark {name!r}: toy_L1 … toy_L6")
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        problems = [Problem(r["prompt"], r["answer"]) for r in rows]
-    elif name in HUB_BENCHMARKS:
-        import datasets  # only real-model runs need it
-
-        hub_id, split, pf, af = HUB_BENCHMARKS[name]
-        ds = datasets.load_dataset(hub_id, split=split)
-        problems = [Problem(r[pf], str(r[af] if not isinstance(r[af], list) else r[af][0]))
-                    for r in ds]
-    else:
-        raise ConfigError(f"eval.benchmarks: unknown benchmark {name!r}: toy_L1 … toy_L6 or one "
-                          "of " + ", ".join(HUB_BENCHMARKS))
-    return problems[:max_problems] if max_problems else problems
+from opd_exp.core.protocols import RolloutBackend
+from opd_exp.core.ranks import Dist
+from opd_exp.core.types import Problem, Rollouts, Sampling
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
                                           "k": K, "support": "teacher", "renormalize": True,
                                           "gradient": "analytic", "weight": "student"},
                             "rollout": {"temperature": 1.0}})
-    from opd_exp.objectives import FullVocabOPD, TopKOPD  # imports outside the measurement
+    from opd_exp.methods.full_vocab import FullVocabOPD  # imports outside the measurement
+    from opd_exp.methods.topk import TopKOPD
 
     if impl == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
@@ -69,11 +70,11 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
                 logq = torch.log_softmax(head_t(h_t), -1)
             loss = (logp.exp() * (logp - logq)).sum() / T
         elif impl == "chunked":
-            loss = FullVocabOPD(cfg).summed(head_s, head_t, h_s, h_t, mask) / T
+            loss = FullVocabOPD(cfg.objective, cfg.reward, 1.0).summed(head_s, head_t, h_s, h_t, mask) / T
         elif impl == "trl_chunked":
             loss = _chunked_divergence_loss(h_s, h_t, head_s.weight, head_t.weight, mask, beta=1.0)[0]
         elif impl == "topk":
-            loss = TopKOPD(cfg).summed(head_s, head_t, h_s, mask, extra_inputs)[0] / T
+            loss = TopKOPD(cfg.objective, cfg.reward, 1.0).summed(head_s, head_t, h_s, mask, extra_inputs)[0] / T
         else:
             raise ValueError(impl)
         return loss

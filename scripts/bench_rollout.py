@@ -25,9 +25,9 @@ def run_one(backend: str, n_prompts: int, n: int, new: int, reps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_exp import toyworld
-    from opd_exp.data import make_encoder
-    from opd_exp.evaluation import load_benchmark
-    from opd_exp.rollout import HFRollout, Sampling
+    from opd_exp.core.types import Sampling
+    from opd_exp.data import load_benchmark, make_encoder
+    from opd_exp.engines.rollout_hf import HFRollout
 
     torch.manual_seed(0)
     path = toyworld.model_dir("student")
@@ -38,7 +38,7 @@ def run_one(backend: str, n_prompts: int, n: int, new: int, reps: int) -> dict:
     if backend == "hf":
         engine = HFRollout(model, tok, stop, batch_size=n_prompts * n)
     else:
-        from opd_exp.rollout_vllm import VLLMRollout
+        from opd_exp.engines.rollout_vllm import VLLMRollout
 
         engine = VLLMRollout(model, tok, stop, Path(tempfile.mkdtemp(prefix="opd_bench_")),
                              "float32", 512, 0.3, 1, seed=0)

@@ -13,7 +13,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from opd_exp.plots import read_metrics, series
+from opd_exp.runtime.plots import read_metrics, series
 
 
 def summarise(run: Path, k: int) -> dict:

@@ -128,7 +128,7 @@ def test_cli_prints_qwen3_config_offline():
 def test_vocabulary_mismatch_is_a_clear_error(tiny_world):
     from transformers import AutoTokenizer
 
-    from opd_exp.models import check_same_vocab
+    from opd_exp.engines.hf_models import check_same_vocab
 
     a = AutoTokenizer.from_pretrained(tiny_world / "student")
     b = AutoTokenizer.from_pretrained(tiny_world / "teacher")

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from opd_exp.config import ConfigError
-from opd_exp.distributed import Dist, check_world
+from opd_exp.core.ranks import Dist
+from opd_exp.runtime.distributed import check_world
 
 from .test_deepspeed import free_port
 

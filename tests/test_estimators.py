@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_exp.batch import Rollouts, TeacherScores, response_mask
 from opd_exp.config import schema_cfg
-from opd_exp.objectives import FullVocabOPD, SampledTokenOPD, StepBatch, TopKOPD, divergence
-from opd_exp.rewards import RewardInputs, advantages, group_advantage
-from opd_exp.rollout import left_pad
-from opd_exp.teacher import HFTeacher
+from opd_exp.core.types import Rollouts, StepBatch, TeacherScores, left_pad, response_mask
+from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.teacher_hf import HFTeacher
+from opd_exp.methods.full_vocab import FullVocabOPD, divergence
+from opd_exp.methods.rewards import RewardInputs, advantages, group_advantage
+from opd_exp.methods.sampled_token import SampledTokenOPD
+from opd_exp.methods.topk import TopKOPD
 
 
 def _cfg(**objective):
@@ -25,6 +27,10 @@ def _cfg(**objective):
                              "reward": {"name": "log_ratio", "alpha": 0.5, "scale_by_alpha": True,
                                         "clip": 5.0, "eps": 1e-6, "std_normalize": True,
                                         "mix_lambda": 0.5, "early_positions": 8}})
+
+
+def _obj(cls, cfg):
+    return cls(cfg.objective, cfg.reward, cfg.rollout.temperature)
 
 
 def _model(world, name):
@@ -50,7 +56,7 @@ def _loss_and_grad(obj, model, batch, micro=64):
     n = batch.mask_B_T.sum().item()
     total = 0.0
     for s in range(0, batch.rollouts.size, micro):
-        loss, _ = obj.loss(model, batch.select(slice(s, s + micro)), n)
+        loss, _ = obj.loss(HFPolicy(model), batch.select(slice(s, s + micro)), n)
         loss.backward()
         total += loss.item()
     return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -126,7 +132,7 @@ def test_full_vocab_equals_unchunked_reference_and_is_chunk_invariant(tiny_world
         brute = _brute(ls[r.response_mask_B_T > 0], lt[r.response_mask_B_T > 0], "reverse_kl", 0)
     assert abs(brute.sum().item() / r.response_mask_B_T.sum().item() - ref_loss.item()) < 1e-10
     for chunk, micro in ((1, 64), (4, 3), (1000, 1)):
-        loss, grad = _loss_and_grad(FullVocabOPD(_cfg(chunk_size=chunk)), student, batch, micro)
+        loss, grad = _loss_and_grad(_obj(FullVocabOPD, _cfg(chunk_size=chunk)), student, batch, micro)
         assert abs(loss - ref_loss.item()) < 1e-10
         assert torch.allclose(grad, ref_grad, atol=1e-10, rtol=1e-8)
 
@@ -137,10 +143,10 @@ def test_topk_with_k_equal_v_is_full_vocab(tiny_world):
     student, teacher = _model(tiny_world, "student"), _model(tiny_world, "teacher")
     r = _rollouts(seed=3)
     V = student.config.vocab_size
-    full = _loss_and_grad(FullVocabOPD(_cfg()), student, _batch(teacher, r, "hidden"))
+    full = _loss_and_grad(_obj(FullVocabOPD, _cfg()), student, _batch(teacher, r, "hidden"))
     for support, needs in (("teacher", "topk"), ("student", "hidden"), ("union", "hidden")):
         cfg = _cfg(name="topk", k=V, support=support)
-        got = _loss_and_grad(TopKOPD(cfg), student, _batch(teacher, r, needs, V))
+        got = _loss_and_grad(_obj(TopKOPD, cfg), student, _batch(teacher, r, needs, V))
         assert abs(got[0] - full[0]) < 1e-9
         assert torch.allclose(got[1], full[1], atol=1e-9, rtol=1e-7)
 
@@ -164,7 +170,7 @@ def test_topk_support_reference_and_no_gradient_outside(seed, support):
     t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
     mask = torch.ones(B, T, dtype=torch.float64)
     for renorm in (True, False):
-        obj = TopKOPD(_cfg(name="topk", k=K, support=support, renormalize=renorm))
+        obj = _obj(TopKOPD, _cfg(name="topk", k=K, support=support, renormalize=renorm))
         loss, _ = _chunk(obj, s, mask, t)
         # reference by explicit sets
         ref = 0.0
@@ -199,7 +205,7 @@ def test_topk_pg_with_student_weights_has_the_analytic_gradient():
     grads = []
     for gradient in ("analytic", "pg"):
         s.grad = None
-        _chunk(TopKOPD(_cfg(name="topk", k=6, gradient=gradient)), s, mask, t)[0].backward()
+        _chunk(_obj(TopKOPD, _cfg(name="topk", k=6, gradient=gradient)), s, mask, t)[0].backward()
         grads.append(s.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-12)
 
@@ -216,7 +222,7 @@ def test_student_equal_teacher_gives_exact_zero(tiny_world, name, extra, needs):
     student = _model(tiny_world, "student")
     teacher = _model(tiny_world, "student")  # the same weights
     r = _rollouts(seed=5)
-    obj = (FullVocabOPD if name == "full_vocab" else TopKOPD)(_cfg(name=name, **extra))
+    obj = _obj(FullVocabOPD if name == "full_vocab" else TopKOPD, _cfg(name=name, **extra))
     loss, grad = _loss_and_grad(obj, student, _batch(teacher, r, needs))
     assert abs(loss) < 1e-12 and grad.abs().max().item() < 1e-12
 
@@ -225,7 +231,7 @@ def test_student_equal_teacher_gives_exact_zero(tiny_world, name, extra, needs):
 def test_masked_tokens_and_micro_batching_change_nothing(tiny_world, name, extra, needs):
     student, teacher = _model(tiny_world, "student"), _model(tiny_world, "teacher")
     r = _rollouts(seed=6)
-    obj = (FullVocabOPD if name == "full_vocab" else TopKOPD)(_cfg(name=name, **extra))
+    obj = _obj(FullVocabOPD if name == "full_vocab" else TopKOPD, _cfg(name=name, **extra))
     ref = _loss_and_grad(obj, student, _batch(teacher, r, needs))
     r2 = r.select(slice(None))
     r2.response_ids_B_T = r.response_ids_B_T.clone()

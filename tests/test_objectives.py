@@ -4,11 +4,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_exp.batch import Rollouts, TeacherScores, response_mask
 from opd_exp.config import schema_cfg
-from opd_exp.learner import TorchLearner
-from opd_exp.objectives import SampledTokenOPD, StepBatch, token_logprobs
-from opd_exp.rollout import left_pad
+from opd_exp.core.types import Rollouts, StepBatch, TeacherScores, left_pad, response_mask
+from opd_exp.engines.hf_policy import HFPolicy, token_logprobs
+from opd_exp.engines.learner_torch import TorchLearner
+from opd_exp.methods.importance import truncated_is_weights
+from opd_exp.methods.sampled_token import SampledTokenOPD
+
+
+def _obj(cls, cfg):
+    return cls(cfg.objective, cfg.reward, cfg.rollout.temperature)
 
 
 def _model(world, name="student"):
@@ -70,7 +75,7 @@ def test_gradient_is_reinforce_with_global_token_mean(tiny_world, reward, gamma)
     _, r = _rollouts(seed=1)
     cfg = _cfg(reward, gamma)
     logq = token_logprobs(teacher, r).detach()
-    obj = SampledTokenOPD(cfg)
+    obj = _obj(SampledTokenOPD, cfg)
     with torch.no_grad():
         logp_old = token_logprobs(student, r)
     batch, _ = obj.prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
@@ -91,7 +96,7 @@ def test_gradient_is_reinforce_with_global_token_mean(tiny_world, reward, gamma)
         student.zero_grad()
         n = mask.sum().item()
         for s in range(0, r.size, micro):
-            loss, _ = obj.loss(student, batch.select(slice(s, s + micro)), n)
+            loss, _ = obj.loss(HFPolicy(student), batch.select(slice(s, s + micro)), n)
             loss.backward()
         assert torch.allclose(_grads(student), ref, atol=1e-10, rtol=1e-8), micro
 
@@ -100,14 +105,14 @@ def test_masked_tokens_get_zero_gradient_and_identical_models_give_zero(tiny_wor
     student = _model(tiny_world)
     _, r = _rollouts(seed=2)
     cfg = _cfg()
-    obj = SampledTokenOPD(cfg)
+    obj = _obj(SampledTokenOPD, cfg)
     with torch.no_grad():
         logp = token_logprobs(student, r)
     # the teacher IS the student: every log-ratio reward is 0, so the loss and gradient are 0
     batch, m = obj.prepare(StepBatch(r, TeacherScores(logp.clone()), logp_old_B_T=logp))
     assert m["reward_mean"] == 0 and m["kl_sampled"] == 0
     student.zero_grad()
-    loss, _ = obj.loss(student, batch, r.response_mask_B_T.sum().item())
+    loss, _ = obj.loss(HFPolicy(student), batch, r.response_mask_B_T.sum().item())
     loss.backward()
     assert loss.item() == 0 and _grads(student).abs().max().item() == 0
 
@@ -125,7 +130,7 @@ def test_masked_tokens_get_zero_gradient_and_identical_models_give_zero(tiny_wor
     grads = []
     for b in (b1, b2):
         student.zero_grad()
-        obj.loss(student, b, r.response_mask_B_T.sum().item())[0].backward()
+        obj.loss(HFPolicy(student), b, r.response_mask_B_T.sum().item())[0].backward()
         grads.append(_grads(student).clone())
     assert torch.equal(grads[0], grads[1])
 
@@ -138,18 +143,16 @@ def test_rollout_engine_importance_weights_are_truncated_ratios():
         r.response_ids_B_T.shape, generator=g)
     w = torch.tensor([0.5, 1.0, 1.5, 3.0])[torch.randint(0, 4, logq.shape, generator=g)]
     r.logp_B_T = (logp_old - w.log()) * r.response_mask_B_T  # the engine's log-probs
-    plain, _ = SampledTokenOPD(_cfg()).prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
-    weighted, m = SampledTokenOPD(_cfg(is_cap=2.0)).prepare(
-        StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
+    obj = _obj(SampledTokenOPD, _cfg())
+    plain, _ = obj.prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
+    batch, m = truncated_is_weights(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old), 2.0)
+    weighted, _ = obj.prepare(batch)
     mask = r.response_mask_B_T
     expect = plain.advantages_B_T * w.clamp(max=2.0) * mask
     assert torch.allclose(weighted.advantages_B_T, expect, atol=1e-6)
     assert m["is_truncated_frac"] == pytest.approx(((w > 2) * mask).sum().item() / mask.sum().item())
-    # off-policy rollouts (from the teacher) are never reweighted
-    off = _cfg(is_cap=2.0)
-    off.objective.rollouts_from = "teacher"
-    same, m_off = SampledTokenOPD(off).prepare(StepBatch(r, TeacherScores(logq), logp_old_B_T=logp_old))
-    assert torch.equal(same.advantages_B_T, plain.advantages_B_T) and "is_weight_mean" not in m_off
+    assert m["is_weight_mean"] == pytest.approx((w.clamp(max=2.0) * mask).sum().item()
+                                                / mask.sum().item())
 
 
 def test_learner_reports_preclip_grad_norm_and_clips(tiny_world):
@@ -157,15 +160,15 @@ def test_learner_reports_preclip_grad_norm_and_clips(tiny_world):
     _, r = _rollouts(seed=3)
     cfg = _cfg()
     cfg.learner.max_grad_norm = 1e-3
-    obj = SampledTokenOPD(cfg)
-    learner = TorchLearner(student, cfg)
+    obj = _obj(SampledTokenOPD, cfg)
+    learner = TorchLearner(student, cfg.learner)
     logq = torch.randn(r.response_ids_B_T.shape, dtype=torch.float64) - 3
     batch = StepBatch(r, TeacherScores(logq))
     batch.logp_old_B_T = learner.logprobs(batch, 1.0)
     batch, _ = obj.prepare(batch)
     # independent norm of the unclipped gradient
     student.zero_grad()
-    obj.loss(student, batch, r.response_mask_B_T.sum().item())[0].backward()
+    obj.loss(HFPolicy(student), batch, r.response_mask_B_T.sum().item())[0].backward()
     ref_norm = _grads(student).norm().item()
     before = [p.detach().clone() for p in student.parameters()]
     m = learner.update(batch, obj)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_exp.rewards import RewardInputs, log_clip, log_tanh, reward_to_go, zscore
-from opd_exp.rewards import log_ratio as _log_ratio
-from opd_exp.rewards import power as _power
+from opd_exp.methods.rewards import RewardInputs, log_clip, log_tanh, reward_to_go, zscore
+from opd_exp.methods.rewards import log_ratio as _log_ratio
+from opd_exp.methods.rewards import power as _power
 
 
 def _cfg(alpha=1.0, scale=True, clip=5.0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd_exp import checkpoint
+from opd_exp.runtime import checkpoint
 from opd_exp.__main__ import CONF_DIR
 from opd_exp.config import ConfigError
 from opd_exp.train import train
@@ -116,3 +116,18 @@ def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world,
     for r in recs:
         bad = {k: v for k, v in r.items() if v is None or not math.isfinite(v)}
         assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
+
+
+@pytest.mark.parametrize("rollouts_from", ["student", "teacher"])
+def test_importance_correction_only_on_the_students_own_rollouts(tmp_path, use_tiny_world,
+                                                                 rollouts_from):
+    """rollout.is_cap reweights on-policy rollouts (engine vs learner); teacher-written
+    (off-policy) rollouts are never reweighted: the step decides, not the objective."""
+    cfg = compose([*TINY_RUN, "trainer.steps=1", "eval.every=0", "rollout.is_cap=2.0",
+                   f"objective.rollouts_from={rollouts_from}"])
+    train(cfg, tmp_path)
+    (rec,) = _records(tmp_path)
+    if rollouts_from == "student":
+        assert 0 < rec["train/is_weight_mean"] <= 2.0 and rec["train/is_truncated_frac"] >= 0
+    else:
+        assert "train/is_weight_mean" not in rec and "train/is_truncated_frac" not in rec

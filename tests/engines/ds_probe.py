@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from opd_exp import distributed
+from opd_exp.config.registry import LEARNERS, resolve
+from opd_exp.core.types import Sampling, StepBatch
 from opd_exp.data import make_encoder, make_prompts
-from opd_exp.learner import make_learner
-from opd_exp.models import load_model, load_tokenizer, save_model, stop_token_ids
-from opd_exp.objectives import StepBatch, make_objective
-from opd_exp.rollout import HFRollout, Sampling
-from opd_exp.teacher import HFTeacher
+from opd_exp.engines.hf_models import load_model, load_tokenizer, save_model, stop_token_ids
+from opd_exp.engines.rollout_hf import HFRollout
+from opd_exp.engines.teacher_hf import HFTeacher
+from opd_exp.methods import make_objective
+from opd_exp.runtime import distributed
 from tests.conftest import TINY_RUN, compose
 
 STEPS = 10
@@ -68,10 +69,10 @@ def main() -> None:
         saved = OmegaConf.merge(cfg.pair.student, {"path": str(args.resume / "student")})
         student.load_state_dict(load_model(saved, "resume").state_dict())
         start = args.save_at
-    learner = make_learner(cfg, student, dist)
+    learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist)
     if args.resume is not None:
         learner.load(args.resume)
-    objective = make_objective(cfg)
+    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
     losses, norms = [], []
     for step in range(start, STEPS):
         full = batches[step]

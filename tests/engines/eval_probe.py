@@ -11,12 +11,11 @@ import sys
 
 import torch
 
-from opd_exp import distributed
-from opd_exp.batch import Rollouts
-from opd_exp.data import make_encoder
-from opd_exp.evaluation import evaluate, load_benchmark
-from opd_exp.models import load_tokenizer
-from opd_exp.rollout import Sampling, left_pad
+from opd_exp.core.types import Rollouts, Sampling, left_pad
+from opd_exp.data import load_benchmark, make_encoder
+from opd_exp.engines.hf_models import load_tokenizer
+from opd_exp.evaluation import evaluate
+from opd_exp.runtime import distributed
 from tests.conftest import compose
 
 

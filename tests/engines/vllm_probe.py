@@ -17,18 +17,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main(world: Path, work: Path, url: str | None = None) -> dict:
-    from opd_exp.batch import TeacherScores
     from opd_exp.config import schema_cfg
-    from opd_exp.learner import TorchLearner
-    from opd_exp.objectives import SampledTokenOPD, StepBatch, token_logprobs
-    from opd_exp.rollout import Sampling
-    from opd_exp.rollout_vllm import VLLMRollout
+    from opd_exp.core.types import Sampling, StepBatch, TeacherScores
+    from opd_exp.engines.hf_policy import token_logprobs
+    from opd_exp.engines.learner_torch import TorchLearner
+    from opd_exp.engines.rollout_vllm import VLLMRollout
+    from opd_exp.methods.sampled_token import SampledTokenOPD
 
     tok = AutoTokenizer.from_pretrained(world / "student")
     student = AutoModelForCausalLM.from_pretrained(world / "student")
     teacher = AutoModelForCausalLM.from_pretrained(world / "teacher")
     if url:
-        from opd_exp.rollout_vllm_server import VLLMServerRollout
+        from opd_exp.engines.rollout_vllm_server import VLLMServerRollout
 
         engine = VLLMServerRollout(student, url, tok, {tok.eos_token_id}, work, sync_every=1)
     else:
@@ -49,8 +49,8 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
         "learner": {"lr": 5e-2, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": 0,
                     "max_grad_norm": 0.0, "micro_batch_size": 8, "minibatches": 1}})
     old = copy.deepcopy(student)
-    learner = TorchLearner(student, cfg)
-    obj = SampledTokenOPD(cfg)
+    learner = TorchLearner(student, cfg.learner)
+    obj = SampledTokenOPD(cfg.objective, cfg.reward, cfg.rollout.temperature)
     batch = StepBatch(r, TeacherScores(token_logprobs(teacher, r).detach()))
     batch.logp_old_B_T = learner.logprobs(batch, 1.0)
     batch, _ = obj.prepare(batch)

@@ -16,9 +16,10 @@ K = 8
 
 
 def main(world: Path) -> dict:
-    from opd_exp.rollout import HFRollout, Sampling
-    from opd_exp.teacher import HFTeacher
-    from opd_exp.teacher_vllm import VLLMTeacher
+    from opd_exp.core.types import Sampling
+    from opd_exp.engines.rollout_hf import HFRollout
+    from opd_exp.engines.teacher_hf import HFTeacher
+    from opd_exp.engines.teacher_vllm import VLLMTeacher
 
     tok = AutoTokenizer.from_pretrained(world / "student", padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(world / "student")

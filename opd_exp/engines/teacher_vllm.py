@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from opd_exp.batch import Rollouts, TeacherScores
-from opd_exp.rollout_vllm import VLLMSampler, start_engine
+from opd_exp.core.protocols import RolloutBackend, Teacher
+from opd_exp.core.types import Rollouts, TeacherScores
+from opd_exp.engines.hf_models import resolve_path
+from opd_exp.engines.rollout_vllm import VLLMSampler, start_engine
 
 
 class VLLMTeacher:
@@ -69,10 +71,9 @@ class VLLMTeacher:
         return TeacherScores(topk_logq_B_T_K=topv_B_T_K.to(device), topk_idx_B_T_K=topi_B_T_K.to(device))
 
 
-def make_vllm_teacher(cfg, tokenizer, stop_ids):
-    """(scorer, sampler) over one vLLM engine of pair.teacher: no HF copy of the teacher."""
-    from opd_exp.models import resolve_path
-
+def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend]:
+    """(scorer, sampler) over one vLLM engine of pair.teacher: no HF copy of the teacher. Scores
+    come back on the device of the rollouts given to `score`."""
     t = cfg.teacher
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
                           t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20),

@@ -1,4 +1,5 @@
-"""Rewards and advantages for the sampled-token estimator (SPEC §1.2), selected by `reward.name`.
+"""Rewards and advantages for the sampled-token estimator (SPEC §1.2), selected by `reward.name`
+(the names: opd_exp/config/registry.py REWARDS).
 
 p = student π_θ (the rollout policy, sg), q = teacher π_T, both at the sampled token y_t in
 context c_t. Per-token rewards have the sign of log q − log p (positive where the teacher likes
@@ -120,7 +121,3 @@ def advantages(x: RewardInputs, cfg, gamma: float) -> tuple[torch.Tensor, torch.
             x, False, cfg.eps)
         return A * x.mask_B_T, r
     raise KeyError(name)
-
-
-REWARDS = (*TOKEN_REWARDS, "verifiable", "mix")
-SEQUENCE_REWARDS = ("verifiable", "mix")  # need answer correctness of the rollouts

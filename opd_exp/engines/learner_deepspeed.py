@@ -25,19 +25,22 @@ import deepspeed
 import torch
 
 from opd_exp.config import sequences_per_rank
-from opd_exp.distributed import Dist
-from opd_exp.learner import batch_logprobs, make_optimizer, make_scheduler, minibatch_updates
-from opd_exp.objectives import Objective, StepBatch
+from opd_exp.core.protocols import Learner, Objective
+from opd_exp.core.ranks import Dist
+from opd_exp.core.types import StepBatch
+from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.learner_torch import (batch_logprobs, make_optimizer, make_scheduler,
+                                           minibatch_updates)
 
 
-def micro_batches_per_step(cfg, world_size: int) -> int:
-    """Micro-batches per optimizer step on each rank (DeepSpeed's gradient_accumulation_steps)."""
-    per_minibatch = sequences_per_rank(cfg, world_size) // cfg.learner.minibatches
-    return math.ceil(per_minibatch / cfg.learner.micro_batch_size)
+def micro_batches_per_step(lc, sequences: int) -> int:
+    """Micro-batches per optimizer step on each rank (DeepSpeed's gradient_accumulation_steps);
+    `sequences`: the rollouts this rank trains on per step."""
+    return math.ceil(sequences // lc.minibatches / lc.micro_batch_size)
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    lc = cfg.learner
+def deepspeed_config(lc, world_size: int, sequences: int) -> dict:
+    """The effective ZeRO JSON from `learner.*` (a user JSON's keys win; the batch keys are ours)."""
     zero: dict = {"stage": lc.zero_stage}  # a user JSON's zero_optimization replaces it whole
     if lc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -50,7 +53,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "steps_per_print": 10**9,
     }
     user = json.loads(Path(lc.deepspeed_config).read_text()) if lc.deepspeed_config else {}
-    gas = micro_batches_per_step(cfg, world_size)
+    gas = micro_batches_per_step(lc, sequences)
     owned = {"train_micro_batch_size_per_gpu": lc.micro_batch_size,
              "gradient_accumulation_steps": gas,
              "train_batch_size": lc.micro_batch_size * gas * world_size}
@@ -60,9 +63,12 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 class DeepSpeedLearner:
     """`train/grad_norm` is DeepSpeed's global gradient norm (all ranks) before clipping."""
 
-    def __init__(self, model: torch.nn.Module, cfg, dist: Dist, run_dir: Path | None = None):
-        self.cfg, self.dist = cfg.learner, dist
-        self.ds_config = deepspeed_config(cfg, dist.world_size)
+    def __init__(self, model: torch.nn.Module, learner_cfg, dist: Dist, sequences: int,
+                 run_dir: Path | None = None, policy_on_cpu: bool = False):
+        """`sequences`: rollouts this rank trains on per step; `policy_on_cpu`: keep the ZeRO-3
+        inference copy on the CPU (a rollout engine that only reads it from disk)."""
+        self.cfg, self.dist = learner_cfg, dist
+        self.ds_config = deepspeed_config(learner_cfg, dist.world_size, sequences)
         self.stage3 = self.ds_config["zero_optimization"].get("stage", 0) == 3
         if run_dir is not None and dist.is_main:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -70,7 +76,7 @@ class DeepSpeedLearner:
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         # ZeRO-3: a whole copy for sampling, taken before DeepSpeed partitions the module
         policy = copy.deepcopy(model).eval() if self.stage3 else None
-        if policy is not None and cfg.rollout.backend != "hf":
+        if policy is not None and policy_on_cpu:
             policy.to("cpu")  # only written to disk for the engine
         model.train()
         c = self.cfg
@@ -81,9 +87,12 @@ class DeepSpeedLearner:
             config=self.ds_config)
         self.model = self.engine.module
         self.policy = policy if policy is not None else self.model
+        # the forward runs through the engine: ZeRO-3 accumulation needs it (calling the module
+        # itself broke it: step-1 grad norm 0.068 instead of 0.162)
+        self.view = HFPolicy(self.model, forward=self.engine)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
-        return batch_logprobs(self.engine, batch, temperature, self.cfg.micro_batch_size)
+        return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)
 
     def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]:
         W = self.dist.world_size
@@ -96,7 +105,7 @@ class DeepSpeedLearner:
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
 
-        totals = minibatch_updates(batch, objective, self.cfg, self.engine, backward=backward,
+        totals = minibatch_updates(batch, objective, self.cfg, self.view, backward=backward,
                                    optimizer_step=optimizer_step,
                                    token_count=lambda n: self.dist.sum(n) / W)
         totals["lr"] = self.engine.get_lr()[0]
@@ -121,3 +130,8 @@ class DeepSpeedLearner:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / 'deepspeed'}")
         if self.stage3:
             self._refresh_policy()
+
+
+def make(cfg, model, dist: Dist, run_dir: Path | None = None) -> Learner:
+    return DeepSpeedLearner(model, cfg.learner, dist, sequences_per_rank(cfg, dist.world_size),
+                            run_dir, policy_on_cpu=cfg.rollout.backend != "hf")

@@ -1,4 +1,4 @@
-"""vLLM rollout backend (`rollout.backend=vllm`): the same `RolloutBackend` as HF generate.
+"""vLLM rollout backend (`rollout=vllm`): the same `RolloutBackend` as HF generate.
 
 The engine runs in this process (colocated with the learner). It starts from the learner's
 current weights, saved (`save_untied`) into `<run>/vllm_weights/`, and after every
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from opd_exp.batch import Rollouts, response_mask
-from opd_exp.rollout import Sampling, concat_rollouts, left_pad
+from opd_exp.core.protocols import RolloutBackend
+from opd_exp.core.types import Rollouts, Sampling, concat_rollouts, left_pad, response_mask
 
 
 class VLLMSampler:
@@ -148,7 +148,7 @@ def save_untied(model: torch.nn.Module, out: Path) -> None:
         model.generation_config.to_json_file(out / "generation_config.json")
 
 
-def make_vllm(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> VLLMRollout:
+def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBackend:
     r = cfg.rollout
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,

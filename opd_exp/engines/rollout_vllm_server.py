@@ -1,7 +1,7 @@
 """vLLM server rollout backend (`rollout=vllm_server`): sampling from a separately started vLLM
 OpenAI-compatible server (other GPUs, another machine) instead of an engine in this process.
 
-Start the server with `python -m opd_exp serve [the run's overrides]`: it writes an untied copy of
+Start the server with `python -m opd_exp serve [the run's overrides]` (opd_exp/commands.py): it writes an untied copy of
 `pair.student` (see `save_untied`) and runs vLLM's OpenAI server on it with `VLLM_SERVER_DEV_MODE=1`, on
 the host and port of `rollout.server_url`. The run then:
 - samples with POST /v1/completions (prompts as token ids, `n`, temperature / top-p / top-k,
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from opd_exp.batch import Rollouts
-from opd_exp.rollout import Sampling
-from opd_exp.rollout_vllm import rollouts_from_samples, save_untied
+from opd_exp.core.protocols import RolloutBackend
+from opd_exp.core.types import Rollouts, Sampling
+from opd_exp.engines.rollout_vllm import rollouts_from_samples, save_untied
 
 
 class VLLMServerRollout:
@@ -85,18 +85,6 @@ def serve_command(cfg, weights_dir: Path) -> list[str]:
     return cmd
 
 
-def run_serve(cfg, run_dir: Path) -> int:
-    """`python -m opd_exp serve …`: write the untied student, then run the server (blocks)."""
-    import os
-    import subprocess
-
-    from opd_exp.config import validate
-    from opd_exp.models import load_model, load_tokenizer
-
-    validate(cfg)
-    weights = run_dir / "server_weights"
-    save_untied(load_model(cfg.pair.student, "pair.student"), weights)
-    load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
-    cmd = serve_command(cfg, weights)
-    print("serving: " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}).returncode
+def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBackend:
+    return VLLMServerRollout(model, cfg.rollout.server_url, tokenizer, stop_ids, work_dir,
+                             cfg.rollout.sync_every)

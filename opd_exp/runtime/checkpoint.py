@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from opd_exp.distributed import Dist
+from opd_exp.config import ConfigError
+from opd_exp.core.ranks import Dist
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -71,8 +72,6 @@ def load_step(path: Path) -> int:
 def check_resumable(path: Path, meta: dict) -> None:
     """The run that wrote `path` must match this one in what its learner state depends on
     (`meta`: learner backend, number of ranks); else one line saying what differs."""
-    from opd_exp.config import ConfigError
-
     saved = json.loads((path / "state.json").read_text())
     diff = {k: (saved[k], v) for k, v in meta.items() if k in saved and saved[k] != v}
     if diff:

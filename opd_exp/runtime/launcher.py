@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opd_exp.distributed import launched
+from opd_exp.runtime.distributed import launched
 
 
 def wants_launch(launcher_cfg) -> bool:

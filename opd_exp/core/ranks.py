@@ -1,16 +1,14 @@
-"""The ranks of one job, as `torchrun` started them (see opd_exp.launcher).
+"""The ranks of one job as every layer sees them: `Dist` (this rank, the world size, shards, sums).
 
 Data parallel: every rank holds the student (whole, or a ZeRO shard of it), a rollout engine and
-a teacher, and works on its shard of each step's prompts and eval problems; the learner reduces
-gradients across ranks. Rank 0 alone logs, prints and publishes checkpoints. With one process
-every call here is a no-op, so the loop reads the same with and without a launcher.
+a teacher, and works on its shard of each step's prompts and eval problems. Rank 0 alone logs,
+prints and publishes checkpoints. With one process (`Dist()`) every call is a no-op, so code reads
+the same with and without a launcher. Joining a job: opd_exp/runtime/distributed.py.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -91,35 +89,3 @@ class Dist:
             else:
                 out[k] = total[i].item() / count[i].item()
         return out
-
-
-def check_world(dist: Dist, launcher_cfg) -> None:
-    """The job's real size must be the configured one (validation sized shards from it)."""
-    from opd_exp.config import ConfigError
-
-    want = launcher_cfg.nproc_per_node * launcher_cfg.nnodes
-    if dist.world_size != want:
-        raise ConfigError(f"launcher.nproc_per_node * launcher.nnodes = {want} is not allowed: "
-                          f"this job has {dist.world_size} processes (started by another launcher?); "
-                          "set them to match")
-
-
-def launched() -> bool:
-    """True inside a process that torchrun (or the deepspeed launcher) started."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init(backend: str = "auto", timeout_minutes: int = 60) -> Dist:
-    """Join the job torchrun set up (env:// rendezvous); one plain process otherwise."""
-    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
-        return Dist()
-    if not tdist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if backend == "nccl":  # CUDA tensors over NCCL; the loop's CPU scalars over gloo
-            torch.cuda.set_device(local_rank)
-            backend = "cpu:gloo,cuda:nccl"
-        tdist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
-                local_rank=int(os.environ["LOCAL_RANK"]))

@@ -1,17 +1,22 @@
-"""`python -m opd_exp eval`: Avg@k / Pass@k of pair.student (and pair.teacher if eval.teacher)."""
+"""The commands besides `train`: `python -m opd_exp eval` (Avg@k / Pass@k of pair.student, and
+pair.teacher if eval.teacher) and `python -m opd_exp serve` (a vLLM server for rollout=vllm_server)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from opd_exp.config import validate
 from opd_exp.data import make_encoder
-from opd_exp.models import load_model, load_tokenizer, stop_token_ids
-from opd_exp.rollout import HFRollout
-from opd_exp.train import Evaluator
+from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
+from opd_exp.engines.rollout_hf import HFRollout
+from opd_exp.engines.rollout_vllm import save_untied
+from opd_exp.engines.rollout_vllm_server import serve_command
+from opd_exp.loop.evaluator import Evaluator
 
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -34,3 +39,15 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             print(f"{key:40s} {out[key]:.4f}")
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def run_serve(cfg: DictConfig, run_dir: Path) -> int:
+    """Write the untied student (opd_exp/engines/rollout_vllm_server.py), then run the server
+    (blocks); its exit code."""
+    validate(cfg)
+    weights = run_dir / "server_weights"
+    save_untied(load_model(cfg.pair.student, "pair.student"), weights)
+    load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
+    cmd = serve_command(cfg, weights)
+    print("serving: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}).returncode

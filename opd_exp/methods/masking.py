@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from opd_exp.batch import Rollouts
+from opd_exp.core.types import Rollouts
 
 
 @dataclass

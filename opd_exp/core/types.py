@@ -1,4 +1,5 @@
-"""The data that flows through one step: rollouts and teacher scores.
+"""The data that flows through one step: problems, sampling settings, rollouts, teacher scores
+and the step batch the objectives read.
 
 Shapes are in the names: B sequences, P prompt positions (left-padded), T response positions
 (right-padded). Position p of the concatenated `[prompt | response]` row predicts token p + 1, so
@@ -11,6 +12,27 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a rollout backend samples (the `rollout.*` or `eval.*` settings)."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 96
+
+    @classmethod
+    def from_cfg(cls, c, n: int | None = None) -> "Sampling":
+        return cls(n=c.n if n is None else n, temperature=c.temperature, top_p=c.top_p,
+                   top_k=c.top_k, max_new_tokens=c.max_new_tokens)
 
 
 @dataclass
@@ -66,6 +88,32 @@ class TeacherScores:
                                 if torch.is_tensor(getattr(self, f.name))})
 
 
+@dataclass
+class StepBatch:
+    """One step's rollouts with everything computed about them; objectives read it."""
+    rollouts: Rollouts
+    teacher: TeacherScores
+    logp_old_B_T: Optional[torch.Tensor] = None  # learner's log-probs before the update
+    advantages_B_T: Optional[torch.Tensor] = None
+    correct_B: Optional[torch.Tensor] = None  # 1.0 where the response's answer is right
+    # truncated importance weight min(p_old / π_rollout, cap) of each sampled token, set where
+    # rollouts and learner meet (opd_exp/methods/importance.py); None = no correction
+    is_weight_B_T: Optional[torch.Tensor] = None
+
+    @property
+    def mask_B_T(self) -> torch.Tensor:
+        return self.rollouts.response_mask_B_T
+
+    def select(self, idx) -> "StepBatch":
+        return replace(self, **{f.name: getattr(self, f.name)[idx] if torch.is_tensor(
+            getattr(self, f.name)) else getattr(self, f.name).select(idx)
+            for f in fields(self) if getattr(self, f.name) is not None})
+
+
+def micro_slices(size: int, micro: int) -> list[slice]:
+    return [slice(i, min(i + micro, size)) for i in range(0, size, micro)]
+
+
 def response_mask(response_ids_B_T: torch.Tensor, stop_ids: set[int]) -> torch.Tensor:
     """1.0 on every token up to and including the first stop token of each row, 0.0 after."""
     is_stop = torch.zeros_like(response_ids_B_T, dtype=torch.bool)
@@ -73,3 +121,33 @@ def response_mask(response_ids_B_T: torch.Tensor, stop_ids: set[int]) -> torch.T
         is_stop |= response_ids_B_T == s
     stops_before = is_stop.cumsum(-1) - is_stop.long()  # stop tokens strictly before t
     return (stops_before == 0).float()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Stack rollouts of different widths (re-padding prompts left, responses right)."""
+    P = max(r.prompt_ids_B_P.shape[1] for r in parts)
+    T = max(r.response_ids_B_T.shape[1] for r in parts)
+
+    def pad(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollouts(
+        prompt_ids_B_P=torch.cat([pad(r.prompt_ids_B_P, P, pad_id, True) for r in parts]),
+        prompt_mask_B_P=torch.cat([pad(r.prompt_mask_B_P, P, 0, True) for r in parts]),
+        response_ids_B_T=torch.cat([pad(r.response_ids_B_T, T, pad_id, False) for r in parts]),
+        response_mask_B_T=torch.cat([pad(r.response_mask_B_T, T, 0.0, False) for r in parts]),
+        group_B=torch.cat([r.group_B for r in parts]),
+        logp_B_T=(torch.cat([pad(r.logp_B_T, T, 0.0, False) for r in parts])
+                  if all(r.logp_B_T is not None for r in parts) else None),
+    )

@@ -11,13 +11,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Protocol
 
-
-class Logger(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def finish(self) -> None: ...
+from opd_exp.core.protocols import Logger
 
 
 class JsonlLogger:

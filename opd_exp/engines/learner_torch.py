@@ -1,45 +1,31 @@
-"""Learner backends: own the student's trainable weights and the optimizer.
+"""Torch learner backend (`learner=torch`, the default): plain single-process PyTorch.
 
-The loop calls `logprobs` (no gradient) and `update` (one or more optimizer steps on a batch);
-checkpoints go through `save` / `load`. `model` is the module the objectives differentiate;
-`policy` is the student with its whole current weights, for sampling and saving (the same module
-unless the learner shards it, ZeRO-3). `torch` (here) is plain single-process PyTorch;
-`deepspeed` (opd_exp/learner_deepspeed.py) is DeepSpeed ZeRO over the launcher's ranks.
+A learner owns the student's trainable weights and the optimizer (the `Learner` Protocol,
+opd_exp/core/protocols.py). The loop calls `logprobs` (no gradient) and `update` (one or more
+optimizer steps on a batch); checkpoints go through `save` / `load`. Objectives differentiate
+through `HFPolicy` views of the model; `policy` is the student with its whole current weights,
+for sampling and saving. The pieces here (micro-batching, AdamW, warm-up) are shared with the
+DeepSpeed learner (opd_exp/engines/learner_deepspeed.py).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-from opd_exp.objectives import Objective, StepBatch, token_logprobs
-
-
-class Learner(Protocol):
-    model: torch.nn.Module
-    policy: torch.nn.Module
-
-    def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor: ...
-
-    def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]: ...
-
-    def save(self, directory: Path) -> None: ...
-
-    def load(self, directory: Path) -> None: ...
-
-
-def micro_slices(size: int, micro: int) -> list[slice]:
-    return [slice(i, min(i + micro, size)) for i in range(0, size, micro)]
+from opd_exp.core.protocols import Learner, Objective, PolicyView
+from opd_exp.core.types import StepBatch, micro_slices
+from opd_exp.engines.hf_policy import HFPolicy
 
 
 @torch.no_grad()
-def batch_logprobs(model: torch.nn.Module, batch: StepBatch, temperature: float,
+def batch_logprobs(policy: PolicyView, batch: StepBatch, temperature: float,
                    micro: int) -> torch.Tensor:
-    """log p(y_t) of every response token under `model`, `micro` sequences at a time: [B, T]."""
-    return torch.cat([token_logprobs(model, batch.rollouts.select(s), temperature)
+    """log p(y_t) of every response token, `micro` sequences at a time: [B, T]."""
+    return torch.cat([policy.token_logprobs(batch.rollouts.select(s), temperature)
                       for s in micro_slices(batch.rollouts.size, micro)])
 
 
@@ -54,7 +40,7 @@ def make_scheduler(optimizer, c) -> torch.optim.lr_scheduler.LRScheduler:
         optimizer, lambda s: min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0)
 
 
-def minibatch_updates(batch: StepBatch, objective: Objective, c, model: torch.nn.Module,
+def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyView,
                       backward: Callable, optimizer_step: Callable[[], float],
                       token_count: Callable[[float], float]) -> dict[str, float]:
     """`learner.minibatches` optimizer steps over disjoint slices of the batch, each accumulated
@@ -68,7 +54,7 @@ def minibatch_updates(batch: StepBatch, objective: Objective, c, model: torch.nn
         mb_all = batch.select(mini)
         n_tokens = token_count(mb_all.mask_B_T.sum().clamp(min=1).item())
         for s in micro_slices(mb_all.rollouts.size, c.micro_batch_size):
-            loss, m = objective.loss(model, mb_all.select(s), n_tokens)
+            loss, m = objective.loss(policy, mb_all.select(s), n_tokens)
             backward(loss)
             for k, v in m.items():
                 totals[k] += v / c.minibatches
@@ -84,15 +70,16 @@ class TorchLearner:
     `train/grad_norm` is the total gradient norm before clipping.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg):
+    def __init__(self, model: torch.nn.Module, learner_cfg):
         self.model = self.policy = model
-        self.cfg = cfg.learner
+        self.view = HFPolicy(model)
+        self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg)
         model.train()
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
-        return batch_logprobs(self.model, batch, temperature, self.cfg.micro_batch_size)
+        return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)
 
     def update(self, batch: StepBatch, objective: Objective) -> dict[str, float]:
         def optimizer_step() -> float:
@@ -105,7 +92,7 @@ class TorchLearner:
             return grad_norm
 
         self.optimizer.zero_grad(set_to_none=True)
-        totals = minibatch_updates(batch, objective, self.cfg, self.model,
+        totals = minibatch_updates(batch, objective, self.cfg, self.view,
                                    backward=lambda loss: loss.backward(),
                                    optimizer_step=optimizer_step, token_count=lambda n: n)
         totals["lr"] = self.scheduler.get_last_lr()[0]
@@ -121,19 +108,5 @@ class TorchLearner:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _make_torch(cfg, model, dist, run_dir) -> Learner:
-    return TorchLearner(model, cfg)
-
-
-def _make_deepspeed(cfg, model, dist, run_dir) -> Learner:
-    from opd_exp.learner_deepspeed import DeepSpeedLearner  # imports DeepSpeed only when asked for
-
-    return DeepSpeedLearner(model, cfg, dist, run_dir)
-
-
-BACKENDS: dict[str, Callable[..., Learner]] = {"torch": _make_torch, "deepspeed": _make_deepspeed}
-
-
-def make_learner(cfg, model, dist, run_dir: Path | None = None) -> Learner:
-    """`dist` (opd_exp.distributed.Dist): the ranks the learner reduces gradients over."""
-    return BACKENDS[cfg.learner.backend](cfg, model, dist, run_dir)
+def make(cfg, model, dist, run_dir: Path | None = None) -> Learner:
+    return TorchLearner(model, cfg.learner)

@@ -1,0 +1,212 @@
+"""The config schema: every default lives here, once. YAML under conf/ holds only changes.
+
+Each dataclass is the schema of one config group (conf/<group>/*.yaml); Hydra merges the YAML
+into it, so an unknown key or a wrongly typed value fails at composition. `validate`
+(opd_exp/config/validate.py) then checks ranges and names and raises `ConfigError` with one line
+naming the field and what is allowed. Names of backends, objectives and rewards: registry.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # hub id, local folder, or toy:<name> for a toy-world model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PairConfig:
+    name: str = "toy"
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:student"))
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+
+
+@dataclass
+class RewardConfig:
+    """Per-token (or sequence) reward of the sampled-token estimator (SPEC §1.2)."""
+    name: str = "log_ratio"  # see config/registry.py REWARDS
+    alpha: float = 1.0  # power: Box-Cox exponent, > 0
+    scale_by_alpha: bool = True  # power: divide by alpha (paper) or not (authors' code)
+    clip: float = 5.0  # log_clip / log_tanh: c
+    eps: float = 1e-6  # zscore / verifiable: added to the std
+    std_normalize: bool = True  # verifiable: divide the group advantage by the group std
+    mix_lambda: float = 0.5  # mix: A = lambda * A_OPD + (1 - lambda) * A_RLVR
+    early_positions: int = 8  # reward/early_min is the min over the first positions
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the learner minimises (SPEC §1)."""
+    name: str = "sampled_token"  # see config/registry.py OBJECTIVES
+    gamma: float = 0.0  # sampled_token reward-to-go discount: 0 token-level, 1 sequence-level
+    clip_eps: float = 0.2  # PPO ratio clip [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: Optional[float] = None  # None = clip_eps (RLVR recipes use 0.28)
+    divergence: str = "reverse_kl"  # full_vocab / topk analytic: reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # jsd mixture weight, TRL's convention: 0 = forward KL, 1 = reverse KL
+    k: int = 32  # topk: support size
+    support: str = "teacher"  # topk: teacher | student | intersection | union (top-k sets)
+    renormalize: bool = True  # topk: softmax over the support (false: raw probabilities)
+    gradient: str = "analytic"  # topk: analytic | pg (policy gradient over the K candidates)
+    weight: str = "student"  # topk pg weights: student | teacher | uniform
+    chunk_size: int = 64  # positions per LM-head chunk for vocabulary-wide work (docs/benchmarks.md)
+    rollouts_from: str = "student"  # student (on-policy) | teacher (off-policy; sft)
+    special_mask: bool = False  # mask the first occurrence of each mask_strings token
+    mask_strings: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])
+    mask_stop_token: bool = True  # with special_mask: also never train on the stop token
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # see config/registry.py ROLLOUTS
+    n: int = 4  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off (HF generate's own default of 50 is never used)
+    max_new_tokens: int = 96
+    batch_size: int = 256  # sequences generated at once (hf)
+    sync_every: int = 1  # vllm: push learner weights to the engine every this many steps
+    max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
+    gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+    sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
+    is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
+    server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
+
+
+@dataclass
+class TeacherConfig:
+    """How the teacher scores rollouts (opd_exp/engines/teacher_*.py); the model is pair.teacher."""
+    backend: str = "hf"  # hf (forward pass; every objective) | vllm (prompt log-probs: sampled, topk)
+    max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
+    gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"  # see config/registry.py LEARNERS
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (<= 0: no clipping)
+    micro_batch_size: int = 64  # sequences per forward/backward
+    minibatches: int = 1  # optimizer steps per rollout batch (> 1: PPO-clipped ratio)
+    # deepspeed backend (opd_exp/engines/learner_deepspeed.py)
+    zero_stage: int = 2  # ZeRO stage 1 | 2 | 3
+    precision: str = "fp32"  # fp32 | bf16 (bf16 weights and compute, fp32 master weights)
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-Offload)
+    deepspeed_config: Optional[str] = None  # a ZeRO JSON of your own; the loop still sets batch keys
+
+
+@dataclass
+class LauncherConfig:
+    """Ranks of the job (opd_exp/runtime/launcher.py): torchrun is started underneath when > 1 process."""
+    nproc_per_node: int = 1  # processes (GPUs) on this node
+    nnodes: int = 1  # nodes in the job
+    node_rank: int = 0  # this node's rank, 0 .. nnodes - 1
+    master_addr: str = "127.0.0.1"  # node 0's address (torchrun static rendezvous)
+    master_port: int = 29500
+    dist_backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+
+
+@dataclass
+class DataConfig:
+    """Training prompts."""
+    source: str = "toy"  # toy | hub
+    prompts_per_step: int = 16
+    # toy source
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    pool_size: int = 4096  # distinct training prompts drawn from the toy task
+    # hub source (a datasets-style dataset; downloaded only when a run starts)
+    name: Optional[str] = None
+    subset: Optional[str] = None  # the dataset's configuration name, if it has several
+    split: str = "train"
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    prompt_suffix: str = ""  # appended to each prompt (e.g. a boxed-answer instruction)
+    chat_template: bool = True  # wrap prompts in the student tokenizer's chat template
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: [f"toy_L{i}" for i in range(1, 7)])
+    k: int = 8  # samples per problem: Avg@k and Pass@k
+    max_problems: int = 0  # per benchmark; 0 = all
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 96
+    every: int = 50  # optimizer steps between evals (and at step 0 and the end); 0 = never
+    teacher: bool = True  # measure the teacher once per run (logged as teacher/eval/...)
+    # hub benchmarks
+    prompt_suffix: str = ""
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    project: str = "opd_exp"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    plots: bool = True  # PNG curves in the run dir at the end
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
+    seed: int = 0
+    save_every: int = 50  # 0 = only the final checkpoint
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: bool = False  # continue from the run dir's latest checkpoint
+    threads: int = 0  # torch threads; 0 = all cores
+
+
+@dataclass
+class Config:
+    pair: PairConfig = field(default_factory=PairConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    experiment: Optional[str] = None  # set by +experiment=… files, for the record
+
+
+GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
+                 "rollout": RolloutConfig, "teacher": TeacherConfig, "learner": LearnerConfig, "data": DataConfig,
+                 "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig,
+                 "launcher": LauncherConfig}
+
+
+def schema_cfg(overrides: dict | None = None) -> DictConfig:
+    """The schema's defaults with `overrides` merged in (typed; unknown keys fail): for scripts
+    and tests that build components without Hydra."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(Config), overrides or {})
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="opd_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def sequences_per_rank(cfg, world_size: int) -> int:
+    """Rollouts each rank trains on per step (prompts are sharded over the ranks)."""
+    return cfg.data.prompts_per_step // world_size * cfg.rollout.n

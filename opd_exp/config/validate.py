@@ -1,0 +1,154 @@
+"""Validation: ranges and names, one line per problem naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from opd_exp.config import registry
+from opd_exp.config.errors import ConfigError
+from opd_exp.config.schema import sequences_per_rank
+
+
+def zero_stage(lc) -> int:
+    """The ZeRO stage in effect: the user's JSON (learner.deepspeed_config) wins over the key."""
+    if lc.deepspeed_config:
+        try:
+            user = json.loads(Path(lc.deepspeed_config).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"learner.deepspeed_config={lc.deepspeed_config!r} is not allowed: "
+                              f"not a readable JSON file ({type(e).__name__})") from e
+        return int(user.get("zero_optimization", {}).get("stage", lc.zero_stage))
+    return lc.zero_stage
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(map(str, sorted(choices))))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges and names; raise ConfigError on the first bad field."""
+    for who in ("student", "teacher"):
+        m = cfg.pair[who]
+        _require(bool(m.path), f"pair.{who}.path", m.path, "a hub id, a folder or toy:<name>")
+        _choice(f"pair.{who}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
+    rw = cfg.reward
+    _choice("reward.name", rw.name, registry.REWARDS)
+    _require(rw.alpha > 0, "reward.alpha", rw.alpha, "a number > 0")
+    _require(rw.clip > 0, "reward.clip", rw.clip, "a number > 0")
+    _require(rw.eps > 0, "reward.eps", rw.eps, "a number > 0")
+    _require(0 <= rw.mix_lambda <= 1, "reward.mix_lambda", rw.mix_lambda, "0 <= mix_lambda <= 1")
+    _require(rw.early_positions >= 1, "reward.early_positions", rw.early_positions, "an integer >= 1")
+    o = cfg.objective
+    _choice("objective.name", o.name, registry.OBJECTIVES)
+    _require(0 <= o.gamma <= 1, "objective.gamma", o.gamma, "0 <= gamma <= 1")
+    _require(0 < o.clip_eps < 1, "objective.clip_eps", o.clip_eps, "0 < clip_eps < 1")
+    _require(o.clip_eps_high is None or o.clip_eps_high > 0, "objective.clip_eps_high",
+             o.clip_eps_high, "null or a number > 0")
+    _choice("objective.divergence", o.divergence, {"reverse_kl", "forward_kl", "jsd"})
+    _require(0 <= o.beta <= 1, "objective.beta", o.beta, "0 <= beta <= 1")
+    _require(o.k >= 1, "objective.k", o.k, "an integer >= 1")
+    _choice("objective.support", o.support, {"teacher", "student", "intersection", "union"})
+    _choice("objective.gradient", o.gradient, {"analytic", "pg"})
+    _choice("objective.weight", o.weight, {"student", "teacher", "uniform"})
+    _require(o.chunk_size >= 1, "objective.chunk_size", o.chunk_size, "an integer >= 1")
+    _choice("objective.rollouts_from", o.rollouts_from, {"student", "teacher"})
+    r = cfg.rollout
+    _choice("rollout.backend", r.backend, registry.ROLLOUTS)
+    _require(r.n >= 1, "rollout.n", r.n, "an integer >= 1")
+    for prefix, s in (("rollout", r), ("eval", cfg.eval)):
+        _require(s.temperature > 0, f"{prefix}.temperature", s.temperature, "a number > 0")
+        _require(0 < s.top_p <= 1, f"{prefix}.top_p", s.top_p, "0 < top_p <= 1")
+        _require(s.top_k >= 0, f"{prefix}.top_k", s.top_k, "an integer >= 0 (0 = off)")
+        _require(s.max_new_tokens >= 1, f"{prefix}.max_new_tokens", s.max_new_tokens,
+                 "an integer >= 1")
+    _require(r.batch_size >= 1, "rollout.batch_size", r.batch_size, "an integer >= 1")
+    _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
+    _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
+             "false unless rollout.backend=vllm (GPU only)")
+    if r.sleep:
+        import torch
+
+        _require(torch.cuda.is_available(), "rollout.sleep", r.sleep,
+                 "false on a machine without CUDA (vLLM sleep mode is GPU only)")
+    _require(r.server_url.startswith(("http://", "https://")), "rollout.server_url", r.server_url,
+             "an http(s):// address")
+    _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
+    _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
+    _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+             r.gpu_memory_utilization, "0 < x <= 1")
+    tc = cfg.teacher
+    _choice("teacher.backend", tc.backend, registry.TEACHERS)
+    needs = registry.teacher_needs(o)
+    _require(needs in registry.NEEDS_BY_TEACHER[tc.backend], "teacher.backend", tc.backend,
+             f"hf with objective.name={o.name}, objective.support={o.support} (it needs the "
+             f"teacher's {needs} scores, which only the HF forward gives)")
+    _require(tc.max_model_len >= 0, "teacher.max_model_len", tc.max_model_len, "an integer >= 0")
+    _require(0 < tc.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization",
+             tc.gpu_memory_utilization, "0 < x <= 1")
+    lc = cfg.learner
+    _choice("learner.backend", lc.backend, registry.LEARNERS)
+    _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")
+    _require(all(0 <= b < 1 for b in lc.betas), "learner.betas", list(lc.betas), "two numbers in [0, 1)")
+    _require(lc.weight_decay >= 0, "learner.weight_decay", lc.weight_decay, "a number >= 0")
+    _require(lc.warmup_steps >= 0, "learner.warmup_steps", lc.warmup_steps, "an integer >= 0")
+    _require(lc.micro_batch_size >= 1, "learner.micro_batch_size", lc.micro_batch_size,
+             "an integer >= 1")
+    _require(lc.minibatches >= 1, "learner.minibatches", lc.minibatches, "an integer >= 1")
+    _choice("learner.zero_stage", lc.zero_stage, {1, 2, 3})
+    _choice("learner.precision", lc.precision, {"fp32", "bf16"})
+    if lc.backend == "deepspeed":
+        if lc.deepspeed_config:
+            _require(Path(lc.deepspeed_config).is_file(), "learner.deepspeed_config",
+                     lc.deepspeed_config, "null or the path of a DeepSpeed JSON file")
+        stage = zero_stage(lc)
+        _require(stage != 3 or o.name not in registry.READS_LM_HEAD, "learner.zero_stage",
+                 stage, f"1 or 2 with objective.name={o.name} (it reads the LM head "
+                 "weight outside the model's forward, which ZeRO-3 partitions)")
+        _require(not lc.offload_optimizer or stage >= 1, "learner.offload_optimizer",
+                 lc.offload_optimizer, "false unless learner.zero_stage >= 1")
+    la = cfg.launcher
+    _require(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "an integer >= 1")
+    _require(la.nnodes >= 1, "launcher.nnodes", la.nnodes, "an integer >= 1")
+    _require(0 <= la.node_rank < la.nnodes, "launcher.node_rank", la.node_rank,
+             f"an integer in 0 .. launcher.nnodes - 1 = {la.nnodes - 1}")
+    _require(1 <= la.master_port <= 65535, "launcher.master_port", la.master_port, "a port 1..65535")
+    _choice("launcher.dist_backend", la.dist_backend, {"auto", "nccl", "gloo"})
+    world = la.nproc_per_node * la.nnodes
+    _require(world == 1 or r.backend != "vllm_server", "rollout.backend", r.backend,
+             "hf or vllm with several ranks (one vllm_server serves one training process)")
+    _require(world == 1 or lc.backend != "torch", "learner.backend", lc.backend,
+             "deepspeed when launcher.nproc_per_node * launcher.nnodes > 1")
+    _require(cfg.data.prompts_per_step % world == 0, "data.prompts_per_step",
+             cfg.data.prompts_per_step, f"a multiple of the number of ranks ({world})")
+    total = sequences_per_rank(cfg, world)
+    _require(total % lc.minibatches == 0, "learner.minibatches", lc.minibatches,
+             f"a divisor of data.prompts_per_step / ranks * rollout.n = {total}")
+    d = cfg.data
+    _choice("data.source", d.source, {"toy", "hub"})
+    _require(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
+    if d.source == "toy":
+        _require(len(d.levels) > 0 and set(d.levels) <= set(range(1, 7)), "data.levels",
+                 list(d.levels), "a non-empty list of levels from 1..6")
+        _require(d.pool_size >= d.prompts_per_step, "data.pool_size", d.pool_size,
+                 "an integer >= data.prompts_per_step")
+    else:
+        _require(bool(d.name), "data.name", d.name, "a dataset id when data.source=hub")
+    e = cfg.eval
+    _require(e.k >= 1, "eval.k", e.k, "an integer >= 1")
+    _require(e.every >= 0, "eval.every", e.every, "an integer >= 0")
+    _require(e.max_problems >= 0, "eval.max_problems", e.max_problems, "an integer >= 0 (0 = all)")
+    _choice("logger.mode", cfg.logger.mode, {"auto", "online", "offline", "disabled"})
+    t = cfg.trainer
+    _require(t.steps >= 0, "trainer.steps", t.steps, "an integer >= 0")
+    _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")
+    _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
+    _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0 = all cores)")

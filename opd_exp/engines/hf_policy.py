@@ -1,0 +1,57 @@
+"""The HF model behind the `PolicyView` that objectives differentiate (opd_exp/core/protocols.py).
+
+Only this module knows how a `transformers` causal LM is called: `logits_to_keep`, the backbone
+(`base_model`) and the output embeddings. Objectives and teachers get log-probs, hidden states and
+the LM head from here, never from the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_exp.core.types import Rollouts
+from opd_exp.methods.common import upcast
+
+
+def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) of each response token under `model`: [B, T].
+
+    Only the T + 1 last positions go through the LM head (HF `logits_to_keep`); the last is
+    dropped because it predicts the token after the response. `model` may be a wrapper whose
+    forward takes the HF keywords (a DeepSpeed engine).
+    """
+    T = r.response_ids_B_T.shape[1]
+    logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                         position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
+                         use_cache=False).logits[:, :-1]
+    logits_B_T_V = upcast(logits_B_T_V)
+    if temperature != 1.0:
+        logits_B_T_V = logits_B_T_V / temperature
+    picked_B_T = logits_B_T_V.gather(-1, r.response_ids_B_T[..., None])[..., 0]
+    return (picked_B_T - torch.logsumexp(logits_B_T_V, -1)) * r.response_mask_B_T
+
+
+def response_hidden(model: torch.nn.Module, r: Rollouts) -> torch.Tensor:
+    """Final hidden states at the positions that predict the response tokens: [B, T, H]
+    (the LM head is applied later, a chunk of positions at a time)."""
+    out = model.base_model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                           position_ids=r.position_ids_B_L, use_cache=False)
+    return out.last_hidden_state[:, r.prompt_ids_B_P.shape[1] - 1:-1]
+
+
+class HFPolicy:
+    """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
+    DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
+
+    def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None):
+        self.model, self.forward = model, forward if forward is not None else model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+        return token_logprobs(self.forward, rollouts, temperature)
+
+    def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
+        return response_hidden(self.model, rollouts)

@@ -1,0 +1,53 @@
+"""HF teacher backend (`teacher=hf`, the default; every objective): scores the student's rollouts
+with the teacher model's forward pass. The vLLM teacher: opd_exp/engines/teacher_vllm.py."""
+
+from __future__ import annotations
+
+import torch
+
+from opd_exp.config.registry import TEACHER_NEEDS
+from opd_exp.core.protocols import RolloutBackend, Teacher
+from opd_exp.core.types import Rollouts, TeacherScores, micro_slices
+from opd_exp.engines.hf_models import load_model
+from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.rollout_hf import HFRollout
+from opd_exp.methods.common import upcast
+
+
+class HFTeacher:
+    def __init__(self, model: torch.nn.Module, micro_batch_size: int, chunk_size: int):
+        self.model, self.micro, self.chunk = model.eval(), micro_batch_size, chunk_size
+        self.view = HFPolicy(self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        if needs == "none":
+            return TeacherScores()
+        slices = micro_slices(rollouts.size, self.micro)
+        if needs == "sampled":
+            return TeacherScores(logp_B_T=torch.cat(
+                [self.view.token_logprobs(rollouts.select(s)) for s in slices]))
+        hidden = torch.cat([self.view.response_hidden(rollouts.select(s)) for s in slices])
+        head = self.view.lm_head
+        if needs == "hidden":
+            return TeacherScores(hidden_B_T_H=hidden, lm_head=head)
+        if needs == "topk":  # one chunk of positions through the LM head at a time
+            vals, idx = [], []
+            for c in range(0, hidden.shape[1], self.chunk):
+                logq = torch.log_softmax(upcast(head(hidden[:, c:c + self.chunk])), -1)
+                v, i = logq.topk(k, dim=-1)
+                vals.append(v)
+                idx.append(i)
+            return TeacherScores(topk_logq_B_T_K=torch.cat(vals, 1), topk_idx_B_T_K=torch.cat(idx, 1))
+        raise ValueError(f"unknown teacher need {needs!r}: one of {TEACHER_NEEDS}")
+
+
+def make(cfg, tokenizer, stop_ids: set[int],
+         device: torch.device | str = "cpu") -> tuple[Teacher, RolloutBackend]:
+    """The teacher's scorer and a sampler over the same weights (for the teacher's evaluation and
+    off-policy rollouts)."""
+    model = load_model(cfg.pair.teacher, "pair.teacher").to(device)
+    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size),
+            HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size))

@@ -1,0 +1,98 @@
+"""A run, built from its config: the components of SPEC's loop and where the run starts.
+
+Backends and objectives are looked up by name (opd_exp/config/registry.py) and imported only
+when chosen, so this layer never imports an engine library itself. Each component gets the
+config groups it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from opd_exp.config.registry import LEARNERS, ROLLOUTS, TEACHERS, resolve
+from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
+from opd_exp.core.ranks import Dist
+from opd_exp.core.types import Sampling
+from opd_exp.data import PromptSource, make_encoder, make_prompts
+from opd_exp.engines.hf_models import (check_same_vocab, load_model, load_tokenizer, save_model,
+                                       stop_token_ids)
+from opd_exp.loop.evaluator import Evaluator
+from opd_exp.methods import make_objective
+from opd_exp.methods.masking import SpecialTokenMask
+from opd_exp.runtime import checkpoint
+from opd_exp.runtime.loggers import make_logger
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    dist: Dist
+    tokenizer: object
+    learner: Learner
+    rollout: RolloutBackend  # the student's sampler
+    teacher: Teacher  # scores the student's tokens
+    teacher_rollout: RolloutBackend  # the teacher's sampler (its eval, off-policy rollouts)
+    masker: SpecialTokenMask
+    objective: Objective
+    prompts: PromptSource
+    encode: Callable[[str], list[int]]  # prompt text → token ids
+    sampling: Sampling  # rollout.*
+    evaluator: Evaluator
+    logger: Logger
+    start: int  # optimizer steps already done (a resumed run)
+    ckpt_meta: dict  # what a resume must match
+
+
+def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
+    check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"))
+    resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
+    ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, ckpt_meta)
+    student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
+        cfg.pair.student, {"path": str(resume_from / "student")})
+    student = load_model(student_cfg, "pair.student").to(dist.device)
+    stop_ids = stop_token_ids(student, tokenizer)
+    learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir)
+    work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
+    rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
+                                                     work_dir, dist.rank)
+    teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
+                                                                      dist.device)
+    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
+    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
+    prompts = make_prompts(cfg)
+    encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
+    evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
+                                                       cfg.eval.prompt_suffix), dist)
+    start = 0
+    if resume_from is not None:
+        learner.load(resume_from)
+        start = checkpoint.load_step(resume_from)
+        print(f"resumed from {resume_from} at step {start}")
+    logger = make_logger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                         resume_step=start if resume_from is not None else None, main=dist.is_main)
+    return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
+               objective, prompts, encode, Sampling.from_cfg(cfg.rollout), evaluator, logger,
+               start, ckpt_meta)
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Atomic checkpoint of the learner state and the HF student (opd_exp/runtime/checkpoint.py)."""
+    def write(d: Path) -> None:
+        run.learner.save(d)  # collective under DeepSpeed
+        if run.dist.is_main:
+            save_model(run.learner.policy, run.tokenizer, d / "student")
+    checkpoint.save(run.run_dir, step, write, run.cfg.trainer.keep_last, run.dist, run.ckpt_meta)

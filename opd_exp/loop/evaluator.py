@@ -1,0 +1,35 @@
+"""Evaluation during a run: the student on the configured benchmarks, the teacher once."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from opd_exp.core.ranks import Dist
+from opd_exp.core.types import Sampling
+from opd_exp.data import load_benchmark
+from opd_exp.evaluation import evaluate
+from opd_exp.loop.seeds import step_seed
+
+
+class Evaluator:
+    """Avg@k / Pass@k on `eval.benchmarks` (opd_exp/evaluation.py), sampled with `eval.*`; each
+    call reseeds from (trainer.seed, step), so a resumed run evaluates exactly as a straight one.
+    With several ranks each evaluates its share."""
+
+    def __init__(self, cfg: DictConfig, tokenizer, encode, dist: Dist = Dist()):
+        e = cfg.eval
+        self.seed, self.tokenizer, self.encode, self.dist = cfg.trainer.seed, tokenizer, encode, dist
+        self.benchmarks = {b: load_benchmark(b, e.max_problems) for b in e.benchmarks}
+        self.sampling = Sampling.from_cfg(e, n=e.k)
+
+    def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
+        torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))
+        t = time.time()
+        scores = evaluate(rollout, self.tokenizer, self.encode, self.benchmarks, self.sampling,
+                          self.dist)
+        out = {f"{prefix}/{k}": v for k, v in scores.items()}
+        out[f"{prefix}/seconds"] = time.time() - t
+        return out

@@ -1,0 +1,64 @@
+"""One OPD step, written out: prompts → student rollouts → teacher scores → (importance weights)
+→ objective.prepare → learner.update → sync the sampler. Returns `(batch, metrics)`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from opd_exp.core.types import StepBatch, TeacherScores
+from opd_exp.evaluation import rollout_correctness
+from opd_exp.loop.build import Run
+from opd_exp.loop.seeds import step_seed
+from opd_exp.methods.importance import truncated_is_weights
+
+
+def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
+    """Optimizer step `step` + 1 (zero-based `step`); metrics reduced over ranks."""
+    cfg, dist, objective = run.cfg, run.dist, run.objective
+    t0 = time.time()
+    torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
+    problems = dist.shard(run.prompts.batch(step))  # this rank's prompts
+    on_policy = cfg.objective.rollouts_from == "student"
+    sampler = run.rollout if on_policy else run.teacher_rollout
+    rollouts = sampler.generate([run.encode(p.prompt) for p in problems], run.sampling)
+    correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
+    rollouts = run.masker(rollouts)  # special-token masking (objective.special_mask)
+    rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
+    t1 = time.time()
+    scores: TeacherScores = run.teacher.score(rollouts, objective.teacher_needs, cfg.objective.k)
+    t2 = time.time()
+    batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
+    if objective.needs_old_logp:
+        batch.logp_old_B_T = run.learner.logprobs(batch, objective.temperature)
+        if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:
+            batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
+    batch, obj_metrics = objective.prepare(batch)
+    train_metrics = run.learner.update(batch, objective)
+    run.rollout.sync_weights(run.learner.policy)
+    t3 = time.time()
+
+    metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
+    metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
+                    "train/seconds": t3 - t2})
+    return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
+
+
+def step_metrics(batch: StepBatch, train_metrics: dict, obj_metrics: dict,
+                 on_policy: bool) -> dict[str, float]:
+    """The step's train/, reward/ and rollout/ metrics (definitions: docs/metrics.md)."""
+    mask = batch.mask_B_T
+    out = {f"train/{k}": v for k, v in train_metrics.items()}
+    out.update({f"reward/{k.removeprefix('reward_')}" if k.startswith("reward_") else f"train/{k}": v
+                for k, v in obj_metrics.items()})
+    if "reward_mean" in obj_metrics:
+        out["train/reward_mean"] = obj_metrics["reward_mean"]
+    out["rollout/response_len"] = mask.sum(-1).mean().item()
+    out["rollout/tokens"] = mask.sum().item()
+    out["rollout/accuracy"] = batch.correct_B.mean().item()
+    r = batch.rollouts
+    if on_policy and r.logp_B_T is not None and batch.logp_old_B_T is not None:
+        n = mask.sum().clamp(min=1).item()
+        out["rollout/logprob_mismatch"] = ((r.logp_B_T - batch.logp_old_B_T).abs() * mask).sum().item() / n
+    return out

@@ -1,0 +1,117 @@
+"""Full-vocabulary OPD (SPEC §1.3): the exact divergence over the vocabulary, analytic gradient,
+with the LM head fused into the loss one chunk of positions at a time (never [B, T, V])."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from opd_exp.core.protocols import PolicyView
+from opd_exp.core.types import StepBatch
+from opd_exp.methods.common import upcast
+
+
+def divergence(logp_N_V: torch.Tensor, logq_N_V: torch.Tensor, kind: str,
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between student p and teacher q over the vocabulary: [N].
+
+    reverse_kl = Σ_v p (log p − log q);  forward_kl = Σ_v q (log q − log p);
+    jsd(β) = β KL(q ‖ m) + (1 − β) KL(p ‖ m), m = (1 − β) p + β q  (TRL's generalised JSD:
+    β = 0 is forward KL, β = 1 reverse KL).
+    """
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind == "reverse_kl":
+        return (logp_N_V.exp() * (logp_N_V - logq_N_V)).sum(-1)
+    if kind == "forward_kl":
+        return (logq_N_V.exp() * (logq_N_V - logp_N_V)).sum(-1)
+    logm = torch.logsumexp(torch.stack([logp_N_V + math.log(1 - beta), logq_N_V + math.log(beta)]), 0)
+    return (beta * (logq_N_V.exp() * (logq_N_V - logm)).sum(-1)
+            + (1 - beta) * (logp_N_V.exp() * (logp_N_V - logm)).sum(-1))
+
+
+def chunked(fn, chunk: int, T: int, *tensors_B_T) -> torch.Tensor:
+    """Σ over chunks of positions of fn(*chunk_slices); each chunk is recomputed in backward
+    (activation checkpointing), so at most one chunk's [B, C, V] logits live at a time."""
+    total = 0.0
+    for c in range(0, T, chunk):
+        parts = [t[:, c:c + chunk] for t in tensors_B_T]
+        total = total + (checkpoint(fn, *parts, use_reentrant=False)
+                         if torch.is_grad_enabled() else fn(*parts))
+    return total
+
+
+class FullVocabOPD:
+    """Exact divergence over the whole vocabulary with its analytic gradient (SPEC §1.3):
+    loss = (1/N) Σ_t m_t D(p(·|c_t), q(·|c_t)), D = objective.divergence (reverse KL default).
+    Both models run to final hidden states; the LM heads are applied `chunk_size` positions at
+    a time inside the loss, recomputed in backward, so memory does not grow with T·V."""
+    teacher_needs = "hidden"  # teacher hidden states + LM head (config/registry.py)
+    needs_old_logp = False
+
+    def __init__(self, objective_cfg, reward_cfg, temperature: float):
+        o = objective_cfg
+        self.kind, self.beta, self.chunk = o.divergence, o.beta, o.chunk_size
+        self.temperature = temperature
+
+    def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
+        return batch, {}
+
+    def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        loss = self.summed(policy.lm_head, mb.teacher.lm_head, policy.response_hidden(mb.rollouts),
+                           mb.teacher.hidden_B_T_H, mb.mask_B_T) / n_tokens
+        return loss, {"loss": loss.item()}
+
+    def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T) -> torch.Tensor:
+        """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time."""
+        def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
+            logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
+            with torch.no_grad():
+                logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
+            return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
+
+        if plain_linear(head_s) and torch.is_grad_enabled():
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, chunk_loss, self.chunk,
+                                       h_t_B_T_H, mask_B_T)
+        return chunked(lambda h, t, m: chunk_loss(head_s(h), t, m), self.chunk,
+                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Σ_chunks f(h_C W^T, *extra_C) with the LM head fused into the loss (like fused linear
+    cross-entropy): the forward computes each chunk's logits, its loss and the loss's gradient
+    w.r.t. those logits, g_C, then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
+    No [B, T, V] tensor exists and nothing is recomputed in backward: the same four matmuls per
+    position as an unfused forward + backward."""
+
+    @staticmethod
+    def forward(ctx, h_B_T_H, W_V_H, fn, chunk, *extra_B_T):
+        grad_h = torch.zeros_like(h_B_T_H)
+        grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
+        total = h_B_T_H.new_zeros(())
+        for c in range(0, h_B_T_H.shape[1], chunk):
+            h_C = h_B_T_H[:, c:c + chunk]
+            with torch.enable_grad():
+                logits = (h_C @ W_V_H.T).detach().requires_grad_()
+                loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
+                (g_C,) = torch.autograd.grad(loss_c, logits)
+            total += loss_c.detach()
+            g_C = g_C.to(W_V_H.dtype)
+            grad_h[:, c:c + chunk] = g_C @ W_V_H
+            if grad_W is not None:  # in place: no second [V, H] buffer
+                grad_W.addmm_(g_C.flatten(0, 1).T, h_C.flatten(0, 1))
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.n_extra = len(extra_B_T)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
+        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
+                *([None] * ctx.n_extra))
+
+
+def plain_linear(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and head.bias is None

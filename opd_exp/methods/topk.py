@@ -1,0 +1,108 @@
+"""Teacher top-K local support matching (SPEC §1.4): a reverse KL truncated to a support of K
+tokens per position, one chunk of positions at a time."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from opd_exp.config.registry import teacher_needs
+from opd_exp.core.protocols import PolicyView
+from opd_exp.core.types import StepBatch
+from opd_exp.methods.common import upcast
+from opd_exp.methods.full_vocab import plain_linear
+
+
+class TopKOPD:
+    """Local support matching (SPEC §1.4): reverse KL restricted to a support S_t of top-K tokens.
+
+    analytic:  loss_t = Σ_{v∈S_t} p̂(v) (log p̂(v) − log q̂(v)),  p̂, q̂ = softmax over S_t
+               (raw p, q when renormalize=false — the ablation that collapses);
+    pg:        loss_t = −Σ_{v∈S_t} sg(A_t(v)) log p̂(v),  A_t(v) = −(log p̂(v) − log q̂(v))·w(v),
+               w = p̂ (student) | q̂ (teacher) | 1/|S_t| (uniform).
+    Nothing flows to tokens outside S_t. With support=teacher only the teacher's top-K log-probs
+    are needed; the other supports need its logits (hidden states + head).
+    """
+    needs_old_logp = False
+
+    def __init__(self, objective_cfg, reward_cfg, temperature: float):
+        o = objective_cfg
+        self.k, self.support, self.renorm = o.k, o.support, o.renormalize
+        self.gradient, self.weight, self.chunk = o.gradient, o.weight, o.chunk_size
+        self.temperature = temperature
+        self.teacher_needs = teacher_needs(o)
+
+    def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
+        return batch, {}
+
+    def _support(self, logits_s, logq_full, idx_t):
+        """(idx_B_C_S, valid_B_C_S) of the support; duplicates / non-members are invalid."""
+        if self.support == "teacher":
+            return idx_t, torch.ones_like(idx_t, dtype=torch.bool)
+        idx_s = logits_s.detach().topk(self.k, -1).indices
+        if self.support == "student":
+            return idx_s, torch.ones_like(idx_s, dtype=torch.bool)
+        idx_t = logq_full.topk(self.k, -1).indices
+        s_in_t = (idx_s[..., :, None] == idx_t[..., None, :]).any(-1)
+        if self.support == "intersection":
+            return idx_s, s_in_t
+        return torch.cat([idx_t, idx_s], -1), torch.cat([torch.ones_like(s_in_t), ~s_in_t], -1)
+
+    def _chunk_loss(self, head_s, head_t, h_s_C, mask_C, *teacher_C):
+        if self.support == "teacher" and self.renorm and plain_linear(head_s):
+            # only the K support rows of the LM head are needed: [B, C, K] logits, never [B, C, V]
+            logq_S, idx = teacher_C
+            W_S = head_s.weight[idx]  # [B, C, K, H]
+            logp_S = upcast((W_S @ h_s_C[..., None])[..., 0]) / self.temperature
+            valid = torch.ones_like(idx, dtype=torch.bool)
+        else:
+            logits_s = upcast(head_s(h_s_C)) / self.temperature
+            if self.support == "teacher":
+                logq_topk, idx_t = teacher_C
+                logq_full = None
+            else:
+                logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])), -1)
+                idx_t = None
+            idx, valid = self._support(logits_s, logq_full, idx_t)
+            # renormalised: only the support's logits enter (no full-vocabulary normaliser, so
+            # no gradient, not even a rounding error, reaches tokens outside S_t)
+            logp_S = (logits_s if self.renorm else torch.log_softmax(logits_s, -1)).gather(-1, idx)
+            logq_S = logq_topk if logq_full is None else logq_full.gather(-1, idx)
+        return self._support_loss(logp_S, logq_S, valid, mask_C)
+
+    def _support_loss(self, logp_S, logq_S, valid, mask_C):
+        neg = torch.finfo(logp_S.dtype).min / 4
+        logp_S, logq_S = logp_S.masked_fill(~valid, neg), logq_S.masked_fill(~valid, neg)
+        if self.renorm:
+            logp_S, logq_S = torch.log_softmax(logp_S, -1), torch.log_softmax(logq_S, -1)
+        vf = valid.to(logp_S.dtype)
+        if self.gradient == "analytic":
+            per = (logp_S.exp() * (logp_S - logq_S) * vf).sum(-1)
+        else:
+            w = {"student": lambda: torch.softmax(logp_S.detach(), -1),
+                 "teacher": lambda: logq_S.exp(),
+                 "uniform": lambda: vf / vf.sum(-1, keepdim=True).clamp(min=1)}[self.weight]()
+            A = (-(logp_S - logq_S) * w).detach()
+            per = -(A * logp_S * vf).sum(-1)
+        return (per * mask_C).sum(), (vf.sum(-1) * mask_C).sum().detach()
+
+    def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
+        t = mb.teacher
+        teacher_parts = ((t.topk_logq_B_T_K, t.topk_idx_B_T_K) if self.support == "teacher"
+                         else (t.hidden_B_T_H,))
+        total, support = self.summed(policy.lm_head, t.lm_head, policy.response_hidden(mb.rollouts),
+                                     mb.mask_B_T, teacher_parts)
+        loss = total / n_tokens
+        return loss, {"loss": loss.item(), "support_size": float(support) / n_tokens}
+
+    def summed(self, head_s, head_t, h_s_B_T_H, mask_B_T, teacher_parts):
+        """(Σ_t m_t loss_t, Σ_t m_t |S_t|), one chunk of positions at a time (recomputed in
+        backward); `teacher_parts` = (top-K log q, top-K ids) or (teacher hidden states,)."""
+        total, support = 0.0, 0.0
+        fn = lambda *a: self._chunk_loss(head_s, head_t, *a)  # noqa: E731
+        for c in range(0, h_s_B_T_H.shape[1], self.chunk):
+            parts = [x[:, c:c + self.chunk] for x in (h_s_B_T_H, mask_B_T, *teacher_parts)]
+            l_c, s_c = (checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled()
+                        else fn(*parts))
+            total, support = total + l_c, support + s_c
+        return total, support
