@@ -24,8 +24,8 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
-    evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
-                                                       cfg.eval.prompt_suffix))
+    evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
+                          make_encoder(tokenizer, cfg.data.chat_template, cfg.eval.prompt_suffix))
     out: dict[str, float] = {}
     roles = [("student", "eval")] + ([("teacher", "teacher/eval")] if cfg.eval.teacher else [])
     for role, prefix in roles:

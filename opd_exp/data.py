@@ -16,19 +16,18 @@ from opd_exp.config import ConfigError
 from opd_exp.core.types import Problem
 
 
-def toy_pool(cfg) -> list[Problem]:
+def toy_pool(d, seed: int) -> list[Problem]:
     from opd_exp.toyworld import build, task
 
-    seed = toyworld.manifest()["seed"]  # the world's held-out benchmarks are never trained on
-    problems = task.sample_problems(cfg.trainer.seed + 7_919, tuple(cfg.data.levels),
-                                    cfg.data.pool_size, exclude=build.heldout_prompts(seed))
+    world_seed = toyworld.manifest()["seed"]  # its held-out benchmarks are never trained on
+    problems = task.sample_problems(seed + 7_919, tuple(d.levels), d.pool_size,
+                                    exclude=build.heldout_prompts(world_seed))
     return [Problem(p.prompt, p.answer) for p in problems]
 
 
-def hub_pool(cfg) -> list[Problem]:
+def hub_pool(d) -> list[Problem]:
     import datasets  # only real-model runs need it
 
-    d = cfg.data
     ds = datasets.load_dataset(d.name, d.subset, split=d.split)
     return [Problem(row[d.prompt_field], str(row[d.answer_field])) for row in ds]
 
@@ -51,9 +50,10 @@ class PromptSource:
         return [self.pool[orders[epoch][pos]] for epoch, pos in spans]
 
 
-def make_prompts(cfg) -> PromptSource:
-    pool = toy_pool(cfg) if cfg.data.source == "toy" else hub_pool(cfg)
-    return PromptSource(pool, cfg.data.prompts_per_step, cfg.trainer.seed)
+def make_prompts(data_cfg, seed: int) -> PromptSource:
+    """The `data.*` prompt pool in the order of `trainer.seed`."""
+    pool = toy_pool(data_cfg, seed) if data_cfg.source == "toy" else hub_pool(data_cfg)
+    return PromptSource(pool, data_cfg.prompts_per_step, seed)
 
 
 def make_encoder(tokenizer, chat_template: bool, suffix: str = ""):

@@ -1,4 +1,4 @@
-"""Rank bookkeeping (opd_exp/distributed.py) on 2 real processes over gloo, no launcher."""
+"""Rank bookkeeping (opd_exp/core/ranks.py, opd_exp/runtime/distributed.py) on 2 real processes over gloo, no launcher."""
 
 import json
 

@@ -9,12 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_exp.config import schema_cfg
-from opd_exp.core.types import Rollouts, StepBatch, TeacherScores, left_pad, response_mask
+from opd_exp.core.types import Rollouts, StepBatch, left_pad, response_mask
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.engines.teacher_hf import HFTeacher
 from opd_exp.methods.full_vocab import FullVocabOPD, divergence
 from opd_exp.methods.rewards import RewardInputs, advantages, group_advantage
-from opd_exp.methods.sampled_token import SampledTokenOPD
 from opd_exp.methods.topk import TopKOPD
 
 

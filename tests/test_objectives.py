@@ -56,7 +56,7 @@ def _cfg(reward="log_ratio", gamma=0.0, **kw):
         "reward": {"name": reward, "alpha": 0.5, "scale_by_alpha": True, "clip": 5.0,
                    "eps": 1e-6, "std_normalize": True, "mix_lambda": 0.5, "early_positions": 8},
         "objective": {"gamma": gamma, "clip_eps": 0.2, "clip_eps_high": None},
-        "rollout": {"temperature": 1.0, "is_cap": kw.get("is_cap", 0.0)},
+        "rollout": {"temperature": 1.0},
         "learner": {"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.0, "warmup_steps": 0,
                     "max_grad_norm": 0.0, "micro_batch_size": kw.get("micro", 64),
                     "minibatches": 1}})

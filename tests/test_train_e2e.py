@@ -118,16 +118,20 @@ def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world,
         assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
 
 
-@pytest.mark.parametrize("rollouts_from", ["student", "teacher"])
+@pytest.mark.parametrize("objective,rollouts_from,reweighted", [
+    ("sampled_token", "student", True), ("sampled_token", "teacher", False),
+    ("full_vocab", "student", False)])
 def test_importance_correction_only_on_the_students_own_rollouts(tmp_path, use_tiny_world,
-                                                                 rollouts_from):
-    """rollout.is_cap reweights on-policy rollouts (engine vs learner); teacher-written
-    (off-policy) rollouts are never reweighted: the step decides, not the objective."""
+                                                                 objective, rollouts_from,
+                                                                 reweighted):
+    """rollout.is_cap reweights the sampled-token objective's on-policy rollouts (engine vs
+    learner); teacher-written (off-policy) rollouts and objectives without old log-probs are
+    never reweighted: the step decides, not the objective."""
     cfg = compose([*TINY_RUN, "trainer.steps=1", "eval.every=0", "rollout.is_cap=2.0",
-                   f"objective.rollouts_from={rollouts_from}"])
+                   f"objective={objective}", f"objective.rollouts_from={rollouts_from}"])
     train(cfg, tmp_path)
     (rec,) = _records(tmp_path)
-    if rollouts_from == "student":
+    if reweighted:
         assert 0 < rec["train/is_weight_mean"] <= 2.0 and rec["train/is_truncated_frac"] >= 0
     else:
         assert "train/is_weight_mean" not in rec and "train/is_truncated_frac" not in rec

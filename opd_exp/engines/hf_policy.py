@@ -1,8 +1,8 @@
 """The HF model behind the `PolicyView` that objectives differentiate (opd_exp/core/protocols.py).
 
-Only this module knows how a `transformers` causal LM is called: `logits_to_keep`, the backbone
-(`base_model`) and the output embeddings. Objectives and teachers get log-probs, hidden states and
-the LM head from here, never from the model.
+This module knows how a `transformers` causal LM is called for scoring: `logits_to_keep`, the
+backbone (`base_model`) and the output embeddings. Objectives, learners and the HF teacher get
+log-probs, hidden states and the LM head from here, never from the model.
 """
 
 from __future__ import annotations

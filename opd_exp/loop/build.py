@@ -73,16 +73,16 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
-    prompts = make_prompts(cfg)
+    prompts = make_prompts(cfg.data, cfg.trainer.seed)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
-    evaluator = Evaluator(cfg, tokenizer, make_encoder(tokenizer, cfg.data.chat_template,
-                                                       cfg.eval.prompt_suffix), dist)
+    evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
+                          make_encoder(tokenizer, cfg.data.chat_template, cfg.eval.prompt_suffix), dist)
     start = 0
     if resume_from is not None:
         learner.load(resume_from)
         start = checkpoint.load_step(resume_from)
         print(f"resumed from {resume_from} at step {start}")
-    logger = make_logger(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True),
+    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
                objective, prompts, encode, Sampling.from_cfg(cfg.rollout), evaluator, logger,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig
 
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
@@ -19,11 +18,11 @@ class Evaluator:
     call reseeds from (trainer.seed, step), so a resumed run evaluates exactly as a straight one.
     With several ranks each evaluates its share."""
 
-    def __init__(self, cfg: DictConfig, tokenizer, encode, dist: Dist = Dist()):
-        e = cfg.eval
-        self.seed, self.tokenizer, self.encode, self.dist = cfg.trainer.seed, tokenizer, encode, dist
-        self.benchmarks = {b: load_benchmark(b, e.max_problems) for b in e.benchmarks}
-        self.sampling = Sampling.from_cfg(e, n=e.k)
+    def __init__(self, eval_cfg, seed: int, tokenizer, encode, dist: Dist = Dist()):
+        """`eval.*`; `seed`: trainer.seed; `encode`: prompt text → token ids."""
+        self.seed, self.tokenizer, self.encode, self.dist = seed, tokenizer, encode, dist
+        self.benchmarks = {b: load_benchmark(b, eval_cfg.max_problems) for b in eval_cfg.benchmarks}
+        self.sampling = Sampling.from_cfg(eval_cfg, n=eval_cfg.k)
 
     def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
         torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))

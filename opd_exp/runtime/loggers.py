@@ -72,12 +72,13 @@ class MultiLogger:
             lg.finish()
 
 
-def make_logger(cfg, run_dir: Path, config: dict, resume_step: int | None,
+def make_logger(logger_cfg, run_dir: Path, config: dict, resume_step: int | None,
                 main: bool = True) -> Logger:
-    """Rank 0 (`main`) logs; the other ranks get a logger that writes nothing."""
+    """`logger.*`; `config`: the run's whole config, for W&B. Rank 0 (`main`) logs; the other
+    ranks get a logger that writes nothing."""
     if not main:
         return MultiLogger([])
     loggers: list[Logger] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step)]
-    if cfg.logger.mode != "disabled":
-        loggers.append(WandbLogger(cfg.logger, run_dir, config, resume_step is not None))
+    if logger_cfg.mode != "disabled":
+        loggers.append(WandbLogger(logger_cfg, run_dir, config, resume_step is not None))
     return MultiLogger(loggers)

@@ -38,7 +38,7 @@ def fixed_batches(cfg, student, teacher_model, tok) -> list[StepBatch]:
     sampler = HFRollout(copy.deepcopy(student), tok, stop_token_ids(student, tok))
     teacher = HFTeacher(teacher_model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
     encode = make_encoder(tok, cfg.data.chat_template)
-    prompts = make_prompts(cfg)
+    prompts = make_prompts(cfg.data, cfg.trainer.seed)
     out = []
     for step in range(STEPS):
         torch.manual_seed(1_000 + step)
