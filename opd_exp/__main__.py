@@ -20,7 +20,7 @@ def _hydra_command(fn) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from opd_exp.config import ConfigError, register_configs
+    from opd_exp.config import ConfigError, RunStopped, register_configs
 
     register_configs()
 
@@ -31,6 +31,9 @@ def _hydra_command(fn) -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except RunStopped as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
     main()
 

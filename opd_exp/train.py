@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from opd_exp.config import validate
+from opd_exp.config import RunStopped, validate
 from opd_exp.loop.build import Run, build, save_checkpoint
 from opd_exp.loop.step import run_step
 from opd_exp.runtime import distributed
@@ -35,15 +35,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         run.logger.log(run.evaluator(run.rollout, 0), step=0)
 
     last: dict[str, float] = {}
+    bad_in_a_row = 0
     for step in range(run.start, steps):
         batch, metrics = run_step(run, step)
         done = step + 1
+        bad_in_a_row = bad_in_a_row + 1 if metrics.get("train/skipped_steps", 0) > 0 else 0
         if every and (done % every == 0 or done == steps):
             metrics.update(run.evaluator(run.rollout, done))
         run.logger.log(metrics, step=done)
         last = metrics
         if dist.is_main:
             print(progress_line(metrics, done, steps, cfg.eval.k), flush=True)
+        if bad_in_a_row >= cfg.trainer.max_skipped_steps:
+            run.logger.finish()
+            raise RunStopped(f"step {done}: the gradient was not finite (NaN/inf loss or gradient) "
+                             f"in {bad_in_a_row} steps in a row (trainer.max_skipped_steps="
+                             f"{cfg.trainer.max_skipped_steps}); those updates were skipped, "
+                             "the weights and the last checkpoint are intact")
         if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == steps:
             save_checkpoint(run, done)
     finish(run, last)

@@ -1,5 +1,7 @@
 """Sampled-token OPD: log-probs, gradients and normalisation against independent references."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -174,4 +176,45 @@ def test_learner_reports_preclip_grad_norm_and_clips(tiny_world):
     m = learner.update(batch, obj)
     assert abs(m["grad_norm"] - ref_norm) < 1e-8 * max(1, ref_norm)
     assert ref_norm > 1e-3  # so clipping was active
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+class _NaNAt:
+    """Wraps an objective: the loss of the micro-batches in `bad` (call indices) is NaN."""
+
+    def __init__(self, obj, bad):
+        self.obj, self.bad, self.calls = obj, set(bad), 0
+        self.teacher_needs, self.needs_old_logp, self.temperature = "sampled", True, obj.temperature
+
+    def prepare(self, batch):
+        return self.obj.prepare(batch)
+
+    def loss(self, policy, mb, n_tokens):
+        loss, m = self.obj.loss(policy, mb, n_tokens)
+        self.calls += 1
+        return (loss * float("nan") if self.calls - 1 in self.bad else loss), m
+
+
+def test_a_nan_loss_never_reaches_the_weights(tiny_world):
+    """A NaN loss in one of two minibatches: that optimizer step is skipped (weights, optimizer
+    and scheduler untouched), counted, and visible in grad_norm_max; the other one applies."""
+    student = _model(tiny_world)
+    _, r = _rollouts(seed=3)
+    cfg = _cfg(micro=64)
+    cfg.learner.max_grad_norm = 1.0
+    cfg.learner.minibatches = 1
+    learner = TorchLearner(student, cfg.learner)
+    obj = _NaNAt(_obj(SampledTokenOPD, cfg), bad={0})
+    logq = torch.randn(r.response_ids_B_T.shape, dtype=torch.float64) - 3
+    batch = StepBatch(r, TeacherScores(logq))
+    batch.logp_old_B_T = learner.logprobs(batch, 1.0)
+    batch, _ = obj.prepare(batch)
+    before = [p.detach().clone() for p in student.parameters()]
+    m = learner.update(batch, obj)
+    assert m["skipped_steps"] == 1 and math.isnan(m["grad_norm_max"])
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert learner.scheduler.last_epoch == 0 and not learner.optimizer.state
+    m = learner.update(batch, obj)  # the next step is fine and trains
+    assert m["skipped_steps"] == 0 and math.isfinite(m["grad_norm_max"])
+    assert all(torch.isfinite(p).all() for p in student.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))

@@ -135,3 +135,24 @@ def test_importance_correction_only_on_the_students_own_rollouts(tmp_path, use_t
         assert 0 < rec["train/is_weight_mean"] <= 2.0 and rec["train/is_truncated_frac"] >= 0
     else:
         assert "train/is_weight_mean" not in rec and "train/is_truncated_frac" not in rec
+
+
+def test_run_stops_after_max_skipped_steps_with_weights_intact(tmp_path, use_tiny_world,
+                                                               monkeypatch):
+    """Every loss NaN: each step is skipped and counted (train/skipped_steps), the run stops with
+    one line after trainer.max_skipped_steps in a row, and the student's weights never change."""
+    from opd_exp.config import RunStopped
+    from opd_exp.methods.sampled_token import SampledTokenOPD
+
+    real_loss = SampledTokenOPD.loss
+    monkeypatch.setattr(SampledTokenOPD, "loss", lambda self, policy, mb, n: (
+        lambda out: (out[0] * float("nan"), out[1]))(real_loss(self, policy, mb, n)))
+    cfg = compose([*TINY_RUN, "trainer.steps=5", "eval.every=0", "trainer.save_every=1",
+                   "trainer.max_skipped_steps=2"])
+    with pytest.raises(RunStopped, match=r"step 2: the gradient was not finite .* 2 steps in a row"):
+        train(cfg, tmp_path)
+    recs = _records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2] and all(r["train/skipped_steps"] == 1 for r in recs)
+    start = _params(use_tiny_world / "student")
+    saved = _params(tmp_path / "checkpoints/step_000001/student")
+    assert all(torch.equal(start[k], saved[k]) for k in start)

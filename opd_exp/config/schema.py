@@ -168,6 +168,7 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from the run dir's latest checkpoint
     threads: int = 0  # torch threads; 0 = all cores
+    max_skipped_steps: int = 3  # stop after this many steps in a row with a non-finite gradient
 
 
 @dataclass

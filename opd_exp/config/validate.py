@@ -152,3 +152,5 @@ def validate(cfg: DictConfig) -> None:
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")
     _require(t.keep_last >= 1, "trainer.keep_last", t.keep_last, "an integer >= 1")
     _require(t.threads >= 0, "trainer.threads", t.threads, "an integer >= 0 (0 = all cores)")
+    _require(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", t.max_skipped_steps,
+             "an integer >= 1")

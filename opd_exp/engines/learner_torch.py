@@ -10,6 +10,7 @@ DeepSpeed learner (opd_exp/engines/learner_deepspeed.py).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -47,9 +48,12 @@ def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyV
     over micro-batches of `learner.micro_batch_size` sequences. The loss of a micro-batch is
     normalised by `token_count(tokens of the minibatch)`, so the accumulated gradient is the
     minibatch's token mean. Metrics are token-weighted over micro-batches and averaged over
-    minibatches; `optimizer_step` returns the gradient norm before clipping."""
+    minibatches; `optimizer_step` returns the gradient norm before clipping, and must leave the
+    weights untouched when it is not finite (counted in `skipped_steps`; `grad_norm_max` is then
+    NaN or inf too, never hidden)."""
     B = batch.rollouts.size
     totals: dict[str, float] = defaultdict(float)
+    norms = []
     for mini in micro_slices(B, B // c.minibatches):
         mb_all = batch.select(mini)
         n_tokens = token_count(mb_all.mask_B_T.sum().clamp(min=1).item())
@@ -59,15 +63,18 @@ def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyV
             for k, v in m.items():
                 totals[k] += v / c.minibatches
         grad_norm = optimizer_step()
+        norms.append(grad_norm)
         totals["grad_norm"] += grad_norm / c.minibatches
-        totals["grad_norm_max"] = max(totals["grad_norm_max"], grad_norm)
+    totals["grad_norm_max"] = max(norms, key=lambda x: (math.isnan(x), x))  # NaN counts as largest
+    totals["skipped_steps"] = float(sum(not math.isfinite(x) for x in norms))
     return dict(totals)
 
 
 class TorchLearner:
     """AdamW with linear warm-up then a constant learning rate; global-norm gradient clipping.
 
-    `train/grad_norm` is the total gradient norm before clipping.
+    `train/grad_norm` is the total gradient norm before clipping. A non-finite norm (a NaN or inf
+    loss or gradient) skips the optimizer and scheduler step: it never reaches the weights.
     """
 
     def __init__(self, model: torch.nn.Module, learner_cfg):
@@ -86,8 +93,9 @@ class TorchLearner:
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            self.optimizer.step()
-            self.scheduler.step()
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
 
