@@ -116,6 +116,7 @@ def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world,
     for r in recs:
         bad = {k: v for k, v in r.items() if v is None or not math.isfinite(v)}
         assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
+        assert ("train/masked_tokens" in r) == cfg.objective.special_mask
 
 
 @pytest.mark.parametrize("objective,rollouts_from,reweighted", [

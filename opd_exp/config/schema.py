@@ -59,8 +59,9 @@ class ObjectiveConfig:
     weight: str = "student"  # topk pg weights: student | teacher | uniform
     chunk_size: int = 64  # positions per LM-head chunk for vocabulary-wide work (docs/benchmarks.md)
     rollouts_from: str = "student"  # student (on-policy) | teacher (off-policy; sft)
-    special_mask: bool = False  # mask the first occurrence of each mask_strings token
-    mask_strings: list[str] = field(default_factory=lambda: ["<", "think", "<|im_end|>"])
+    special_mask: bool = False  # mask the first occurrence of each mask_strings string
+    # matched as text: one token where the tokenizer writes the string as one, else its pieces
+    mask_strings: list[str] = field(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"])
     mask_stop_token: bool = True  # with special_mask: also never train on the stop token
 
 

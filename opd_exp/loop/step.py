@@ -24,7 +24,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     sampler = run.rollout if on_policy else run.teacher_rollout
     rollouts = sampler.generate([run.encode(p.prompt) for p in problems], run.sampling)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
-    rollouts = run.masker(rollouts)  # special-token masking (objective.special_mask)
+    rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
     t1 = time.time()
     scores: TeacherScores = run.teacher.score(rollouts, objective.teacher_needs, cfg.objective.k)
@@ -40,6 +40,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t3 = time.time()
 
     metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
+    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()})
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
                     "train/seconds": t3 - t2})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)

@@ -24,18 +24,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int,
+                    special_tokens: list[str] = SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
+    """`special_tokens`: leave out THINK / END_THINK for a tokenizer that splits the tags into
+    pieces (like the LSM authors' tokenizer) — a test fixture."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, padding_side="left",
-        additional_special_tokens=[IM_START, THINK, END_THINK], chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in (IM_START, THINK, END_THINK) if t in special_tokens],
+        chat_template=CHAT_TEMPLATE,
         model_max_length=1024)
