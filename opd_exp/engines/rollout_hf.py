@@ -4,18 +4,50 @@ batches, behind the `RolloutBackend` Protocol (opd_exp/core/protocols.py)."""
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Rollouts, Sampling, concat_rollouts, left_pad, response_mask
 
 
+class SampledTokenLogprobs(LogitsProcessor):
+    """generate's only logits processor. It records log softmax(raw logits / T) of each sampled
+    token — one step behind: the token drawn after step t is the last input id at step t + 1 —
+    then applies HF's own temperature, top-k and top-p warpers (in HF's order). It holds one
+    [B, V] step at a time, never [B, T, V] (HF's `output_logits` keeps T of them, then copies)."""
+
+    def __init__(self, s: Sampling):
+        self.temperature = s.temperature
+        self.warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else [])
+            + ([TopKLogitsWarper(s.top_k)] if s.top_k > 0 else [])
+            + ([TopPLogitsWarper(s.top_p)] if s.top_p < 1.0 else []))
+        self.prev_logp_B_V: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev_logp_B_V is not None:
+            self.picked.append(self.prev_logp_B_V.gather(-1, input_ids[:, -1:])[:, 0])
+        self.prev_logp_B_V = torch.log_softmax(scores.float() / self.temperature, -1)
+        return self.warpers(input_ids, scores)
+
+    def logp_B_T(self, response_B_T: torch.Tensor) -> torch.Tensor:
+        """The sampled tokens' log-probs, [B, T] (the last one gathered here)."""
+        last = self.prev_logp_B_V.gather(-1, response_B_T[:, -1:].to(self.prev_logp_B_V.device))
+        return torch.stack(self.picked + [last[:, 0]], 1)
+
+
 class HFRollout:
     """`transformers` generate (KV cache), `batch_size` sequences at a time.
 
-    Sampling uses the model's own logits / temperature with top-p / top-k as given; HF's implicit
-    top_k=50 default is overridden (top_k=0 means no truncation). The returned `logp_B_T` is the
-    log-prob of each sampled token under softmax(logits / temperature), untruncated — the policy
-    the learner differentiates.
+    Sampling is exactly `Sampling`'s: temperature, top-k (0 = off), top-p, and nothing else. The
+    model's own `generation_config` (a shipped `repetition_penalty`, `top_k: 20`, `temperature`…)
+    is set aside during generate: HF would otherwise fill every setting we leave unset from it
+    and sample from a policy nobody computes log-probs of. The returned `logp_B_T` is the log-prob
+    of each sampled token under softmax(logits / temperature), untruncated — the policy the
+    learner differentiates.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], batch_size: int = 256):
@@ -37,17 +69,21 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         dev = self.model.device
-        out = self.model.generate(
-            input_ids=ids_B_P.to(dev), attention_mask=mask_B_P.to(dev), do_sample=True,
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-            num_return_sequences=s.n, eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id, output_logits=True,
-            return_dict_in_generate=True)
-        self.model.train(was_training)
+        recorder = SampledTokenLogprobs(s)
+        own, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:  # HF's neutral defaults only; warping is the recorder's
+            sequences = self.model.generate(
+                input_ids=ids_B_P.to(dev), attention_mask=mask_B_P.to(dev), do_sample=True,
+                temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=s.max_new_tokens,
+                num_return_sequences=s.n, eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([recorder]))
+        finally:
+            self.model.generation_config = own
+            self.model.train(was_training)
         P = ids_B_P.shape[1]
-        response_B_T = out.sequences[:, P:].cpu()  # rollouts are returned on the CPU
-        logits_B_T_V = torch.stack(out.logits, dim=1).float().cpu() / s.temperature
-        logp_B_T = torch.log_softmax(logits_B_T_V, -1).gather(-1, response_B_T[..., None])[..., 0]
+        response_B_T = sequences[:, P:].cpu()  # rollouts are returned on the CPU
+        logp_B_T = recorder.logp_B_T(response_B_T).cpu()
         resp_mask = response_mask(response_B_T, set(self.stop_ids))
         return Rollouts(
             prompt_ids_B_P=ids_B_P.repeat_interleave(s.n, 0),

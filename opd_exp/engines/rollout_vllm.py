@@ -92,11 +92,13 @@ class VLLMRollout(VLLMSampler):
 
 
 def start_engine(path: str, dtype: str, gpu_memory_utilization: float, **kw):
-    """An in-process vLLM engine (eager: starts in seconds; ENGINES.md)."""
+    """An in-process vLLM engine (eager: starts in seconds; ENGINES.md). `generation_config=
+    "vllm"`: the model's generation_config.json never supplies sampling defaults — every request
+    carries exactly the configured SamplingParams (as the server, `--generation-config vllm`)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    return LLM(model=path, dtype=dtype, enforce_eager=True,
+    return LLM(model=path, dtype=dtype, enforce_eager=True, generation_config="vllm",
                gpu_memory_utilization=gpu_memory_utilization, **kw)
 
 
