@@ -156,8 +156,8 @@ def _chunk(obj, logits, mask, teacher_logits):
     logq = teacher_logits.log_softmax(-1)
     if obj.support == "teacher":
         v, i = logq.topk(obj.k, -1)
-        return obj._chunk_loss(ident, ident, logits, mask, v, i)
-    return obj._chunk_loss(ident, ident, logits, mask, teacher_logits)
+        return obj._chunk_loss(ident, ident, None, logits, mask, v, i)
+    return obj._chunk_loss(ident, ident, None, logits, mask, teacher_logits)
 
 
 @pytest.mark.parametrize("seed", range(3))

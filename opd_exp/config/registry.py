@@ -25,7 +25,7 @@ TEACHERS = {  # teacher.backend → make(cfg, tokenizer, stop_ids, device) → (
     "hf": "opd_exp.engines.teacher_hf:make",
     "vllm": "opd_exp.engines.teacher_vllm:make",
 }
-LEARNERS = {  # learner.backend → make(cfg, model, dist, run_dir)
+LEARNERS = {  # learner.backend → make(cfg, model, dist, run_dir, vocab_size)
     "torch": "opd_exp.engines.learner_torch:make",
     "deepspeed": "opd_exp.engines.learner_deepspeed:make",
 }

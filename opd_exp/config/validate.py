@@ -34,6 +34,14 @@ def _choice(key: str, value: Any, choices) -> None:
     _require(value in choices, key, value, "one of " + ", ".join(map(str, sorted(choices))))
 
 
+def validate_vocab(cfg: DictConfig, vocab_size: int) -> None:
+    """Checks that need the tokenizer's vocabulary size (known once the pair is loaded)."""
+    o = cfg.objective
+    if o.name == "topk":
+        _require(o.k <= vocab_size, "objective.k", o.k,
+                 f"an integer <= the vocabulary size {vocab_size}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check ranges and names; raise ConfigError on the first bad field."""
     for who in ("student", "teacher"):

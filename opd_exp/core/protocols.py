@@ -32,7 +32,11 @@ class Teacher(Protocol):
 class PolicyView(Protocol):
     """What an objective may ask of the model it differentiates (the learner hands it one):
     never the model itself, so no objective depends on a model's internals."""
-    lm_head: torch.nn.Module  # the output projection, [V, H] weight
+    lm_head: torch.nn.Module  # the output projection, [V_rows, H] weight
+    # the tokenizer's real vocabulary V <= V_rows: rows past it (embedding padding, e.g.
+    # R1-Distill-Qwen 151,936 / 152,064 rows for 151,665 tokens) are never tokens and take part in
+    # no objective or support; None = every row
+    vocab_size: int | None
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) of each response token: [B, T] (masked)."""

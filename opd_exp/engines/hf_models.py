@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd_exp import toyworld
 from opd_exp.config import ConfigError
@@ -51,6 +51,30 @@ def check_same_vocab(student_tok, teacher_tok) -> None:
         diff = len(set(sv.items()) ^ set(tv.items()))
         raise ConfigError(f"pair: student and teacher tokenizers differ ({diff} token/id pairs "
                           "not shared); token-level distillation needs one vocabulary")
+
+
+def output_rows(mcfg, field: str) -> int:
+    """Rows of the model's LM head (its config's vocab_size), read without loading weights."""
+    c = _load("config", f"{field}.path", AutoConfig.from_pretrained, mcfg.path,
+              revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+    return getattr(c, "vocab_size", None) or c.get_text_config().vocab_size
+
+
+def check_vocab_sizes(tokenizer, rows: dict[str, int]) -> tuple[int, str | None]:
+    """(V, note): V = the tokenizer's real vocabulary, which every objective, support and top-K
+    works on. Models may have more embedding rows than tokens (padding: R1-Distill-Qwen-1.5B
+    151,936, -7B 152,064 for 151,665 tokens); those rows are never tokens. Fewer rows than tokens
+    is an error. `note` says what was padded, if anything."""
+    V = len(tokenizer)
+    for field, n in rows.items():
+        if n < V:
+            raise ConfigError(f"{field}.path: the model has {n} output rows but its tokenizer "
+                              f"{V} tokens; they must cover the tokenizer's vocabulary")
+    padded = {f: n for f, n in rows.items() if n > V}
+    note = None if not padded else ("vocabulary: " + ", ".join(
+        f"{f} {n} rows" for f, n in rows.items()) + f" for {V} tokens: padded rows take part in "
+        "no objective, support or top-K")
+    return V, note
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:

@@ -13,8 +13,10 @@ from opd_exp.core.types import Rollouts
 from opd_exp.methods.common import upcast
 
 
-def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) of each response token under `model`: [B, T].
+def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """log softmax(logits / temperature) of each response token under `model`: [B, T], over the
+    first `vocab_size` logits (the tokenizer's real tokens; None = all rows).
 
     Only the T + 1 last positions go through the LM head (HF `logits_to_keep`); the last is
     dropped because it predicts the token after the response. `model` may be a wrapper whose
@@ -23,7 +25,7 @@ def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0
     T = r.response_ids_B_T.shape[1]
     logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
                          position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
-                         use_cache=False).logits[:, :-1]
+                         use_cache=False).logits[:, :-1, :vocab_size]
     logits_B_T_V = upcast(logits_B_T_V)
     if temperature != 1.0:
         logits_B_T_V = logits_B_T_V / temperature
@@ -43,15 +45,17 @@ class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
 
-    def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None):
+    def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None,
+                 vocab_size: int | None = None):
         self.model, self.forward = model, forward if forward is not None else model
+        self.vocab_size = vocab_size
 
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        return token_logprobs(self.forward, rollouts, temperature)
+        return token_logprobs(self.forward, rollouts, temperature, self.vocab_size)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
         return response_hidden(self.model, rollouts)

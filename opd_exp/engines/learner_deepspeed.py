@@ -64,7 +64,8 @@ class DeepSpeedLearner:
     """`train/grad_norm` is DeepSpeed's global gradient norm (all ranks) before clipping."""
 
     def __init__(self, model: torch.nn.Module, learner_cfg, dist: Dist, sequences: int,
-                 run_dir: Path | None = None, policy_on_cpu: bool = False):
+                 run_dir: Path | None = None, policy_on_cpu: bool = False,
+                 vocab_size: int | None = None):
         """`sequences`: rollouts this rank trains on per step; `policy_on_cpu`: keep the ZeRO-3
         inference copy on the CPU (a rollout engine that only reads it from disk)."""
         self.cfg, self.dist = learner_cfg, dist
@@ -89,7 +90,7 @@ class DeepSpeedLearner:
         self.policy = policy if policy is not None else self.model
         # the forward runs through the engine: ZeRO-3 accumulation needs it (calling the module
         # itself broke it: step-1 grad norm 0.068 instead of 0.162)
-        self.view = HFPolicy(self.model, forward=self.engine)
+        self.view = HFPolicy(self.model, forward=self.engine, vocab_size=vocab_size)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)
@@ -132,6 +133,6 @@ class DeepSpeedLearner:
             self._refresh_policy()
 
 
-def make(cfg, model, dist: Dist, run_dir: Path | None = None) -> Learner:
+def make(cfg, model, dist: Dist, run_dir: Path | None = None, vocab_size: int | None = None) -> Learner:
     return DeepSpeedLearner(model, cfg.learner, dist, sequences_per_rank(cfg, dist.world_size),
-                            run_dir, policy_on_cpu=cfg.rollout.backend != "hf")
+                            run_dir, policy_on_cpu=cfg.rollout.backend != "hf", vocab_size=vocab_size)

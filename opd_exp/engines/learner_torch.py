@@ -77,9 +77,10 @@ class TorchLearner:
     loss or gradient) skips the optimizer and scheduler step: it never reaches the weights.
     """
 
-    def __init__(self, model: torch.nn.Module, learner_cfg):
+    def __init__(self, model: torch.nn.Module, learner_cfg, vocab_size: int | None = None):
+        """`vocab_size`: the tokenizer's real tokens (padded rows take part in no objective)."""
         self.model = self.policy = model
-        self.view = HFPolicy(model)
+        self.view = HFPolicy(model, vocab_size=vocab_size)
         self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg)
@@ -116,5 +117,5 @@ class TorchLearner:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def make(cfg, model, dist, run_dir: Path | None = None) -> Learner:
-    return TorchLearner(model, cfg.learner)
+def make(cfg, model, dist, run_dir: Path | None = None, vocab_size: int | None = None) -> Learner:
+    return TorchLearner(model, cfg.learner, vocab_size)

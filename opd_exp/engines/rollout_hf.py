@@ -16,10 +16,11 @@ class SampledTokenLogprobs(LogitsProcessor):
     """generate's only logits processor. It records log softmax(raw logits / T) of each sampled
     token — one step behind: the token drawn after step t is the last input id at step t + 1 —
     then applies HF's own temperature, top-k and top-p warpers (in HF's order). It holds one
-    [B, V] step at a time, never [B, T, V] (HF's `output_logits` keeps T of them, then copies)."""
+    [B, V] step at a time, never [B, T, V] (HF's `output_logits` keeps T of them, then copies).
+    Logits past `vocab_size` (padded embedding rows, never tokens) are never sampled."""
 
-    def __init__(self, s: Sampling):
-        self.temperature = s.temperature
+    def __init__(self, s: Sampling, vocab_size: int | None = None):
+        self.temperature, self.vocab_size = s.temperature, vocab_size
         self.warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(s.temperature)] if s.temperature != 1.0 else [])
             + ([TopKLogitsWarper(s.top_k)] if s.top_k > 0 else [])
@@ -30,6 +31,9 @@ class SampledTokenLogprobs(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prev_logp_B_V is not None:
             self.picked.append(self.prev_logp_B_V.gather(-1, input_ids[:, -1:])[:, 0])
+        if self.vocab_size is not None and scores.shape[-1] > self.vocab_size:
+            scores = scores.clone()
+            scores[:, self.vocab_size:] = -float("inf")
         self.prev_logp_B_V = torch.log_softmax(scores.float() / self.temperature, -1)
         return self.warpers(input_ids, scores)
 
@@ -69,7 +73,7 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         dev = self.model.device
-        recorder = SampledTokenLogprobs(s)
+        recorder = SampledTokenLogprobs(s, len(self.tokenizer))
         own, self.model.generation_config = self.model.generation_config, GenerationConfig()
         try:  # HF's neutral defaults only; warping is the recorder's
             sequences = self.model.generate(

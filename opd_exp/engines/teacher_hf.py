@@ -15,9 +15,13 @@ from opd_exp.methods.common import upcast
 
 
 class HFTeacher:
-    def __init__(self, model: torch.nn.Module, micro_batch_size: int, chunk_size: int):
+    """`vocab_size`: the tokenizer's real tokens; the teacher's padded embedding rows past it are
+    never scored, never in its top-K (None: every row)."""
+
+    def __init__(self, model: torch.nn.Module, micro_batch_size: int, chunk_size: int,
+                 vocab_size: int | None = None):
         self.model, self.micro, self.chunk = model.eval(), micro_batch_size, chunk_size
-        self.view = HFPolicy(self.model)
+        self.view = HFPolicy(self.model, vocab_size=vocab_size)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -36,7 +40,8 @@ class HFTeacher:
         if needs == "topk":  # one chunk of positions through the LM head at a time
             vals, idx = [], []
             for c in range(0, hidden.shape[1], self.chunk):
-                logq = torch.log_softmax(upcast(head(hidden[:, c:c + self.chunk])), -1)
+                logits = head(hidden[:, c:c + self.chunk])[..., :self.view.vocab_size]
+                logq = torch.log_softmax(upcast(logits), -1)
                 v, i = logq.topk(k, dim=-1)
                 vals.append(v)
                 idx.append(i)
@@ -49,5 +54,5 @@ def make(cfg, tokenizer, stop_ids: set[int],
     """The teacher's scorer and a sampler over the same weights (for the teacher's evaluation and
     off-policy rollouts)."""
     model = load_model(cfg.pair.teacher, "pair.teacher").to(device)
-    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size),
+    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size, len(tokenizer)),
             HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size))

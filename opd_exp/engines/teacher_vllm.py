@@ -19,7 +19,11 @@ from opd_exp.engines.rollout_vllm import VLLMSampler, start_engine
 
 class VLLMTeacher:
     def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                 max_logprobs: int, seed: int = 0):
+                 max_logprobs: int, seed: int = 0, vocab_size: int | None = None):
+        """`vocab_size`: the tokenizer's real tokens; padded rows past it never enter the top-K
+        (vLLM's log-probs are normalised over every row: padding holds ~no mass in trained
+        models)."""
+        self.vocab_size = vocab_size
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         self.llm = start_engine(path, dtype, gpu_memory_utilization, max_logprobs=max_logprobs,
                                 seed=seed, **kw)
@@ -62,7 +66,8 @@ class VLLMTeacher:
                 logp_B_T[b, t] = pos[seqs[b][starts[b] + t]].logprob
                 if needs == "topk":
                     top = sorted((lp.rank, tok, lp.logprob) for tok, lp in pos.items()
-                                 if lp.rank is not None and lp.rank <= k)[:k]
+                                 if lp.rank is not None and lp.rank <= k
+                                 and (self.vocab_size is None or tok < self.vocab_size))[:k]
                     topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
                     topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
         if needs == "sampled":
@@ -77,5 +82,5 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     t = cfg.teacher
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
                           t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20),
-                          seed=cfg.trainer.seed)
+                          seed=cfg.trainer.seed, vocab_size=len(tokenizer))
     return teacher, teacher.sampler(tokenizer, stop_ids)

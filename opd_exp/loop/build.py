@@ -19,8 +19,9 @@ from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, T
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts
-from opd_exp.engines.hf_models import (check_same_vocab, load_model, load_tokenizer, save_model,
-                                       stop_token_ids)
+from opd_exp.config import validate_vocab
+from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
+                                       load_tokenizer, output_rows, save_model, stop_token_ids)
 from opd_exp.loop.evaluator import Evaluator
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
@@ -63,9 +64,15 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         checkpoint.check_resumable(resume_from, ckpt_meta)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
+    vocab, note = check_vocab_sizes(tokenizer, {
+        "pair.student": output_rows(student_cfg, "pair.student"),
+        "pair.teacher": output_rows(cfg.pair.teacher, "pair.teacher")})
+    validate_vocab(cfg, vocab)
+    if note and dist.is_main:
+        print(note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
     stop_ids = stop_token_ids(student, tokenizer)
-    learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir)
+    learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
                                                      work_dir, dist.rank)

@@ -61,22 +61,24 @@ class FullVocabOPD:
 
     def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
         loss = self.summed(policy.lm_head, mb.teacher.lm_head, policy.response_hidden(mb.rollouts),
-                           mb.teacher.hidden_B_T_H, mb.mask_B_T) / n_tokens
+                           mb.teacher.hidden_B_T_H, mb.mask_B_T, policy.vocab_size) / n_tokens
         return loss, {"loss": loss.item()}
 
-    def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T) -> torch.Tensor:
-        """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time."""
+    def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T,
+               vocab: int | None = None) -> torch.Tensor:
+        """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time, over the
+        first `vocab` rows of each head (padded rows past the tokenizer's vocabulary: never)."""
         def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
             logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
             with torch.no_grad():
-                logq = torch.log_softmax(upcast(head_t(h_t_C)), -1)
+                logq = torch.log_softmax(upcast(head_t(h_t_C)[..., :vocab]), -1)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
-        if plain_linear(head_s) and torch.is_grad_enabled():
-            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, chunk_loss, self.chunk,
+        if plain_linear(head_s) and torch.is_grad_enabled():  # a view: padded rows get no gradient
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight[:vocab], chunk_loss, self.chunk,
                                        h_t_B_T_H, mask_B_T)
-        return chunked(lambda h, t, m: chunk_loss(head_s(h), t, m), self.chunk,
-                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
+        return chunked(lambda h, t, m: chunk_loss(head_s(h)[..., :vocab], t, m), self.chunk,
+                       h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
 
 
 class FusedHeadLoss(torch.autograd.Function):

@@ -48,7 +48,7 @@ class TopKOPD:
             return idx_s, s_in_t
         return torch.cat([idx_t, idx_s], -1), torch.cat([torch.ones_like(s_in_t), ~s_in_t], -1)
 
-    def _chunk_loss(self, head_s, head_t, h_s_C, mask_C, *teacher_C):
+    def _chunk_loss(self, head_s, head_t, vocab, h_s_C, mask_C, *teacher_C):
         if self.support == "teacher" and self.renorm and plain_linear(head_s):
             # only the K support rows of the LM head are needed: [B, C, K] logits, never [B, C, V]
             logq_S, idx = teacher_C
@@ -56,12 +56,12 @@ class TopKOPD:
             logp_S = upcast((W_S @ h_s_C[..., None])[..., 0]) / self.temperature
             valid = torch.ones_like(idx, dtype=torch.bool)
         else:
-            logits_s = upcast(head_s(h_s_C)) / self.temperature
+            logits_s = upcast(head_s(h_s_C)[..., :vocab]) / self.temperature
             if self.support == "teacher":
                 logq_topk, idx_t = teacher_C
                 logq_full = None
             else:
-                logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])), -1)
+                logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])[..., :vocab]), -1)
                 idx_t = None
             idx, valid = self._support(logits_s, logq_full, idx_t)
             # renormalised: only the support's logits enter (no full-vocabulary normaliser, so
@@ -91,15 +91,16 @@ class TopKOPD:
         teacher_parts = ((t.topk_logq_B_T_K, t.topk_idx_B_T_K) if self.support == "teacher"
                          else (t.hidden_B_T_H,))
         total, support = self.summed(policy.lm_head, t.lm_head, policy.response_hidden(mb.rollouts),
-                                     mb.mask_B_T, teacher_parts)
+                                     mb.mask_B_T, teacher_parts, policy.vocab_size)
         loss = total / n_tokens
         return loss, {"loss": loss.item(), "support_size": float(support) / n_tokens}
 
-    def summed(self, head_s, head_t, h_s_B_T_H, mask_B_T, teacher_parts):
+    def summed(self, head_s, head_t, h_s_B_T_H, mask_B_T, teacher_parts, vocab: int | None = None):
         """(Σ_t m_t loss_t, Σ_t m_t |S_t|), one chunk of positions at a time (recomputed in
-        backward); `teacher_parts` = (top-K log q, top-K ids) or (teacher hidden states,)."""
+        backward); `teacher_parts` = (top-K log q, top-K ids) or (teacher hidden states,); only
+        the first `vocab` rows of each head are tokens (the teacher's top-K ids are below it)."""
         total, support = 0.0, 0.0
-        fn = lambda *a: self._chunk_loss(head_s, head_t, *a)  # noqa: E731
+        fn = lambda *a: self._chunk_loss(head_s, head_t, vocab, *a)  # noqa: E731
         for c in range(0, h_s_B_T_H.shape[1], self.chunk):
             parts = [x[:, c:c + self.chunk] for x in (h_s_B_T_H, mask_B_T, *teacher_parts)]
             l_c, s_c = (checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled()
