@@ -93,3 +93,48 @@ def test_topk_larger_than_the_vocabulary_is_refused_at_start(tmp_path, use_tiny_
     with pytest.raises(ConfigError, match=r"objective.k=10000000 is not allowed: an integer <= "
                                           r"the vocabulary size \d+"):
         train(compose([*TINY_RUN, "objective=topk", "objective.k=10000000"]), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def swapped_world(tiny_world, tmp_path_factory):
+    """The teacher's tokenizer gives the ids of the digit tokens "7" and "8" to each other: a pair
+    whose tokenizers differ on two ids (as Qwen2.5 / Qwen3 differ on their added tokens)."""
+    import json
+
+    out = tmp_path_factory.mktemp("swapped") / "world"
+    shutil.copytree(tiny_world, out)
+    path = out / "teacher" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["7"], vocab["8"] = vocab["8"], vocab["7"]
+    path.write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    return out, sorted(tok.convert_tokens_to_ids(["7", "8"]))
+
+
+def test_unshared_token_ids_are_an_error_or_never_trained_on(tmp_path, swapped_world, monkeypatch):
+    from opd_exp.engines.hf_models import check_same_vocab
+
+    world, ids = swapped_world
+    monkeypatch.setenv("OPD_EXP_TOY_DIR", str(world))
+    a, b = (AutoTokenizer.from_pretrained(world / n) for n in ("student", "teacher"))
+    assert check_same_vocab(a, b, mask_unshared=True) == ids
+    with pytest.raises(ConfigError, match="objective.mask_unshared=true"):
+        train(compose([*TINY_RUN, "trainer.steps=1", "eval.every=0"]), tmp_path / "refused")
+    with pytest.raises(ConfigError, match="^objective.mask_unshared=True is not allowed"):
+        train(compose([*TINY_RUN, "objective=full_vocab", "objective.mask_unshared=true"]),
+              tmp_path / "full")
+    from opd_exp.loop import step
+
+    seen = []
+    real = step.StepBatch
+    monkeypatch.setattr(step, "StepBatch", lambda r, *a, **k: seen.append(r) or real(r, *a, **k))
+    last = train(compose([*TINY_RUN, "trainer.steps=2", "eval.every=0", "rollout.max_new_tokens=24",
+                          "objective.mask_unshared=true"]), tmp_path / "masked")
+    assert math.isfinite(last["train/loss"])
+    hits = 0
+    for r in seen:
+        sel = torch.isin(r.response_ids_B_T, torch.tensor(ids)) & (r.response_mask_B_T == 0)
+        hits += int(sel.sum())
+        assert not (torch.isin(r.response_ids_B_T, torch.tensor(ids)) & (r.response_mask_B_T > 0)).any()
+    assert hits > 0  # the digits were sampled, and masked

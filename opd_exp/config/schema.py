@@ -63,6 +63,9 @@ class ObjectiveConfig:
     # matched as text: one token where the tokenizer writes the string as one, else its pieces
     mask_strings: list[str] = field(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"])
     mask_stop_token: bool = True  # with special_mask: also never train on the stop token
+    # tokenizers that differ: never train on the student token ids the teacher's tokenizer does
+    # not share (sampled_token, sft); without it a mismatch is an error (SPEC §1.6)
+    mask_unshared: bool = False
 
 
 @dataclass

@@ -69,6 +69,9 @@ def validate(cfg: DictConfig) -> None:
     _choice("objective.weight", o.weight, {"student", "teacher", "uniform"})
     _require(o.chunk_size >= 1, "objective.chunk_size", o.chunk_size, "an integer >= 1")
     _choice("objective.rollouts_from", o.rollouts_from, {"student", "teacher"})
+    _require(not o.mask_unshared or o.name in ("sampled_token", "sft"), "objective.mask_unshared",
+             o.mask_unshared, f"false with objective.name={o.name} (vocabulary-wide objectives "
+             "compare the two distributions id by id: they need one vocabulary)")
     r = cfg.rollout
     _choice("rollout.backend", r.backend, registry.ROLLOUTS)
     _require(r.n >= 1, "rollout.n", r.n, "an integer >= 1")

@@ -44,13 +44,21 @@ def load_tokenizer(mcfg, field: str):
     return tok
 
 
-def check_same_vocab(student_tok, teacher_tok) -> None:
-    """Token-level OPD compares the two models token by token: their vocabularies must agree."""
+def check_same_vocab(student_tok, teacher_tok, mask_unshared: bool = False) -> list[int]:
+    """Token-level OPD compares the two models token by token: their vocabularies must agree.
+    With `mask_unshared` (objective.mask_unshared) a mismatch is allowed and the student token
+    ids that mean something else, or nothing, to the teacher's tokenizer are returned (they are
+    never trained on); otherwise it is an error."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
+    if sv == tv:
+        return []
+    if not mask_unshared:
         diff = len(set(sv.items()) ^ set(tv.items()))
         raise ConfigError(f"pair: student and teacher tokenizers differ ({diff} token/id pairs "
-                          "not shared); token-level distillation needs one vocabulary")
+                          "not shared); token-level distillation needs one vocabulary (or "
+                          "objective.mask_unshared=true: never train on the ids not shared)")
+    teacher_token = {i: t for t, i in tv.items()}
+    return sorted(i for t, i in sv.items() if teacher_token.get(i) != t)
 
 
 def output_rows(mcfg, field: str) -> int:

@@ -57,7 +57,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
-    check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"))
+    unshared = check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"),
+                                cfg.objective.mask_unshared)
     resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
     ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
     if resume_from is not None:
@@ -78,7 +79,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                      work_dir, dist.rank)
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
                                                                       dist.device)
-    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids)
+    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
     prompts = make_prompts(cfg.data, cfg.trainer.seed)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)

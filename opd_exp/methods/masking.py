@@ -5,7 +5,8 @@ thinking tags and the end-of-turn token, `<think>`, `</think>`, `<|im_end|>`) is
 in each response: its first occurrence masks the tokens that spell it — one token where the
 tokenizer writes the string as one token (Qwen3, the toy tokenizer), the pieces where it splits it
 (`<`, `think`, `>`). The terminal stop token is masked too when `objective.mask_stop_token`.
-Without `special_mask`, nothing changes.
+Token ids the teacher's tokenizer does not share with the student's (`objective.mask_unshared`)
+are masked wherever they occur. Without either, nothing changes.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ class SpecialTokenMask:
     strings: list[str]  # matched as text, first occurrence per response
     texts: list[str]  # text of each token id (empty when disabled)
     stop_ids: torch.Tensor  # stop tokens to mask (empty: keep them)
-    enabled: bool
+    enabled: bool  # objective.special_mask
+    unshared_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)  # masked at every occurrence
 
     @classmethod
-    def from_cfg(cls, ocfg, tokenizer, stop_ids: set[int]) -> "SpecialTokenMask":
+    def from_cfg(cls, ocfg, tokenizer, stop_ids: set[int],
+                 unshared_ids: list[int] = ()) -> "SpecialTokenMask":
         stops = torch.tensor(sorted(stop_ids) if ocfg.mask_stop_token else [], dtype=torch.long)
         texts = token_texts(tokenizer) if ocfg.special_mask else []
-        return cls([s for s in ocfg.mask_strings if s], texts, stops, ocfg.special_mask)
+        return cls([s for s in ocfg.mask_strings if s], texts, stops, ocfg.special_mask,
+                   torch.tensor(sorted(unshared_ids), dtype=torch.long))
 
     def spans(self, ids: list[int]) -> list[tuple[int, int]]:
         """Token index ranges [first, last) spelling the first occurrence of each string."""
@@ -67,8 +71,10 @@ class SpecialTokenMask:
     def __call__(self, r: Rollouts) -> tuple[Rollouts, dict[str, float]]:
         """(rollouts with the special tokens masked, {"masked_tokens": how many were trained
         before}); unchanged and no metric when disabled."""
-        if not self.enabled:
+        if not self.enabled and not self.unshared_ids.numel():
             return r, {}
         old = r.response_mask_B_T
-        new = old * self.mask_B_T(r.response_ids_B_T, old)
+        new = old * (~torch.isin(r.response_ids_B_T, self.unshared_ids)).float()
+        if self.enabled:
+            new = new * self.mask_B_T(r.response_ids_B_T, old)
         return replace(r, response_mask_B_T=new), {"masked_tokens": (old - new).sum().item()}
