@@ -1,4 +1,4 @@
-"""Prompts and benchmarks: the training prompt pool (toy or hub), visited in a seeded shuffled
+"""Prompts and benchmarks: the training prompt pool (toy, hub or file), visited in a seeded shuffled
 order epoch by epoch, the evaluation benchmarks, and prompt text → token ids.
 
 `PromptSource.batch(step)` is a pure function of (seed, step), so a resumed run sees the same
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from opd_exp import toyworld
 from opd_exp.config import ConfigError
@@ -25,11 +26,46 @@ def toy_pool(d, seed: int) -> list[Problem]:
     return [Problem(p.prompt, p.answer) for p in problems]
 
 
-def hub_pool(d) -> list[Problem]:
+def problems_from_rows(rows, prompt_field: str, answer_field: str) -> tuple[list[Problem], int]:
+    """(problems, rows skipped): a row without the prompt field, with an empty prompt or with no
+    answer is skipped and counted (hub data has such rows), never a KeyError mid-run."""
+    out, skipped = [], 0
+    for row in rows:
+        prompt = row.get(prompt_field) if isinstance(row, dict) else None
+        answer = row.get(answer_field) if isinstance(row, dict) else None
+        if isinstance(answer, list):
+            answer = answer[0] if answer else None
+        if not isinstance(prompt, str) or not prompt.strip() or answer is None or not str(answer).strip():
+            skipped += 1
+            continue
+        out.append(Problem(prompt, str(answer)))
+    return out, skipped
+
+
+def hub_rows(d):
     import datasets  # only real-model runs need it
 
-    ds = datasets.load_dataset(d.name, d.subset, split=d.split)
-    return [Problem(row[d.prompt_field], str(row[d.answer_field])) for row in ds]
+    return datasets.load_dataset(d.name, d.subset, split=d.split)
+
+
+def file_rows(path: str) -> list:
+    """Rows of a .jsonl file (a line that is not a JSON object becomes a skipped row) or a
+    .parquet file (pyarrow, installed with the hub extra)."""
+    if path.endswith(".jsonl"):
+        rows = []
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    rows.append(None)
+        return rows
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ConfigError(f"data.path={path!r} is not allowed: reading parquet needs "
+                          "pip install -e \".[hub]\" (pyarrow)") from e
+    return pq.read_table(path).to_pylist()
 
 
 @dataclass
@@ -37,6 +73,19 @@ class PromptSource:
     pool: list[Problem]
     per_step: int
     seed: int
+    skipped: dict[str, int] = field(default_factory=dict)  # logged as data/<reason>
+
+    def stats(self) -> dict[str, float]:
+        """data/prompts (the pool) and data/<reason> (rows or prompts left out), for the log."""
+        return {"data/prompts": len(self.pool), **{f"data/{k}": v for k, v in self.skipped.items()}}
+
+    def keep(self, fits, reason: str) -> "PromptSource":
+        """Only the problems `fits` accepts; the others counted under `reason`."""
+        kept = [p for p in self.pool if fits(p)]
+        skipped = {**self.skipped, reason: self.skipped.get(reason, 0) + len(self.pool) - len(kept)}
+        if not kept:
+            raise ConfigError(f"data: no usable prompt is left ({skipped})")
+        return PromptSource(kept, self.per_step, self.seed, skipped)
 
     def order(self, epoch: int) -> list[int]:
         order = list(range(len(self.pool)))
@@ -51,9 +100,16 @@ class PromptSource:
 
 
 def make_prompts(data_cfg, seed: int) -> PromptSource:
-    """The `data.*` prompt pool in the order of `trainer.seed`."""
-    pool = toy_pool(data_cfg, seed) if data_cfg.source == "toy" else hub_pool(data_cfg)
-    return PromptSource(pool, data_cfg.prompts_per_step, seed)
+    """The `data.*` prompt pool in the order of `trainer.seed`; bad hub / file rows skipped."""
+    d = data_cfg
+    if d.source == "toy":
+        return PromptSource(toy_pool(d, seed), d.prompts_per_step, seed)
+    rows = hub_rows(d) if d.source == "hub" else file_rows(d.path)
+    pool, skipped = problems_from_rows(rows, d.prompt_field, d.answer_field)
+    if not pool:
+        raise ConfigError(f"data: no usable row in {d.name or d.path} ({skipped} skipped: no "
+                          f"{d.prompt_field!r} / {d.answer_field!r}, or empty)")
+    return PromptSource(pool, d.prompts_per_step, seed, {"skipped_rows": skipped})
 
 
 def make_encoder(tokenizer, chat_template: bool, suffix: str = ""):

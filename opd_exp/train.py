@@ -29,6 +29,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     distributed.check_world(dist, cfg.launcher)
     run = build(cfg, run_dir, dist)
     steps, every = cfg.trainer.steps, cfg.eval.every
+    if run.start == 0:
+        run.logger.log(run.prompts.stats(), step=0)  # data/prompts, data/skipped_*
     if run.start == 0 and every:
         if cfg.eval.teacher:
             run.logger.log(run.evaluator(run.teacher_rollout, 0, prefix="teacher/eval"), step=0)

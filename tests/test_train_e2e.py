@@ -56,7 +56,8 @@ def test_resume_continues_exactly(tmp_path, use_tiny_world):
         resumed / "checkpoints/step_000004/student")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = _records(straight), _records(resumed)
-    assert [r["step"] for r in rb] == [1, 2, 3, 4]  # no duplicated or lost records
+    assert [r["step"] for r in rb] == [0, 1, 2, 3, 4]  # no duplicated or lost records
+    assert rb[0] == {"step": 0, "data/prompts": 64, "data/skipped_too_long": 0}
     drop = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}  # noqa: E731
     assert [drop(r) for r in ra] == [drop(r) for r in rb]
 
@@ -131,7 +132,7 @@ def test_importance_correction_only_on_the_students_own_rollouts(tmp_path, use_t
     cfg = compose([*TINY_RUN, "trainer.steps=1", "eval.every=0", "rollout.is_cap=2.0",
                    f"objective={objective}", f"objective.rollouts_from={rollouts_from}"])
     train(cfg, tmp_path)
-    (rec,) = _records(tmp_path)
+    (rec,) = [r for r in _records(tmp_path) if r["step"] > 0]
     if reweighted:
         assert 0 < rec["train/is_weight_mean"] <= 2.0 and rec["train/is_truncated_frac"] >= 0
     else:
@@ -152,7 +153,7 @@ def test_run_stops_after_max_skipped_steps_with_weights_intact(tmp_path, use_tin
                    "trainer.max_skipped_steps=2"])
     with pytest.raises(RunStopped, match=r"step 2: the gradient was not finite .* 2 steps in a row"):
         train(cfg, tmp_path)
-    recs = _records(tmp_path)
+    recs = [r for r in _records(tmp_path) if r["step"] > 0]
     assert [r["step"] for r in recs] == [1, 2] and all(r["train/skipped_steps"] == 1 for r in recs)
     start = _params(use_tiny_world / "student")
     saved = _params(tmp_path / "checkpoints/step_000001/student")

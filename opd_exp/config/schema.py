@@ -124,13 +124,14 @@ class LauncherConfig:
 @dataclass
 class DataConfig:
     """Training prompts."""
-    source: str = "toy"  # toy | hub
+    source: str = "toy"  # toy | hub | file
     prompts_per_step: int = 16
     # toy source
     levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     pool_size: int = 4096  # distinct training prompts drawn from the toy task
     # hub source (a datasets-style dataset; downloaded only when a run starts)
     name: Optional[str] = None
+    path: Optional[str] = None  # file source: a .jsonl or .parquet file of rows (the fields below)
     subset: Optional[str] = None  # the dataset's configuration name, if it has several
     split: str = "train"
     prompt_field: str = "problem"

@@ -144,15 +144,18 @@ def validate(cfg: DictConfig) -> None:
     _require(total % lc.minibatches == 0, "learner.minibatches", lc.minibatches,
              f"a divisor of data.prompts_per_step / ranks * rollout.n = {total}")
     d = cfg.data
-    _choice("data.source", d.source, {"toy", "hub"})
+    _choice("data.source", d.source, {"toy", "hub", "file"})
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
     if d.source == "toy":
         _require(len(d.levels) > 0 and set(d.levels) <= set(range(1, 7)), "data.levels",
                  list(d.levels), "a non-empty list of levels from 1..6")
         _require(d.pool_size >= d.prompts_per_step, "data.pool_size", d.pool_size,
                  "an integer >= data.prompts_per_step")
-    else:
+    elif d.source == "hub":
         _require(bool(d.name), "data.name", d.name, "a dataset id when data.source=hub")
+    else:
+        _require(bool(d.path) and Path(d.path).is_file() and d.path.endswith((".jsonl", ".parquet")),
+                 "data.path", d.path, "an existing .jsonl or .parquet file when data.source=file")
     e = cfg.eval
     _require(e.k >= 1, "eval.k", e.k, "an integer >= 1")
     _require(e.every >= 0, "eval.every", e.every, "an integer >= 0")

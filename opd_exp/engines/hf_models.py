@@ -61,11 +61,13 @@ def check_same_vocab(student_tok, teacher_tok, mask_unshared: bool = False) -> l
     return sorted(i for t, i in sv.items() if teacher_token.get(i) != t)
 
 
-def output_rows(mcfg, field: str) -> int:
-    """Rows of the model's LM head (its config's vocab_size), read without loading weights."""
+def model_shape(mcfg, field: str) -> tuple[int, int | None]:
+    """(rows of the LM head = the config's vocab_size, context length or None), read from the
+    model's config without loading weights."""
     c = _load("config", f"{field}.path", AutoConfig.from_pretrained, mcfg.path,
               revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
-    return getattr(c, "vocab_size", None) or c.get_text_config().vocab_size
+    text = c if getattr(c, "vocab_size", None) else c.get_text_config()
+    return text.vocab_size, getattr(text, "max_position_embeddings", None)
 
 
 def check_vocab_sizes(tokenizer, rows: dict[str, int]) -> tuple[int, str | None]:

@@ -21,7 +21,7 @@ from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts
 from opd_exp.config import validate_vocab
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
-                                       load_tokenizer, output_rows, save_model, stop_token_ids)
+                                       load_tokenizer, model_shape, save_model, stop_token_ids)
 from opd_exp.loop.evaluator import Evaluator
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
@@ -65,9 +65,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         checkpoint.check_resumable(resume_from, ckpt_meta)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
-    vocab, note = check_vocab_sizes(tokenizer, {
-        "pair.student": output_rows(student_cfg, "pair.student"),
-        "pair.teacher": output_rows(cfg.pair.teacher, "pair.teacher")})
+    shapes = {"pair.student": model_shape(student_cfg, "pair.student"),
+              "pair.teacher": model_shape(cfg.pair.teacher, "pair.teacher")}
+    vocab, note = check_vocab_sizes(tokenizer, {k: rows for k, (rows, _) in shapes.items()})
     validate_vocab(cfg, vocab)
     if note and dist.is_main:
         print(note, flush=True)
@@ -81,8 +81,12 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
-    prompts = make_prompts(cfg.data, cfg.trainer.seed)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
+    prompts = make_prompts(cfg.data, cfg.trainer.seed)
+    limits = [c for c in [cfg.rollout.max_model_len, *(c for _, c in shapes.values())] if c]
+    if limits:  # a prompt and its longest response must fit the context of every model
+        prompts = prompts.keep(lambda p: len(encode(p.prompt)) + cfg.rollout.max_new_tokens
+                               <= min(limits), "skipped_too_long")
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           make_encoder(tokenizer, cfg.data.chat_template, cfg.eval.prompt_suffix), dist)
     start = 0
