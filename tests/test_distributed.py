@@ -52,3 +52,38 @@ def test_world_size_must_match_the_launcher_config():
     check_world(Dist(), OmegaConf.create({"nproc_per_node": 1, "nnodes": 1}))
     with pytest.raises(ConfigError, match=r"^launcher.nproc_per_node \* launcher.nnodes = 2 is not"):
         check_world(Dist(), OmegaConf.create({"nproc_per_node": 2, "nnodes": 1}))
+
+
+def _zscore_worker(rank: int, port: int, out: str) -> None:
+    from opd_exp.methods.rewards import RewardInputs, zscore
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world_size=2, local_rank=rank)
+    x = _zscore_inputs()
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)  # unequal shards, unequal token counts
+    mine = RewardInputs(x.logq_B_T[rows], x.logp_B_T[rows], x.mask_B_T[rows], x.group_B[rows],
+                        sum_over_ranks=d.sum_tensor)
+    torch.save(zscore(mine, OmegaConf.create({"eps": 1e-6})), f"{out}.{rank}")
+    tdist.destroy_process_group()
+
+
+def _zscore_inputs():
+    from opd_exp.methods.rewards import RewardInputs
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).double()
+    mask[0] = 1.0
+    return RewardInputs(torch.randn(5, 7, generator=g, dtype=torch.float64) * 3,
+                        torch.randn(5, 7, generator=g, dtype=torch.float64), mask, torch.arange(5))
+
+
+def test_zscore_standardises_over_the_whole_step_across_ranks(tmp_path):
+    """reward=zscore on 2 ranks = one process holding the whole step (SPEC §1.2)."""
+    from opd_exp.methods.rewards import zscore
+
+    out = str(tmp_path / "z")
+    mp.spawn(_zscore_worker, args=(free_port(), out), nprocs=2, join=True)
+    got = torch.cat([torch.load(f"{out}.{i}") for i in (0, 1)])
+    whole = zscore(_zscore_inputs(), OmegaConf.create({"eps": 1e-6}))
+    assert torch.allclose(got, whole, atol=1e-12)
+    assert ((got * _zscore_inputs().mask_B_T).sum() / _zscore_inputs().mask_B_T.sum()).abs() < 1e-12

@@ -218,3 +218,28 @@ def test_a_nan_loss_never_reaches_the_weights(tiny_world):
     assert m["skipped_steps"] == 0 and math.isfinite(m["grad_norm_max"])
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+class _FixedPolicy:
+    """A PolicyView whose token log-probs are given (to place ratios exactly)."""
+    vocab_size = None
+
+    def __init__(self, logp_B_T):
+        self.logp_B_T = logp_B_T
+
+    def token_logprobs(self, rollouts, temperature=1.0):
+        return self.logp_B_T * rollouts.response_mask_B_T
+
+
+def test_clip_frac_counts_tokens_whose_loss_is_the_clipped_term():
+    """PPO's clip fraction: ratio 0.5 with A > 0 is outside [0.8, 1.2] but its unclipped term is
+    the minimum, so it is not clipped; ratio 1.5 with A > 0 is; ratio 1.5 with A < 0 is not."""
+    _, r = _rollouts(seed=7, B=2, T=4)
+    r.response_mask_B_T = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    old = torch.zeros(2, 4)
+    ratio = torch.tensor([[0.5, 1.5, 1.5, 1.0], [1.5, 1.5, 1.5, 1.5]])
+    A = torch.tensor([[1.0, 1.0, -1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    obj = _obj(SampledTokenOPD, _cfg())
+    batch = StepBatch(r, TeacherScores(old), logp_old_B_T=old, advantages_B_T=A)
+    _, m = obj.loss(_FixedPolicy(ratio.log()), batch, 4.0)
+    assert m["clip_frac"] == pytest.approx(1 / 4)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-OBJECTIVES = {  # objective.name → class(objective_cfg, reward_cfg, temperature)
+OBJECTIVES = {  # objective.name → class(objective_cfg, reward_cfg, temperature, ranks)
     "sampled_token": "opd_exp.methods.sampled_token:SampledTokenOPD",
     "full_vocab": "opd_exp.methods.full_vocab:FullVocabOPD",
     "topk": "opd_exp.methods.topk:TopKOPD",

@@ -80,7 +80,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
-    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
+    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
     encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
     prompts = make_prompts(cfg.data, cfg.trainer.seed)
     limits = [c for c in [cfg.rollout.max_model_len, *(c for _, c in shapes.values())] if c]

@@ -51,7 +51,7 @@ class FullVocabOPD:
     teacher_needs = "hidden"  # teacher hidden states + LM head (config/registry.py)
     needs_old_logp = False
 
-    def __init__(self, objective_cfg, reward_cfg, temperature: float):
+    def __init__(self, objective_cfg, reward_cfg, temperature: float, ranks=None):
         o = objective_cfg
         self.kind, self.beta, self.chunk = o.divergence, o.beta, o.chunk_size
         self.temperature = temperature

@@ -23,6 +23,12 @@ class RewardInputs:
     mask_B_T: torch.Tensor  # 1.0 on trained tokens
     group_B: torch.Tensor  # prompt index of each row (GRPO groups)
     correct_B: Optional[torch.Tensor] = None  # 1.0 where the response's answer is right
+    # element-wise sum over the job's ranks (Dist.sum_tensor): statistics "over the step" cover
+    # every rank's tokens; None = this process holds the whole step
+    sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def step_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.sum_over_ranks is None else self.sum_over_ranks(x)
 
 
 # ---- per-token rewards r_t ------------------------------------------------------------------
@@ -55,11 +61,12 @@ def log_tanh(x: RewardInputs, cfg) -> torch.Tensor:
 
 
 def zscore(x: RewardInputs, cfg) -> torch.Tensor:
-    """Post-hoc stabiliser: the log-ratio standardised over the step's valid tokens."""
+    """Post-hoc stabiliser: the log-ratio standardised over the step's valid tokens (all ranks)."""
     r, m = log_ratio(x, cfg), x.mask_B_T
-    n = m.sum().clamp(min=1)
-    mean = r.sum() / n
-    std = (((r - mean) * m) ** 2).sum().div(n).sqrt()
+    total, n = x.step_sum(torch.stack([r.sum(), m.sum()]))
+    n = n.clamp(min=1)
+    mean = total / n
+    std = x.step_sum((((r - mean) * m) ** 2).sum()).div(n).sqrt()
     return (r - mean) / (std + cfg.eps) * m
 
 

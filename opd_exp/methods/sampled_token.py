@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from opd_exp.core.protocols import PolicyView
+from opd_exp.core.ranks import Dist
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import early_min, masked_quantiles
 from opd_exp.methods.rewards import RewardInputs, advantages
@@ -29,8 +30,9 @@ class SampledTokenOPD:
     teacher_needs = "sampled"
     needs_old_logp = True
 
-    def __init__(self, objective_cfg, reward_cfg, temperature: float):
-        self.reward_cfg = reward_cfg
+    def __init__(self, objective_cfg, reward_cfg, temperature: float, ranks: Dist | None = None):
+        """`ranks`: the job's ranks, for rewards standardised over the whole step (zscore)."""
+        self.reward_cfg, self.ranks = reward_cfg, ranks
         self.gamma = objective_cfg.gamma
         self.clip_low = objective_cfg.clip_eps
         self.clip_high = objective_cfg.clip_eps_high or objective_cfg.clip_eps
@@ -39,7 +41,8 @@ class SampledTokenOPD:
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         mask = batch.mask_B_T
         logq, logp = batch.teacher.logp_B_T, batch.logp_old_B_T
-        x = RewardInputs(logq, logp, mask, batch.rollouts.group_B, batch.correct_B)
+        x = RewardInputs(logq, logp, mask, batch.rollouts.group_B, batch.correct_B,
+                         None if self.ranks is None else self.ranks.sum_tensor)
         A_B_T, r_B_T = advantages(x, self.reward_cfg, self.gamma)
         n = mask.sum().clamp(min=1).item()
         if batch.is_weight_B_T is not None:
@@ -57,6 +60,6 @@ class SampledTokenOPD:
         clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
         per_token = -torch.minimum(ratio * A, clipped * A) * mask
         loss = per_token.sum() / n_tokens
-        with torch.no_grad():
-            clip_frac = ((ratio - clipped).abs() > 0).float().mul(mask).sum() / n_tokens
+        with torch.no_grad():  # tokens whose loss is the clipped term (PPO's clip fraction)
+            clip_frac = ((clipped * A) < (ratio * A)).float().mul(mask).sum() / n_tokens
         return loss, {"loss": loss.item(), "clip_frac": clip_frac.item()}

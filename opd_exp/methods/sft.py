@@ -15,7 +15,7 @@ class SFT:
     needs_old_logp = False
     temperature = 1.0  # traces are scored by the plain softmax, whatever the rollout temperature
 
-    def __init__(self, objective_cfg, reward_cfg, temperature: float):
+    def __init__(self, objective_cfg, reward_cfg, temperature: float, ranks=None):
         pass
 
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:

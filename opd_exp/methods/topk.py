@@ -25,7 +25,7 @@ class TopKOPD:
     """
     needs_old_logp = False
 
-    def __init__(self, objective_cfg, reward_cfg, temperature: float):
+    def __init__(self, objective_cfg, reward_cfg, temperature: float, ranks=None):
         o = objective_cfg
         self.k, self.support, self.renorm = o.k, o.support, o.renormalize
         self.gradient, self.weight, self.chunk = o.gradient, o.weight, o.chunk_size
