@@ -65,6 +65,6 @@ def test_train_lsm_with_vllm_teacher_end_to_end(tiny_world, tmp_path):
                        env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [0, 0, 1, 2]
-    assert "teacher/eval/avg@2" in recs[0]  # the teacher evaluated with its vLLM engine
-    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs[2:])
+    assert [r["step"] for r in recs] == [0, 0, 0, 1, 2]  # data/, teacher eval, student eval
+    assert "teacher/eval/avg@2" in recs[1]  # the teacher evaluated with its vLLM engine
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs[3:])
