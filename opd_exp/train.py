@@ -70,10 +70,13 @@ def progress_line(m: dict[str, float], step: int, steps: int, k: int) -> str:
 
 
 def finish(run: Run, last: dict[str, float]) -> None:
-    """Close the loggers; rank 0 writes the plots and final_metrics.json."""
+    """Close the loggers; rank 0 writes the plots and final_metrics.json (a resumed run that had
+    nothing left to do keeps the one it has)."""
     run.logger.finish()
     if run.dist.is_main:
         if run.cfg.logger.plots:
             write_plots(run.run_dir / "metrics.jsonl", run.run_dir, k=run.cfg.eval.k)
-        (run.run_dir / "final_metrics.json").write_text(json.dumps(last, indent=2) + "\n")
+        final = run.run_dir / "final_metrics.json"
+        if last or not final.exists():
+            final.write_text(json.dumps(last, indent=2) + "\n")
     run.dist.close()

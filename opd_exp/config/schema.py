@@ -172,6 +172,8 @@ class TrainerConfig:
     save_every: int = 50  # 0 = only the final checkpoint
     keep_last: int = 2  # checkpoints kept on disk
     resume: bool = False  # continue from the run dir's latest checkpoint
+    overwrite: bool = False  # a fresh run in a run dir that holds one: delete its records first
+    allow_config_change: bool = False  # resume although pair/objective/reward/learner/data/… differ
     threads: int = 0  # torch threads; 0 = all cores
     max_skipped_steps: int = 3  # stop after this many steps in a row with a non-finite gradient
 

@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+
+from opd_exp.config import ConfigError, validate_vocab
 from opd_exp.config.registry import LEARNERS, ROLLOUTS, TEACHERS, resolve
 from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts
-from opd_exp.config import validate_vocab
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, save_model, stop_token_ids)
 from opd_exp.loop.evaluator import Evaluator
@@ -50,19 +51,39 @@ class Run:
     ckpt_meta: dict  # what a resume must match
 
 
-def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
+def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist, ckpt_meta: dict) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0). A run dir that holds a run is
+    resumed (`trainer.resume`: same maths unless `trainer.allow_config_change`), or started over
+    (`trainer.overwrite`), never silently mixed with a new one."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    t = cfg.trainer
+    resume_from = checkpoint.latest(run_dir) if t.resume else None
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, ckpt_meta)
+        if not t.allow_config_change:
+            checkpoint.check_same_maths(resume_from, OmegaConf.to_container(cfg, resolve=True))
+    elif not t.resume and checkpoint.holds_run(run_dir):
+        if not t.overwrite:
+            raise ConfigError(f"trainer.resume=False is not allowed: {run_dir} holds a run "
+                              "(metrics.jsonl, checkpoints/); trainer.resume=true continues it, "
+                              "trainer.overwrite=true starts over and deletes them")
+        dist.barrier()  # every rank has looked before rank 0 deletes
+        if dist.is_main:
+            checkpoint.clear(run_dir)
+    dist.barrier()
     if dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return resume_from
+
+
+def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
+    resume_from = open_run_dir(cfg, run_dir, dist, ckpt_meta)
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
     unshared = check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"),
                                 cfg.objective.mask_unshared)
-    resume_from = checkpoint.latest(run_dir) if cfg.trainer.resume else None
-    ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
-    if resume_from is not None:
-        checkpoint.check_resumable(resume_from, ckpt_meta)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
     shapes = {"pair.student": model_shape(student_cfg, "pair.student"),
@@ -107,4 +128,5 @@ def save_checkpoint(run: Run, step: int) -> None:
         run.learner.save(d)  # collective under DeepSpeed
         if run.dist.is_main:
             save_model(run.learner.policy, run.tokenizer, d / "student")
+            (d / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
     checkpoint.save(run.run_dir, step, write, run.cfg.trainer.keep_last, run.dist, run.ckpt_meta)

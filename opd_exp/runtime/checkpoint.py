@@ -61,12 +61,57 @@ def _publish(root: Path, tmp: Path, final: Path, state: dict, keep_last: int) ->
     pointer_tmp = root / "latest.tmp"
     pointer_tmp.write_text(name + "\n")
     os.replace(pointer_tmp, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")[:-keep_last]:
+    # keep `keep_last` in all, the one just written among them; never touch a later-numbered one
+    older = sorted(p for p in root.glob("step_*")
+                   if p.is_dir() and p.suffix != ".tmp" and p.name < final.name)
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if a run has written its records here (Hydra's own .hydra/ does not count)."""
+    return (run_dir / "metrics.jsonl").exists() or checkpoint_root(run_dir).exists()
+
+
+def clear(run_dir: Path) -> None:
+    """trainer.overwrite: delete the records of the run that was here."""
+    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    for name in ("metrics.jsonl", "final_metrics.json"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def load_step(path: Path) -> int:
     return json.loads((path / "state.json").read_text())["step"]
+
+
+# what changes the maths of a run: a resume with other values is refused unless allowed
+MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "trainer.seed", "rollout.n",
+             "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens",
+             "rollout.is_cap")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def check_same_maths(path: Path, config: dict) -> None:
+    """`config` (resolved, plain) must match the one `path` was trained with on MATH_KEYS; else
+    one line naming the keys (trainer.allow_config_change skips this check)."""
+    import yaml
+
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    a, b = _flat(yaml.safe_load(saved_file.read_text())), _flat(config)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and any(k == m or k.startswith(m + ".") for m in MATH_KEYS))
+    if keys:
+        said = ", ".join(f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in keys[:6])
+        raise ConfigError(f"trainer.resume=True is not allowed: {path.name} was trained with other "
+                          f"values of {said}{' …' if len(keys) > 6 else ''}; "
+                          "trainer.allow_config_change=true resumes anyway")
 
 
 def check_resumable(path: Path, meta: dict) -> None:

@@ -10,18 +10,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from opd_exp.core.protocols import Logger
 
 
+def _step(line: str) -> int | None:
+    """The record's step, or None for a line that is not a whole record (torn by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class JsonlLogger:
+    """`resume_step`: the checkpoint a resumed run starts from — records up to it are kept, later
+    ones (and a torn last line) dropped, as they will be logged again; None: a run starting at
+    step 0, which replaces any file there (a resume that found no checkpoint starts over)."""
+
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
-        if resume_step is not None and path.exists():  # drop records past the checkpoint
+        keep = []
+        if resume_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+                    if (s := _step(line)) is not None and s <= resume_step]
+        path.write_text("".join(line + "\n" for line in keep))
         self.file = open(path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -35,7 +49,22 @@ class JsonlLogger:
 
 
 class WandbLogger:
+    """W&B never stops training: if `wandb.init` or a `log` fails (online with a bad key, no
+    network, a full disk…), one warning is printed and W&B is left out for the rest of the run;
+    metrics.jsonl keeps every record.
+
+    A resumed run continues the same W&B run (`resume="allow"`, id in `<run>/wandb_run_id`).
+    Records logged after the last checkpoint and before a kill are logged again on resume: W&B
+    then shows those steps twice (its x-axis is our `step`); metrics.jsonl holds them once."""
+
     def __init__(self, cfg, run_dir: Path, config: dict, resume: bool):
+        self.run, self.failed = None, False
+        try:
+            self._init(cfg, run_dir, config, resume)
+        except Exception as e:  # noqa: BLE001 — any W&B failure: warn, go on without it
+            self._fail("init", e)
+
+    def _init(self, cfg, run_dir: Path, config: dict, resume: bool) -> None:
         import wandb
 
         mode = cfg.mode
@@ -52,11 +81,26 @@ class WandbLogger:
         run_id_file.write_text(self.run.id)
         self.run.define_metric("*", step_metric="step")
 
+    def _fail(self, what: str, e: Exception) -> None:
+        if not self.failed:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"warning: W&B {what} failed ({type(e).__name__}: {first}); training goes on "
+                  "without W&B, metrics.jsonl has every record", file=sys.stderr, flush=True)
+        self.failed, self.run = True, None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log({"step": step, **metrics})
+        if self.run is not None:
+            try:
+                self.run.log({"step": step, **metrics})
+            except Exception as e:  # noqa: BLE001
+                self._fail("log", e)
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001
+                self._fail("finish", e)
 
 
 class MultiLogger:
