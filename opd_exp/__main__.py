@@ -16,12 +16,34 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USAGE = __doc__
 
 
+def unknown_option(args: list[str]) -> str | None:
+    """One line for a `group=option` override naming no file of conf/<group>/ (Hydra's own error
+    is a page long), or None. Comma lists (--multirun) are checked option by option."""
+    for arg in args:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        folder = Path(CONF_DIR) / key
+        if not eq or arg.startswith("hydra") or not folder.is_dir():
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options:
+                return f"{key}={option} is not allowed: one of {', '.join(options)}"
+    return None
+
+
 def _hydra_command(fn) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from opd_exp.config import ConfigError, RunStopped, register_configs
 
+    from opd_exp.runtime.console import quiet_libraries
+
+    bad = unknown_option(sys.argv[1:])
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    quiet_libraries()
     register_configs()
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

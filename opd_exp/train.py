@@ -12,6 +12,7 @@ This file never imports an engine (vLLM, DeepSpeed, W&B): docs/architecture.md.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,12 +21,16 @@ from opd_exp.config import RunStopped, validate
 from opd_exp.loop.build import Run, build, save_checkpoint
 from opd_exp.loop.step import run_step
 from opd_exp.runtime import distributed
+from opd_exp.runtime.console import Progress, summary
 from opd_exp.runtime.plots import write_plots
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    t0 = time.time()
     validate(cfg)
     dist = distributed.init(cfg.launcher.dist_backend)  # one plain process unless launched
+    if dist.is_main:
+        print(f"run dir: {run_dir}", flush=True)
     distributed.check_world(dist, cfg.launcher)
     run = build(cfg, run_dir, dist)
     steps, every = cfg.trainer.steps, cfg.eval.every
@@ -38,6 +43,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     last: dict[str, float] = {}
     bad_in_a_row = 0
+    progress = Progress(run.start, steps, cfg.eval.k, enabled=dist.is_main)
     for step in range(run.start, steps):
         batch, metrics = run_step(run, step)
         done = step + 1
@@ -46,9 +52,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics.update(run.evaluator(run.rollout, done))
         run.logger.log(metrics, step=done)
         last = metrics
-        if dist.is_main:
-            print(progress_line(metrics, done, steps, cfg.eval.k), flush=True)
+        progress.update(done, metrics)
         if bad_in_a_row >= cfg.trainer.max_skipped_steps:
+            progress.close()
             run.logger.finish()
             raise RunStopped(f"step {done}: the gradient was not finite (NaN/inf loss or gradient) "
                              f"in {bad_in_a_row} steps in a row (trainer.max_skipped_steps="
@@ -56,17 +62,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                              "the weights and the last checkpoint are intact")
         if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == steps:
             save_checkpoint(run, done)
+    progress.close()
     finish(run, last)
+    if dist.is_main:
+        print(summary(run_dir, cfg.eval.k, time.time() - t0), flush=True)
     return last
-
-
-def progress_line(m: dict[str, float], step: int, steps: int, k: int) -> str:
-    line = f"step {step}/{steps} loss {m['train/loss']:.4f} grad_norm {m['train/grad_norm']:.3g}"
-    if "train/reward_mean" in m:
-        line += f" reward {m['train/reward_mean']:.4f}"
-    if f"eval/avg@{k}" in m:
-        line += f" eval/avg@{k} {m[f'eval/avg@{k}']:.3f}"
-    return line
 
 
 def finish(run: Run, last: dict[str, float]) -> None:

@@ -209,10 +209,9 @@ def schema_cfg(overrides: dict | None = None) -> DictConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="opd_schema", node=Config)
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+    """The typed primary schema (conf/config.yaml's first default) types every group; no group
+    entry is stored, so Hydra lists only the YAML options of a group."""
+    ConfigStore.instance().store(name="opd_schema", node=Config)
 
 
 def sequences_per_rank(cfg, world_size: int) -> int:

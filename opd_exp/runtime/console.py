@@ -1,0 +1,87 @@
+"""What a person watching a run sees: its run dir first, a progress bar with ETA over the steps
+(tqdm, on a terminal; plain step lines otherwise, as in CI logs), and a summary at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def quiet_libraries() -> None:
+    """No library noise in a run's output: weight-loading bars, matplotlib's font INFO,
+    DeepSpeed's accelerator guess on a machine without CUDA."""
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed (and warned about)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for name in ("matplotlib", "matplotlib.font_manager", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _fmt(m: dict, key: str, spec: str = ".4f") -> str | None:
+    v = m.get(key)
+    return None if v is None or not math.isfinite(v) else format(v, spec)
+
+
+class Progress:
+    """`update(step, metrics)` after each step: a tqdm bar on a terminal, else one line."""
+
+    def __init__(self, start: int, steps: int, k: int, enabled: bool = True):
+        self.k, self.steps, self.enabled = k, steps, enabled
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def fields(self, m: dict) -> dict[str, str]:
+        keys = (("loss", "train/loss", ".4f"), ("grad_norm", "train/grad_norm", ".3g"),
+                ("reward", "train/reward_mean", ".4f"), (f"avg@{self.k}", f"eval/avg@{self.k}", ".3f"))
+        return {name: v for name, key, spec in keys if (v := _fmt(m, key, spec)) is not None}
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        f = self.fields(m)
+        if self.bar is not None:
+            self.bar.set_postfix(f, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"step {step}/{self.steps} " + " ".join(f"{k} {v}" for k, v in f.items()), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary(run_dir: Path, k: int, seconds: float) -> str:
+    """Student Avg@k before → after (± s.e.), the teacher, gap recovery, wall time, and where the
+    metrics, plots and the last checkpoint are."""
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    ev = [r for r in recs if r.get(f"eval/avg@{k}") is not None]
+    teacher = next((r for r in recs if r.get(f"teacher/eval/avg@{k}") is not None), None)
+    lines = [f"done in {seconds / 60:.1f} min: {run_dir}"]
+    if ev:
+        a, b = ev[0], ev[-1]
+        pm = lambda r, p="eval": f"{r[f'{p}/avg@{k}']:.3f} ± {r.get(f'{p}/avg@{k}_stderr') or 0:.3f}"  # noqa: E731
+        line = f"  student avg@{k} {pm(a)} (step {a['step']}) → {pm(b)} (step {b['step']})"
+        if teacher:
+            t = teacher[f"teacher/eval/avg@{k}"]
+            line += f"; teacher {pm(teacher, 'teacher/eval')}"
+            gap = t - a[f"eval/avg@{k}"]
+            if abs(gap) > 1e-9:
+                line += f"; gap recovered {(b[f'eval/avg@{k}'] - a[f'eval/avg@{k}']) / gap:.0%}"
+        lines.append(line)
+    lines.append(f"  metrics {run_dir / 'metrics.jsonl'}, plots {run_dir}/*.png")
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.exists():
+        lines.append(f"  last checkpoint {run_dir / 'checkpoints' / latest.read_text().strip()}")
+    return "\n".join(lines)
+
