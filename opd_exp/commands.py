@@ -23,15 +23,19 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
+    p, d, suffix = cfg.pair, cfg.data, cfg.eval.prompt_suffix
+    tokenizer = load_tokenizer(p.student, "pair.student")
+    teacher_tok = load_tokenizer(p.teacher, "pair.teacher")
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
-                          make_encoder(tokenizer, cfg.data.chat_template, cfg.eval.prompt_suffix))
+                          make_encoder(tokenizer, d.chat_template, suffix, p.student),
+                          teacher_encode=make_encoder(teacher_tok, d.chat_template, suffix, p.teacher)
+                          if p.teacher_prompt == "own" else None)
+    stop_ids = stop_token_ids(p.student, tokenizer) | stop_token_ids(p.teacher, teacher_tok)
     out: dict[str, float] = {}
     roles = [("student", "eval")] + ([("teacher", "teacher/eval")] if cfg.eval.teacher else [])
     for role, prefix in roles:
         model = load_model(cfg.pair[role], f"pair.{role}")
-        rollout = HFRollout(model, tokenizer, stop_token_ids(model, tokenizer),
-                            cfg.rollout.batch_size)
+        rollout = HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size)
         out.update(evaluator(rollout, 0, prefix=prefix))
     k = cfg.eval.k
     for key in sorted(out):

@@ -112,13 +112,21 @@ def make_prompts(data_cfg, seed: int) -> PromptSource:
     return PromptSource(pool, d.prompts_per_step, seed, {"skipped_rows": skipped})
 
 
-def make_encoder(tokenizer, chat_template: bool, suffix: str = ""):
-    """prompt text → token ids, through the tokenizer's chat template if asked."""
+def make_encoder(tokenizer, chat_template: bool, suffix: str = "", model_cfg=None):
+    """prompt text → token ids, through the tokenizer's chat template if asked, with the model's
+    `chat_template_kwargs` and `system_prompt` (`model_cfg`: a pair.student / pair.teacher)."""
+    kwargs = dict(model_cfg.chat_template_kwargs) if model_cfg is not None else {}
+    system = model_cfg.system_prompt if model_cfg is not None else None
+
     def encode(text: str) -> list[int]:
         text = text + suffix
         if chat_template and tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": text}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False, **kwargs)
+        elif system:
+            text = system + "\n\n" + text
         return tokenizer(text, add_special_tokens=False).input_ids
     return encode
 

@@ -9,7 +9,7 @@ naming the field and what is allowed. Names of backends, objectives and rewards:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -21,6 +21,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # the model's own prompt rendering: extra chat-template variables (Qwen3:
+    # {enable_thinking: false}) and an optional system message before the user prompt
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: Optional[str] = None
 
 
 @dataclass
@@ -28,6 +32,10 @@ class PairConfig:
     name: str = "toy"
     student: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:student"))
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="toy:teacher"))
+    # prompt the teacher scores (and samples) under: the student's rendering, or its own
+    # (pair.teacher's chat template, chat_template_kwargs and system_prompt); the response
+    # tokens are the same either way
+    teacher_prompt: str = "student"  # student | own
 
 
 @dataclass

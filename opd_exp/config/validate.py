@@ -48,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
         m = cfg.pair[who]
         _require(bool(m.path), f"pair.{who}.path", m.path, "a hub id, a folder or toy:<name>")
         _choice(f"pair.{who}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
+    _choice("pair.teacher_prompt", cfg.pair.teacher_prompt, {"student", "own"})
     rw = cfg.reward
     _choice("reward.name", rw.name, registry.REWARDS)
     _require(rw.alpha > 0, "reward.alpha", rw.alpha, "a number > 0")

@@ -66,6 +66,14 @@ class Rollouts:
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
+    def with_prompts(self, prompts: list[list[int]], pad_id: int) -> "Rollouts":
+        """The same responses after other prompt tokens (`prompts[g]` for the rows of group g):
+        e.g. the prompt rendered with the teacher's own chat template."""
+        ids, mask = left_pad(prompts, pad_id)
+        g = self.group_B.cpu()
+        return replace(self, prompt_ids_B_P=ids[g].to(self.prompt_ids_B_P.device),
+                       prompt_mask_B_P=mask[g].to(self.prompt_mask_B_P.device))
+
     def to(self, device: torch.device | str) -> "Rollouts":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if getattr(self, f.name) is not None})

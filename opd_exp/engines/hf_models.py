@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          PreTrainedModel)
 
 from opd_exp import toyworld
 from opd_exp.config import ConfigError
@@ -87,8 +88,14 @@ def check_vocab_sizes(tokenizer, rows: dict[str, int]) -> tuple[int, str | None]
     return V, note
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
+def stop_token_ids(mcfg, tokenizer) -> set[int]:
+    """The model's end tokens: its generation_config's eos_token_id(s) and its tokenizer's eos.
+    A run stops rollouts at the union over both models: a Base student ends with <|endoftext|>
+    only, its instruct teacher's turn with <|im_end|>."""
+    try:
+        ids = GenerationConfig.from_pretrained(resolve_path(mcfg.path), revision=mcfg.revision).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        ids = None
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -44,6 +44,7 @@ class Run:
     objective: Objective
     prompts: PromptSource
     encode: Callable[[str], list[int]]  # prompt text → token ids
+    teacher_encode: Callable[[str], list[int]] | None  # the teacher's own (pair.teacher_prompt=own)
     sampling: Sampling  # rollout.*
     evaluator: Evaluator
     logger: Logger
@@ -82,8 +83,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
     resume_from = open_run_dir(cfg, run_dir, dist, ckpt_meta)
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
-    unshared = check_same_vocab(tokenizer, load_tokenizer(cfg.pair.teacher, "pair.teacher"),
-                                cfg.objective.mask_unshared)
+    teacher_tok = load_tokenizer(cfg.pair.teacher, "pair.teacher")
+    unshared = check_same_vocab(tokenizer, teacher_tok, cfg.objective.mask_unshared)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
     shapes = {"pair.student": model_shape(student_cfg, "pair.student"),
@@ -93,7 +94,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if note and dist.is_main:
         print(note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
-    stop_ids = stop_token_ids(student, tokenizer)
+    stop_ids = (stop_token_ids(student_cfg, tokenizer)
+                | stop_token_ids(cfg.pair.teacher, teacher_tok))
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
@@ -102,14 +104,19 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
-    encode = make_encoder(tokenizer, cfg.data.chat_template, cfg.data.prompt_suffix)
+    d, s, t = cfg.data, cfg.pair.student, cfg.pair.teacher
+    encode = make_encoder(tokenizer, d.chat_template, d.prompt_suffix, s)
+    own = cfg.pair.teacher_prompt == "own"
+    teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     prompts = make_prompts(cfg.data, cfg.trainer.seed)
     limits = [c for c in [cfg.rollout.max_model_len, *(c for _, c in shapes.values())] if c]
     if limits:  # a prompt and its longest response must fit the context of every model
         prompts = prompts.keep(lambda p: len(encode(p.prompt)) + cfg.rollout.max_new_tokens
                                <= min(limits), "skipped_too_long")
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
-                          make_encoder(tokenizer, cfg.data.chat_template, cfg.eval.prompt_suffix), dist)
+                          make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix, s), dist,
+                          make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
+                          if own else None)
     start = 0
     if resume_from is not None:
         learner.load(resume_from)
@@ -118,7 +125,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
-               objective, prompts, encode, Sampling.from_cfg(cfg.rollout), evaluator, logger,
+               objective, prompts, encode, teacher_encode, Sampling.from_cfg(cfg.rollout), evaluator, logger,
                start, ckpt_meta)
 
 

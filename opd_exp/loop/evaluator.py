@@ -18,17 +18,20 @@ class Evaluator:
     call reseeds from (trainer.seed, step), so a resumed run evaluates exactly as a straight one.
     With several ranks each evaluates its share."""
 
-    def __init__(self, eval_cfg, seed: int, tokenizer, encode, dist: Dist = Dist()):
-        """`eval.*`; `seed`: trainer.seed; `encode`: prompt text → token ids."""
+    def __init__(self, eval_cfg, seed: int, tokenizer, encode, dist: Dist = Dist(),
+                 teacher_encode=None):
+        """`eval.*`; `seed`: trainer.seed; `encode`: prompt text → token ids (the teacher's own
+        `teacher_encode` for prefix teacher/eval, when pair.teacher_prompt=own)."""
         self.seed, self.tokenizer, self.encode, self.dist = seed, tokenizer, encode, dist
+        self.teacher_encode = teacher_encode
         self.benchmarks = {b: load_benchmark(b, eval_cfg.max_problems) for b in eval_cfg.benchmarks}
         self.sampling = Sampling.from_cfg(eval_cfg, n=eval_cfg.k)
 
     def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
         torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))
         t = time.time()
-        scores = evaluate(rollout, self.tokenizer, self.encode, self.benchmarks, self.sampling,
-                          self.dist)
+        encode = self.teacher_encode if prefix.startswith("teacher") and self.teacher_encode else self.encode
+        scores = evaluate(rollout, self.tokenizer, encode, self.benchmarks, self.sampling, self.dist)
         out = {f"{prefix}/{k}": v for k, v in scores.items()}
         out[f"{prefix}/seconds"] = time.time() - t
         return out

@@ -21,13 +21,21 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(run.prompts.batch(step))  # this rank's prompts
     on_policy = cfg.objective.rollouts_from == "student"
-    sampler = run.rollout if on_policy else run.teacher_rollout
-    rollouts = sampler.generate([run.encode(p.prompt) for p in problems], run.sampling)
+    student_prompts = [run.encode(p.prompt) for p in problems]
+    teacher_prompts = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else None
+    if on_policy:
+        rollouts = run.rollout.generate(student_prompts, run.sampling)
+    else:  # teacher-written traces, sampled under the teacher's prompt, trained after the student's
+        rollouts = run.teacher_rollout.generate(teacher_prompts or student_prompts, run.sampling)
+        if teacher_prompts:
+            rollouts = rollouts.with_prompts(student_prompts, run.tokenizer.pad_token_id)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
     t1 = time.time()
-    scores: TeacherScores = run.teacher.score(rollouts, objective.teacher_needs, cfg.objective.k)
+    scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
+              else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
+    scores: TeacherScores = run.teacher.score(scored, objective.teacher_needs, cfg.objective.k)
     t2 = time.time()
     batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
     if objective.needs_old_logp:

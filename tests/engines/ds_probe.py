@@ -35,7 +35,7 @@ FIXED = ["learner.lr=5e-3", "learner.max_grad_norm=1.0", "rollout.max_new_tokens
 
 
 def fixed_batches(cfg, student, teacher_model, tok) -> list[StepBatch]:
-    sampler = HFRollout(copy.deepcopy(student), tok, stop_token_ids(student, tok))
+    sampler = HFRollout(copy.deepcopy(student), tok, stop_token_ids(cfg.pair.student, tok))
     teacher = HFTeacher(teacher_model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
     encode = make_encoder(tok, cfg.data.chat_template)
     prompts = make_prompts(cfg.data, cfg.trainer.seed)
