@@ -31,6 +31,44 @@ def unknown_option(args: list[str]) -> str | None:
     return None
 
 
+def composition_error(args: list[str]) -> str | None:
+    """One line for overrides Hydra cannot compose — a wrong type (`reward.alpha=abc`), an
+    unknown key (`trainer.stepz=3`), bad syntax — or None. Hydra's own report is a page; sweep
+    values (--multirun) are tried one by one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def first_line(e: BaseException) -> str:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+
+    mine = [a for a in args if not a.startswith("-") and "=" in a
+            and not a.lstrip("+~").startswith("hydra")]
+    parser = OverridesParser.create()
+    for arg in mine:
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as e:
+            return f"{arg} is not an override Hydra can read ({first_line(e)})"
+    parsed = parser.parse_overrides(mine)
+    choices = [[o.input_line] if not o.is_sweep_override() else
+               [o.input_line.split("=", 1)[0] + "=" + v for v in o.sweep_string_iterator()]
+               for o in parsed]
+    base = [c[0] for c in choices]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for i, options in enumerate(choices):
+            for option in options if len(options) > 1 or i == 0 else []:
+                tried = base[:i] + [option] + base[i + 1:]
+                try:
+                    compose(config_name="config", overrides=tried)
+                except (HydraException, OmegaConfBaseException) as e:
+                    cause = e.__cause__ or e
+                    said = first_line(e)
+                    return said if cause is e else f"{said}: {first_line(cause)}"
+    return None
+
+
 def _hydra_command(fn) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -43,8 +81,12 @@ def _hydra_command(fn) -> None:
     if bad:
         print(f"error: {bad}", file=sys.stderr)
         sys.exit(2)
-    quiet_libraries()
     register_configs()
+    bad = composition_error(sys.argv[1:])
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    quiet_libraries()
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def main(cfg) -> None:

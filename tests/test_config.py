@@ -81,12 +81,49 @@ def test_unknown_key_fails_at_composition():
     ("launcher.node_rank=1", "launcher.node_rank"), ("rollout.sleep=true", "rollout.sleep"),
     ("rollout=vllm_server learner=deepspeed launcher.nproc_per_node=2", "rollout.backend"),
     ("rollout.server_url=localhost:8000", "rollout.server_url"),
+    ("learner.betas=[0.9]", "learner.betas"), ("learner.betas=[0.9,0.99,0.5]", "learner.betas"),
+    ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps"),
+    ("pair.teacher_prompt=teacher", "pair.teacher_prompt"), ("data.source=web", "data.source"),
+    ("data.source=file", "data.path"), ("objective=full_vocab objective.mask_unshared=true",
+                                        "objective.mask_unshared"),
 ])
 def test_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         validate(compose(override.split()))
     msg = str(e.value)
     assert msg.startswith(field + "=") and "\n" not in msg
+
+
+@pytest.mark.parametrize("args,said", [
+    (["reward.alpha=abc"], "reward.alpha=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    (["trainer.steps=1.5"], "trainer.steps=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["rollout.n="], "rollout.n=: Value '' of type 'str' could not be converted to Integer"),
+    (["trainer.stepz=3"], "Could not override 'trainer.stepz': Key 'stepz' not in 'TrainerConfig'"),
+    (["+trainer.steps=3"], "Could not append to config. An item is already at 'trainer.steps'"),
+    (["eval.benchmarks=[toy_L1"], "eval.benchmarks=[toy_L1 is not an override Hydra can read"),
+    (["--multirun", "reward.alpha=0.5,abc"], "reward.alpha=abc: Value 'abc'"),
+    (["learner.betas=[0.9,x]"], "learner.betas=[0.9,x]: "),
+])
+def test_malformed_overrides_are_one_line_naming_the_field(args, said):
+    from opd_exp.__main__ import composition_error
+
+    msg = composition_error(args)
+    assert msg is not None and said in msg and "\n" not in msg, msg
+
+
+def test_well_formed_overrides_compose(tmp_path):
+    from opd_exp.__main__ import composition_error
+
+    assert composition_error(["--multirun", "+experiment=powerOPD_toy", "reward.alpha=0.1,0.5",
+                              "++pair.teacher.chat_template_kwargs.enable_thinking=false",
+                              f"hydra.run.dir={tmp_path}", "eval.benchmarks=[toy_L1,toy_L2]"]) is None
+
+
+def test_cli_type_error_is_one_line():
+    p = _cli("train", "reward.alpha=abc")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "error: Error merging override reward.alpha=abc: Value 'abc' of type 'str' could not be "
+        "converted to Float")
 
 
 def _cli(*args, env=None):

@@ -3,6 +3,7 @@ and W&B failures that never stop training."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,37 @@ def test_wandb_failing_never_stops_training(tmp_path, use_tiny_world, monkeypatc
     err = capsys.readouterr().err
     assert err.count("warning: W&B") == 1 and f"W&B {fails_at} failed" in err
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_moments_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_world):
+    """Killed before the first checkpoint, inside a checkpoint save, between saves: each resumed
+    run ends with the same metrics.jsonl rows (timings aside) and the same final weights."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OPD_EXP_TOY_DIR": str(tiny_world)}
+    args = [*BASE, "eval.every=2", "trainer.steps=4", "trainer.save_every=2", "logger.mode=disabled"]
+
+    def run(cmd, run_dir, *extra):
+        return subprocess.run([sys.executable, "-m", *cmd, *args, *extra, f"hydra.run.dir={run_dir}"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+    straight = tmp_path / "straight"
+    assert run(["opd_exp", "train"], straight).returncode == 0
+    weights = lambda d: load_file(d / "checkpoints/step_000004/student/model.safetensors")  # noqa: E731
+    for name, where, at in (("before_first_checkpoint", "step", 1), ("inside_save", "publish", 4),
+                            ("between_saves", "step", 3)):
+        d = tmp_path / name
+        killed = run(["tests.engines.kill_probe", where, str(at), "--"], d)
+        assert killed.returncode == -9, (name, killed.stderr[-2000:])
+        resumed = run(["opd_exp", "train"], d, "trainer.resume=true")
+        assert resumed.returncode == 0, (name, resumed.stderr[-2000:])
+        assert _rows(d) == _rows(straight), name
+        a, b = weights(straight), weights(d)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -109,7 +109,8 @@ def validate(cfg: DictConfig) -> None:
     lc = cfg.learner
     _choice("learner.backend", lc.backend, registry.LEARNERS)
     _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")
-    _require(all(0 <= b < 1 for b in lc.betas), "learner.betas", list(lc.betas), "two numbers in [0, 1)")
+    _require(len(lc.betas) == 2 and all(0 <= b < 1 for b in lc.betas), "learner.betas",
+             list(lc.betas), "two numbers in [0, 1)")
     _require(lc.weight_decay >= 0, "learner.weight_decay", lc.weight_decay, "a number >= 0")
     _require(lc.warmup_steps >= 0, "learner.warmup_steps", lc.warmup_steps, "an integer >= 0")
     _require(lc.micro_batch_size >= 1, "learner.micro_batch_size", lc.micro_batch_size,
