@@ -164,3 +164,16 @@ def test_two_nodes_emulated_on_loopback(tiny_world, tmp_path):
     steps = [r for r in records(tmp_path) if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in steps)
     assert json.loads((tmp_path / "checkpoints/step_000002/state.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_nan_loss_never_reaches_the_weights_under_deepspeed(tiny_world, stage):
+    """DeepSpeed skips an update whose gradient norm is not finite (and its LR step); our
+    learner reports it as train/skipped_steps, like the torch learner."""
+    p = subprocess.run([sys.executable, "-m", "tests.engines.ds_nan_probe", str(tiny_world),
+                        str(stage), str(free_port())], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["skipped"] == 1 and not math.isfinite(out["norm"]) and out["same"] and out["finite"]
+    assert out["then_changed"] and out["skipped2"] == 0
