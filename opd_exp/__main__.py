@@ -18,16 +18,28 @@ USAGE = __doc__
 
 def unknown_option(args: list[str]) -> str | None:
     """One line for a `group=option` override naming no file of conf/<group>/ (Hydra's own error
-    is a page long), or None. Comma lists (--multirun) are checked option by option."""
+    is a page long), or None. Sweeps (a,b / choice(a,b)) are checked option by option; glob()
+    sweeps and unreadable overrides are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
     for arg in args:
-        key, eq, value = arg.lstrip("+~").partition("=")
-        folder = Path(CONF_DIR) / key
-        if not eq or arg.startswith("hydra") or not folder.is_dir():
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except HydraException:
+            continue
+        folder = Path(CONF_DIR) / o.key_or_group
+        if not folder.is_dir() or o.value_type == ValueType.GLOB_CHOICE_SWEEP:
             continue
         options = sorted(p.stem for p in folder.glob("*.yaml"))
-        for option in value.split(","):
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for option in values:
             if option not in options:
-                return f"{key}={option} is not allowed: one of {', '.join(options)}"
+                return f"{o.key_or_group}={option} is not allowed: one of {', '.join(options)}"
     return None
 
 

@@ -39,3 +39,12 @@ def test_train_from_a_jsonl_file_skips_bad_rows_and_too_long_prompts(tmp_path, u
 def test_file_source_needs_an_existing_file(tmp_path):
     with pytest.raises(ConfigError, match="^data.path=.* is not allowed: an existing .jsonl"):
         train(compose([*TINY_RUN, "data.source=file", f"data.path={tmp_path}/none.jsonl"]), tmp_path)
+
+
+def test_prompts_too_long_for_the_teacher_rendering_are_skipped(tmp_path, use_tiny_world):
+    """pair.teacher_prompt=own: the teacher's prompt (here a long system message) must fit too."""
+    base = [*TINY_RUN, "trainer.steps=1", "eval.every=0", "rollout.max_model_len=64",
+            "pair.teacher_prompt=own"]
+    train(compose(base), tmp_path / "fits")
+    with pytest.raises(ConfigError, match="^data: no usable prompt is left"):
+        train(compose(base + ["pair.teacher.system_prompt=" + "Be brief. " * 20]), tmp_path / "long")

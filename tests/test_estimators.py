@@ -306,3 +306,21 @@ def test_group_advantage_and_mix():
     cfg.name = "verifiable"
     Av, _ = advantages(x, cfg, gamma=0.0)
     assert torch.allclose(Av, An[:, None].expand(6, 3), atol=1e-4)
+
+
+def test_topk_teacher_entries_that_are_not_finite_are_not_in_the_support():
+    """A teacher that returned fewer than K entries (-inf slots: e.g. padded ids dropped by the
+    vLLM teacher) gives the loss of the K - 1 it returned, finite."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 20, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 20, generator=g, dtype=torch.float64).log_softmax(-1)
+    mask = torch.ones(2, 3, dtype=torch.float64)
+    ident = torch.nn.Identity()
+    v, i = t.topk(6, -1)
+    v_hole = v.clone()
+    v_hole[..., -1] = -float("inf")
+    obj = _obj(TopKOPD, _cfg(name="topk", k=6))
+    got = obj._chunk_loss(ident, ident, None, s, mask, v_hole, i)[0]
+    ref = _obj(TopKOPD, _cfg(name="topk", k=5))._chunk_loss(ident, ident, None, s, mask,
+                                                            v[..., :5], i[..., :5])[0]
+    assert torch.isfinite(got) and torch.allclose(got, ref, atol=1e-12)

@@ -147,3 +147,23 @@ def test_sigkill_at_three_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         assert _rows(d) == _rows(straight), name
         a, b = weights(straight), weights(d)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_overwrite_deletes_nothing_before_the_new_run_passes_its_checks(tmp_path, use_tiny_world):
+    train(compose(BASE + ["trainer.steps=1"]), tmp_path)
+    with pytest.raises(ConfigError, match="^objective.k="):
+        train(compose(BASE + ["trainer.overwrite=true", "objective=topk", "objective.k=100000"]),
+              tmp_path)
+    assert checkpoint.latest(tmp_path).name == "step_000001" and _rows(tmp_path)
+
+
+def test_a_config_key_added_since_the_checkpoint_is_not_a_change(tmp_path):
+    import yaml
+
+    ckpt = tmp_path / "step_000002"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"learner": {"lr": 0.1, "micro_batch_size": 4}}))
+    checkpoint.check_same_maths(ckpt, {"learner": {"lr": 0.1, "micro_batch_size": 8,
+                                                   "a_new_key": 1.0}})
+    with pytest.raises(ConfigError, match=r"learner.lr \(0.1 → 0.2\)"):
+        checkpoint.check_same_maths(ckpt, {"learner": {"lr": 0.2}})

@@ -138,3 +138,21 @@ def test_unshared_token_ids_are_an_error_or_never_trained_on(tmp_path, swapped_w
         hits += int(sel.sum())
         assert not (torch.isin(r.response_ids_B_T, torch.tensor(ids)) & (r.response_mask_B_T > 0)).any()
     assert hits > 0  # the digits were sampled, and masked
+
+
+@pytest.mark.slow
+def test_vllm_never_samples_padded_rows_and_its_teacher_topk_stays_full(padded_world, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_padded_probe", str(padded_world),
+                        str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=900,
+                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["rows"] == out["V"] + EXTRA["teacher"]
+    assert out["max_sampled"] < out["V"] and out["max_topk_id"] < out["V"] and out["all_finite"]

@@ -79,8 +79,8 @@ def check_vocab_sizes(tokenizer, rows: dict[str, int]) -> tuple[int, str | None]
     V = len(tokenizer)
     for field, n in rows.items():
         if n < V:
-            raise ConfigError(f"{field}.path: the model has {n} output rows but its tokenizer "
-                              f"{V} tokens; they must cover the tokenizer's vocabulary")
+            raise ConfigError(f"{field}.path: the model has {n} output rows but the pair's "
+                              f"tokenizer {V} tokens; they must cover its vocabulary")
     padded = {f: n for f, n in rows.items() if n > V}
     note = None if not padded else ("vocabulary: " + ", ".join(
         f"{f} {n} rows" for f, n in rows.items()) + f" for {V} tokens: padded rows take part in "
@@ -94,8 +94,10 @@ def stop_token_ids(mcfg, tokenizer) -> set[int]:
     only, its instruct teacher's turn with <|im_end|>."""
     try:
         ids = GenerationConfig.from_pretrained(resolve_path(mcfg.path), revision=mcfg.revision).eos_token_id
-    except OSError:  # no generation_config.json: the tokenizer's eos alone
-        ids = None
+    except OSError:  # no generation_config.json: the model config's eos, as HF derives it
+        c = AutoConfig.from_pretrained(resolve_path(mcfg.path), revision=mcfg.revision,
+                                       trust_remote_code=mcfg.trust_remote_code)
+        ids = getattr(c, "eos_token_id", None) or getattr(c.get_text_config(), "eos_token_id", None)
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -27,9 +27,13 @@ from opd_exp.core.types import Rollouts, Sampling, concat_rollouts, left_pad, re
 class VLLMSampler:
     """Sampling from an in-process vLLM engine `llm` (fixed weights: e.g. the teacher's)."""
 
-    def __init__(self, llm, tokenizer, stop_ids: set[int], sleep: bool = False):
+    def __init__(self, llm, tokenizer, stop_ids: set[int], sleep: bool = False,
+                 vocab_size: int | None = None):
+        """`vocab_size`: set for a model with padded embedding rows — only the tokenizer's real
+        tokens may be sampled (vLLM samples over every row otherwise)."""
         self.llm, self.tokenizer, self.stop_ids = llm, tokenizer, sorted(stop_ids)
         self.sleep, self.asleep = sleep, False
+        self.allowed = list(range(vocab_size)) if vocab_size else None
 
     def _wake(self) -> None:
         if self.asleep:
@@ -51,7 +55,7 @@ class VLLMSampler:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
                                 stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
-                                detokenize=False)
+                                allowed_token_ids=self.allowed, detokenize=False)
         self._wake()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
@@ -76,8 +80,10 @@ class VLLMRollout(VLLMSampler):
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         if sleep:
             kw["enable_sleep_mode"] = True
+        rows = model.get_output_embeddings().weight.shape[0]
         super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
-                                      seed=seed, **kw), tokenizer, stop_ids, sleep)
+                                      seed=seed, **kw), tokenizer, stop_ids, sleep,
+                         vocab_size=len(tokenizer) if rows > len(tokenizer) else None)
         self.sync_every, self.calls = sync_every, 0
 
     def sync_weights(self, model: torch.nn.Module) -> None:

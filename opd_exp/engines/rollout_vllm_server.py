@@ -31,6 +31,8 @@ class VLLMServerRollout:
         self.url, self.tokenizer, self.stop_ids = url.rstrip("/"), tokenizer, sorted(stop_ids)
         self.weights_dir = Path(work_dir) / "vllm_weights"
         self.sync_every, self.calls, self.timeout = sync_every, 0, timeout_s
+        rows, V = model.get_output_embeddings().weight.shape[0], len(tokenizer)
+        self.allowed = list(range(V)) if rows > V else None  # padded rows: never sampled
         self.model_name = self._request("/v1/models")["data"][0]["id"]
         self._push(model)
 
@@ -59,7 +61,8 @@ class VLLMServerRollout:
             "model": self.model_name, "prompt": prompts, "n": s.n, "max_tokens": s.max_new_tokens,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
             "stop_token_ids": self.stop_ids, "return_token_ids": True, "skip_special_tokens": False,
-            "logprobs": 0 if want_logp else None})
+            "logprobs": 0 if want_logp else None,
+            **({"allowed_token_ids": self.allowed} if self.allowed else {})})
         choices = sorted(out["choices"], key=lambda c: c["index"])  # prompt-major, n per prompt
         samples = [[(c["token_ids"], c["logprobs"]["token_logprobs"] if want_logp else None)
                     for c in choices[g * s.n:(g + 1) * s.n]] for g in range(len(prompts))]

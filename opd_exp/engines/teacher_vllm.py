@@ -13,24 +13,26 @@ import torch
 
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
-from opd_exp.engines.hf_models import resolve_path
+from opd_exp.engines.hf_models import model_shape, resolve_path
 from opd_exp.engines.rollout_vllm import VLLMSampler, start_engine
 
 
 class VLLMTeacher:
     def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
-                 max_logprobs: int, seed: int = 0, vocab_size: int | None = None):
-        """`vocab_size`: the tokenizer's real tokens; padded rows past it never enter the top-K
-        (vLLM's log-probs are normalised over every row: padding holds ~no mass in trained
-        models)."""
+                 max_logprobs: int, seed: int = 0, vocab_size: int | None = None,
+                 rows: int | None = None):
+        """`vocab_size`: the tokenizer's real tokens of a model with `rows` output rows; padded rows
+        past it never enter the top-K and are never sampled (vLLM's log-probs are normalised over
+        every row: padding holds ~no mass in trained models)."""
         self.vocab_size = vocab_size
         kw = {"max_model_len": max_model_len} if max_model_len else {}
-        self.llm = start_engine(path, dtype, gpu_memory_utilization, max_logprobs=max_logprobs,
-                                seed=seed, **kw)
+        self.padded = max(0, rows - vocab_size) if vocab_size and rows else 0
+        self.llm = start_engine(path, dtype, gpu_memory_utilization,
+                                max_logprobs=max_logprobs + self.padded, seed=seed, **kw)
 
     def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
         """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
-        return VLLMSampler(self.llm, tokenizer, stop_ids)
+        return VLLMSampler(self.llm, tokenizer, stop_ids, vocab_size=self.vocab_size if self.padded else None)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
@@ -53,7 +55,8 @@ class VLLMTeacher:
             prompt = rollouts.prompt_ids_B_P[b][rollouts.prompt_mask_B_P[b].bool()].tolist()
             seqs.append(prompt + rollouts.response_ids_B_T[b, :lengths[b]].tolist())
             starts.append(len(prompt))
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k if needs == "topk" else 0,
+        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k + self.padded if needs == "topk" else 0,
                                 detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params,
                                  use_tqdm=False)
@@ -66,7 +69,7 @@ class VLLMTeacher:
                 logp_B_T[b, t] = pos[seqs[b][starts[b] + t]].logprob
                 if needs == "topk":
                     top = sorted((lp.rank, tok, lp.logprob) for tok, lp in pos.items()
-                                 if lp.rank is not None and lp.rank <= k
+                                 if lp.rank is not None and lp.rank <= k + self.padded
                                  and (self.vocab_size is None or tok < self.vocab_size))[:k]
                     topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
                     topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
@@ -82,5 +85,6 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     t = cfg.teacher
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
                           t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20),
-                          seed=cfg.trainer.seed, vocab_size=len(tokenizer))
+                          seed=cfg.trainer.seed, vocab_size=len(tokenizer),
+                          rows=model_shape(cfg.pair.teacher, "pair.teacher")[0])
     return teacher, teacher.sampler(tokenizer, stop_ids)

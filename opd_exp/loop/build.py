@@ -52,10 +52,12 @@ class Run:
     ckpt_meta: dict  # what a resume must match
 
 
-def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist, ckpt_meta: dict) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0). A run dir that holds a run is
-    resumed (`trainer.resume`: same maths unless `trainer.allow_config_change`), or started over
-    (`trainer.overwrite`), never silently mixed with a new one."""
+def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
+                 ckpt_meta: dict) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume from or None, whether the old run's records must be deleted).
+    A run dir that holds a run is resumed (`trainer.resume`: same maths unless
+    `trainer.allow_config_change`) or started over (`trainer.overwrite`: deleted once the new run
+    has passed every start-up check), never silently mixed with a new one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.trainer
     resume_from = checkpoint.latest(run_dir) if t.resume else None
@@ -68,20 +70,31 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist, ckpt_meta: dict) ->
             raise ConfigError(f"trainer.resume=False is not allowed: {run_dir} holds a run "
                               "(metrics.jsonl, checkpoints/); trainer.resume=true continues it, "
                               "trainer.overwrite=true starts over and deletes them")
-        dist.barrier()  # every rank has looked before rank 0 deletes
-        if dist.is_main:
-            checkpoint.clear(run_dir)
-    dist.barrier()
+    clear = not t.resume and checkpoint.holds_run(run_dir)
+    dist.barrier()  # every rank has looked before anything is written
     if dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return resume_from
+    return resume_from, clear
+
+
+def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource:
+    """The training prompts; one whose rendering (by every model that reads it) plus
+    rollout.max_new_tokens exceeds a context (model configs, rollout / teacher max_model_len)
+    is left out and counted."""
+    prompts = make_prompts(cfg.data, cfg.trainer.seed)
+    limits = [c for c in [cfg.rollout.max_model_len, cfg.teacher.max_model_len, *contexts] if c]
+    if not limits:
+        return prompts
+    room = min(limits) - cfg.rollout.max_new_tokens
+    return prompts.keep(lambda p: all(len(enc(p.prompt)) <= room for enc in encoders),
+                        "skipped_too_long")
 
 
 def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
-    resume_from = open_run_dir(cfg, run_dir, dist, ckpt_meta)
+    resume_from, clear = open_run_dir(cfg, run_dir, dist, ckpt_meta)
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
     teacher_tok = load_tokenizer(cfg.pair.teacher, "pair.teacher")
     unshared = check_same_vocab(tokenizer, teacher_tok, cfg.objective.mask_unshared)
@@ -94,8 +107,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if note and dist.is_main:
         print(note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
-    stop_ids = (stop_token_ids(student_cfg, tokenizer)
-                | stop_token_ids(cfg.pair.teacher, teacher_tok))
+    stop_ids = stop_token_ids(student_cfg, tokenizer) | {  # the teacher's, where they are shared
+        i for i in stop_token_ids(cfg.pair.teacher, teacher_tok) if i < vocab and i not in unshared}
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
@@ -108,11 +121,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     encode = make_encoder(tokenizer, d.chat_template, d.prompt_suffix, s)
     own = cfg.pair.teacher_prompt == "own"
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
-    prompts = make_prompts(cfg.data, cfg.trainer.seed)
-    limits = [c for c in [cfg.rollout.max_model_len, *(c for _, c in shapes.values())] if c]
-    if limits:  # a prompt and its longest response must fit the context of every model
-        prompts = prompts.keep(lambda p: len(encode(p.prompt)) + cfg.rollout.max_new_tokens
-                               <= min(limits), "skipped_too_long")
+    prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
+                          [c for _, c in shapes.values()])
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix, s), dist,
                           make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
@@ -122,11 +132,15 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         learner.load(resume_from)
         start = checkpoint.load_step(resume_from)
         print(f"resumed from {resume_from} at step {start}")
+    if clear:  # trainer.overwrite: every check passed, the old run's records go now
+        if dist.is_main:
+            checkpoint.clear(run_dir)
+        dist.barrier()
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
-               objective, prompts, encode, teacher_encode, Sampling.from_cfg(cfg.rollout), evaluator, logger,
-               start, ckpt_meta)
+               objective, prompts, encode, teacher_encode, Sampling.from_cfg(cfg.rollout),
+               evaluator, logger, start, ckpt_meta)
 
 
 def save_checkpoint(run: Run, step: int) -> None:

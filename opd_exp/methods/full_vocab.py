@@ -74,8 +74,8 @@ class FullVocabOPD:
                 logq = torch.log_softmax(upcast(head_t(h_t_C)[..., :vocab]), -1)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
-        if plain_linear(head_s) and torch.is_grad_enabled():  # a view: padded rows get no gradient
-            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight[:vocab], chunk_loss, self.chunk,
+        if plain_linear(head_s) and torch.is_grad_enabled():
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, chunk_loss, self.chunk, vocab,
                                        h_t_B_T_H, mask_B_T)
         return chunked(lambda h, t, m: chunk_loss(head_s(h)[..., :vocab], t, m), self.chunk,
                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
@@ -86,12 +86,15 @@ class FusedHeadLoss(torch.autograd.Function):
     cross-entropy): the forward computes each chunk's logits, its loss and the loss's gradient
     w.r.t. those logits, g_C, then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
     No [B, T, V] tensor exists and nothing is recomputed in backward: the same four matmuls per
-    position as an unfused forward + backward."""
+    position as an unfused forward + backward. Only the first `vocab` rows of W enter (None: all);
+    the rows past it (padding) get an exact zero gradient, in the one [V_rows, H] buffer."""
 
     @staticmethod
-    def forward(ctx, h_B_T_H, W_V_H, fn, chunk, *extra_B_T):
+    def forward(ctx, h_B_T_H, W_rows_H, fn, chunk, vocab, *extra_B_T):
+        W_V_H = W_rows_H[:vocab]
         grad_h = torch.zeros_like(h_B_T_H)
-        grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
+        grad_W_rows = torch.zeros_like(W_rows_H) if W_rows_H.requires_grad else None
+        grad_W = None if grad_W_rows is None else grad_W_rows[:vocab]  # a view into it
         total = h_B_T_H.new_zeros(())
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C = h_B_T_H[:, c:c + chunk]
@@ -104,7 +107,7 @@ class FusedHeadLoss(torch.autograd.Function):
             grad_h[:, c:c + chunk] = g_C @ W_V_H
             if grad_W is not None:  # in place: no second [V, H] buffer
                 grad_W.addmm_(g_C.flatten(0, 1).T, h_C.flatten(0, 1))
-        ctx.save_for_backward(grad_h, grad_W)
+        ctx.save_for_backward(grad_h, grad_W_rows)
         ctx.n_extra = len(extra_B_T)
         return total
 
@@ -112,7 +115,7 @@ class FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
         return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
-                *([None] * ctx.n_extra))
+                None, *([None] * ctx.n_extra))
 
 
 def plain_linear(head) -> bool:

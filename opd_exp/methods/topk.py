@@ -35,10 +35,10 @@ class TopKOPD:
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         return batch, {}
 
-    def _support(self, logits_s, logq_full, idx_t):
+    def _support(self, logits_s, logq_full, idx_t, logq_topk=None):
         """(idx_B_C_S, valid_B_C_S) of the support; duplicates / non-members are invalid."""
         if self.support == "teacher":
-            return idx_t, torch.ones_like(idx_t, dtype=torch.bool)
+            return idx_t, torch.isfinite(logq_topk)
         idx_s = logits_s.detach().topk(self.k, -1).indices
         if self.support == "student":
             return idx_s, torch.ones_like(idx_s, dtype=torch.bool)
@@ -54,7 +54,7 @@ class TopKOPD:
             logq_S, idx = teacher_C
             W_S = head_s.weight[idx]  # [B, C, K, H]
             logp_S = upcast((W_S @ h_s_C[..., None])[..., 0]) / self.temperature
-            valid = torch.ones_like(idx, dtype=torch.bool)
+            valid = torch.isfinite(logq_S)  # a teacher that returned fewer than K: not in S_t
         else:
             logits_s = upcast(head_s(h_s_C)[..., :vocab]) / self.temperature
             if self.support == "teacher":
@@ -62,8 +62,8 @@ class TopKOPD:
                 logq_full = None
             else:
                 logq_full = torch.log_softmax(upcast(head_t(teacher_C[0])[..., :vocab]), -1)
-                idx_t = None
-            idx, valid = self._support(logits_s, logq_full, idx_t)
+                logq_topk = idx_t = None
+            idx, valid = self._support(logits_s, logq_full, idx_t, logq_topk)
             # renormalised: only the support's logits enter (no full-vocabulary normaliser, so
             # no gradient, not even a rounding error, reaches tokens outside S_t)
             logp_S = (logits_s if self.renorm else torch.log_softmax(logits_s, -1)).gather(-1, idx)

@@ -74,10 +74,12 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def clear(run_dir: Path) -> None:
-    """trainer.overwrite: delete the records of the run that was here."""
+    """trainer.overwrite: delete the records of the run that was here (its checkpoints, metrics,
+    plots and W&B run id: a new W&B run starts; offline W&B files under wandb/ stay)."""
     shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
-    for name in ("metrics.jsonl", "final_metrics.json"):
-        (run_dir / name).unlink(missing_ok=True)
+    for path in [run_dir / n for n in ("metrics.jsonl", "final_metrics.json", "wandb_run_id")] + list(
+            run_dir.glob("*.png")):
+        path.unlink(missing_ok=True)
 
 
 def load_step(path: Path) -> int:
@@ -88,6 +90,9 @@ def load_step(path: Path) -> int:
 MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "trainer.seed", "rollout.n",
              "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens",
              "rollout.is_cap")
+
+
+NOT_MATH = ("learner.micro_batch_size", "learner.offload_optimizer")  # memory, not maths
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -105,8 +110,8 @@ def check_same_maths(path: Path, config: dict) -> None:
     if not saved_file.is_file():
         return
     a, b = _flat(yaml.safe_load(saved_file.read_text())), _flat(config)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                  and any(k == m or k.startswith(m + ".") for m in MATH_KEYS))
+    keys = sorted(k for k in set(a) & set(b) if a[k] != b[k] and k not in NOT_MATH  # a key
+                  and any(k == m or k.startswith(m + ".") for m in MATH_KEYS))  # added later: skip
     if keys:
         said = ", ".join(f"{k} ({a.get(k)!r} → {b.get(k)!r})" for k in keys[:6])
         raise ConfigError(f"trainer.resume=True is not allowed: {path.name} was trained with other "

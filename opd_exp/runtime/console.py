@@ -13,14 +13,15 @@ from pathlib import Path
 
 def quiet_libraries() -> None:
     """No library noise in a run's output: weight-loading bars, matplotlib's font INFO,
-    DeepSpeed's accelerator guess on a machine without CUDA."""
+    DeepSpeed's accelerator guess on a CPU-only machine (warnings stay: a checkpoint with missing
+    weights must still be seen)."""
     import torch
     import transformers
 
-    if not torch.cuda.is_available():
+    xpu = getattr(torch, "xpu", None)
+    if not torch.cuda.is_available() and not (xpu is not None and xpu.is_available()):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not guessed (and warned about)
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
     for name in ("matplotlib", "matplotlib.font_manager", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
