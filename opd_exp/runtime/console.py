@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ class Progress:
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+            width = shutil.get_terminal_size((100, 20)).columns  # a size-less pty reports 0
+            self.bar = tqdm(total=steps, initial=start, unit="step", ncols=width or 100)
 
     def fields(self, m: dict) -> dict[str, str]:
         keys = (("loss", "train/loss", ".4f"), ("grad_norm", "train/grad_norm", ".3g"),
