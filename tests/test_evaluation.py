@@ -54,3 +54,23 @@ def test_last_boxed():
 ])
 def test_is_correct_uses_math_verify(response, answer, ok):
     assert is_correct(response, answer) is ok
+
+
+def test_gap_recovery_at_every_eval_and_after_a_resume(monkeypatch, use_tiny_world):
+    """eval/gap_recovery = (Acc_now − Acc_step0) / (Acc_teacher − Acc_step0) (SPEC §3)."""
+    from opd_exp.loop import evaluator as ev
+    from opd_exp.loop.evaluator import Evaluator
+
+    from .conftest import compose
+
+    acc = iter([0.75, 0.25, 0.35, 0.5])  # teacher, student at 0, at 50, at 100
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"avg@8": next(acc)})
+    cfg = compose(["eval.benchmarks=[toy_L1]"])
+    e = Evaluator(cfg.eval, 0, None, None)
+    assert "eval/gap_recovery" not in e(None, 0, prefix="teacher/eval")
+    assert e(None, 0)["eval/gap_recovery"] == 0.0
+    assert e(None, 50)["eval/gap_recovery"] == pytest.approx(0.2)
+    resumed = Evaluator(cfg.eval, 0, None, None)  # a new process: it reads the step-0 records
+    resumed.recall([{"step": 0, "teacher/eval/avg@8": 0.75}, {"step": 0, "eval/avg@8": 0.25},
+                    {"step": 50, "eval/avg@8": 0.35}])
+    assert resumed(None, 100)["eval/gap_recovery"] == pytest.approx(0.5)

@@ -27,7 +27,7 @@ from opd_exp.loop.evaluator import Evaluator
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
 from opd_exp.runtime import checkpoint
-from opd_exp.runtime.loggers import make_logger
+from opd_exp.runtime.loggers import make_logger, read_records
 
 
 @dataclass
@@ -131,6 +131,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if resume_from is not None:
         learner.load(resume_from)
         start = checkpoint.load_step(resume_from)
+        evaluator.recall(read_records(run_dir / "metrics.jsonl"))
         print(f"resumed from {resume_from} at step {start}")
     if clear:  # trainer.overwrite: every check passed, the old run's records go now
         if dist.is_main:

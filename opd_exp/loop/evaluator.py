@@ -16,7 +16,11 @@ from opd_exp.loop.seeds import step_seed
 class Evaluator:
     """Avg@k / Pass@k on `eval.benchmarks` (opd_exp/evaluation.py), sampled with `eval.*`; each
     call reseeds from (trainer.seed, step), so a resumed run evaluates exactly as a straight one.
-    With several ranks each evaluates its share."""
+    With several ranks each evaluates its share.
+
+    eval/gap_recovery = (Avg_now − Avg_step0) / (Avg_teacher − Avg_step0) (SPEC §3) at every
+    student eval once the step-0 student and the teacher were measured (a resumed run `recall`s
+    them from its metrics.jsonl)."""
 
     def __init__(self, eval_cfg, seed: int, tokenizer, encode, dist: Dist = Dist(),
                  teacher_encode=None):
@@ -26,6 +30,16 @@ class Evaluator:
         self.teacher_encode = teacher_encode
         self.benchmarks = {b: load_benchmark(b, eval_cfg.max_problems) for b in eval_cfg.benchmarks}
         self.sampling = Sampling.from_cfg(eval_cfg, n=eval_cfg.k)
+        self.key = f"avg@{eval_cfg.k}"
+        self.before: float | None = None  # the student's Avg@k at step 0
+        self.teacher: float | None = None
+
+    def recall(self, records: list[dict]) -> None:
+        """The step-0 student and teacher Avg@k of a run being resumed."""
+        for r in records:
+            if r.get("step") == 0:
+                self.teacher = r.get(f"teacher/eval/{self.key}", self.teacher)
+                self.before = r.get(f"eval/{self.key}", self.before)
 
     def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
         torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))
@@ -34,4 +48,11 @@ class Evaluator:
         scores = evaluate(rollout, self.tokenizer, encode, self.benchmarks, self.sampling, self.dist)
         out = {f"{prefix}/{k}": v for k, v in scores.items()}
         out[f"{prefix}/seconds"] = time.time() - t
+        if prefix == "teacher/eval":
+            self.teacher = scores[self.key]
+        elif prefix == "eval":
+            if step == 0:
+                self.before = scores[self.key]
+            if self.before is not None and self.teacher is not None and self.teacher != self.before:
+                out["eval/gap_recovery"] = (scores[self.key] - self.before) / (self.teacher - self.before)
         return out

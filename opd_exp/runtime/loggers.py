@@ -16,6 +16,17 @@ from pathlib import Path
 from opd_exp.core.protocols import Logger
 
 
+def read_records(path: Path) -> list[dict]:
+    """The whole records of a metrics.jsonl (a line torn by a kill is skipped); [] if none."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
 def _step(line: str) -> int | None:
     """The record's step, or None for a line that is not a whole record (torn by a kill)."""
     try:
