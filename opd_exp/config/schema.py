@@ -174,6 +174,17 @@ class LoggerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """What each step trains on (SPEC §2): `none` = the objective from the first step;
+    `cold_start` = SFT on teacher-written traces (rejection-filtered, cached in the run dir) for
+    the first `cold_start_steps` steps, then the objective from that state, in the same run."""
+    name: str = "none"  # none | cold_start
+    cold_start_steps: int = 50
+    max_retries: int = 3  # a prompt whose trace is rejected is sampled again up to this often
+    filter: bool = True  # the rejection filter of SPEC §2 (opd_exp/recipes/rejection.py)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
     seed: int = 0
@@ -199,13 +210,14 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 
 GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
                  "rollout": RolloutConfig, "teacher": TeacherConfig, "learner": LearnerConfig, "data": DataConfig,
                  "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig,
-                 "launcher": LauncherConfig}
+                 "launcher": LauncherConfig, "schedule": ScheduleConfig}
 
 
 def schema_cfg(overrides: dict | None = None) -> DictConfig:

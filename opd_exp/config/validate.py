@@ -163,6 +163,11 @@ def validate(cfg: DictConfig) -> None:
     _require(e.every >= 0, "eval.every", e.every, "an integer >= 0")
     _require(e.max_problems >= 0, "eval.max_problems", e.max_problems, "an integer >= 0 (0 = all)")
     _choice("logger.mode", cfg.logger.mode, {"auto", "online", "offline", "disabled"})
+    sc = cfg.schedule
+    _choice("schedule.name", sc.name, {"none", "cold_start"})
+    _require(sc.cold_start_steps >= 1, "schedule.cold_start_steps", sc.cold_start_steps,
+             "an integer >= 1")
+    _require(sc.max_retries >= 0, "schedule.max_retries", sc.max_retries, "an integer >= 0")
     t = cfg.trainer
     _require(t.steps >= 0, "trainer.steps", t.steps, "an integer >= 0")
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")

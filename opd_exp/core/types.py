@@ -159,3 +159,25 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         logp_B_T=(torch.cat([pad(r.logp_B_T, T, 0.0, False) for r in parts])
                   if all(r.logp_B_T is not None for r in parts) else None),
     )
+
+
+def rollouts_from_samples(prompts: list[list[int]],
+                          samples: list[list[tuple[list[int], list[float] | None]]],
+                          pad: int, stop_ids: list[int]) -> Rollouts:
+    """`samples[g]`: the (token ids, sampled-token log-probs or None) of prompt g's responses."""
+    parts = []
+    for g, (prompt, group) in enumerate(zip(prompts, samples)):
+        ids_1_P, mask_1_P = left_pad([prompt], pad)
+        lens = torch.tensor([len(ids) for ids, _ in group])
+        T = max(1, int(lens.max()))
+        resp = torch.full((len(group), T), pad, dtype=torch.long)
+        logp = torch.zeros(len(group), T)
+        for i, (ids, lps) in enumerate(group):
+            resp[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if lps is not None:
+                logp[i, :len(ids)] = torch.tensor(lps)
+        m = response_mask(resp, set(stop_ids)) * (torch.arange(T)[None] < lens[:, None])
+        has_logp = all(lps is not None for _, lps in group)
+        parts.append(Rollouts(ids_1_P.expand(len(group), -1), mask_1_P.expand(len(group), -1),
+                              resp, m, torch.full((len(group),), g), logp * m if has_logp else None))
+    return concat_rollouts(parts, pad)

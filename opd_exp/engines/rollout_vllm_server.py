@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from opd_exp.core.protocols import RolloutBackend
-from opd_exp.core.types import Rollouts, Sampling
-from opd_exp.engines.rollout_vllm import rollouts_from_samples, save_untied
+from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
+from opd_exp.engines.rollout_vllm import save_untied
 
 
 class VLLMServerRollout:

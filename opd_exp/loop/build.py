@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 from opd_exp.config import ConfigError, validate_vocab
-from opd_exp.config.registry import LEARNERS, ROLLOUTS, TEACHERS, resolve
+from opd_exp.config.registry import LEARNERS, OBJECTIVES, ROLLOUTS, TEACHERS, resolve
 from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
@@ -26,6 +26,7 @@ from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load
 from opd_exp.loop.evaluator import Evaluator
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
+from opd_exp.recipes.cold_start import TeacherTraces
 from opd_exp.runtime import checkpoint
 from opd_exp.runtime.loggers import make_logger, read_records
 
@@ -45,6 +46,8 @@ class Run:
     prompts: PromptSource
     encode: Callable[[str], list[int]]  # prompt text → token ids
     teacher_encode: Callable[[str], list[int]] | None  # the teacher's own (pair.teacher_prompt=own)
+    traces: TeacherTraces | None  # schedule=cold_start: the filtered teacher traces
+    sft: Objective | None  # … and the objective of the cold start
     sampling: Sampling  # rollout.*
     evaluator: Evaluator
     logger: Logger
@@ -123,6 +126,11 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
                           [c for _, c in shapes.values()])
+    cold = cfg.schedule.name == "cold_start"
+    traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", teacher_rollout, tokenizer, encode,
+                           teacher_encode or encode, Sampling.from_cfg(cfg.rollout), stop_ids,
+                           cfg.schedule) if cold else None
+    sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix, s), dist,
                           make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
@@ -140,7 +148,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
-               objective, prompts, encode, teacher_encode, Sampling.from_cfg(cfg.rollout),
+               objective, prompts, encode, teacher_encode, traces, sft, Sampling.from_cfg(cfg.rollout),
                evaluator, logger, start, ckpt_meta)
 
 

@@ -1,5 +1,6 @@
 """One OPD step, written out: prompts → student rollouts → teacher scores → (importance weights)
-→ objective.prepare → learner.update → sync the sampler. Returns `(batch, metrics)`."""
+→ objective.prepare → learner.update → sync the sampler. Returns `(batch, metrics)`. During a
+cold start (schedule=cold_start) the rollouts are filtered teacher traces and the objective SFT."""
 
 from __future__ import annotations
 
@@ -14,21 +15,34 @@ from opd_exp.loop.seeds import step_seed
 from opd_exp.methods.importance import truncated_is_weights
 
 
+def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, dict[str, float]]:
+    """(the problems, their rollouts, on-policy?, schedule/ metrics): the student's own rollouts,
+    the teacher's (objective.rollouts_from=teacher: sampled after the teacher's prompt, trained
+    after the student's), or during a cold start the cached, filtered teacher traces."""
+    if cold:
+        problems, rollouts, m = run.traces(problems)
+        return problems, rollouts, False, {"schedule/cold_start": 1.0, **m}
+    m = {} if run.traces is None else {"schedule/cold_start": 0.0}
+    student = [run.encode(p.prompt) for p in problems]
+    if run.cfg.objective.rollouts_from == "student":
+        return problems, run.rollout.generate(student, run.sampling), True, m
+    teacher = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else student
+    rollouts = run.teacher_rollout.generate(teacher, run.sampling)
+    if run.teacher_encode:
+        rollouts = rollouts.with_prompts(student, run.tokenizer.pad_token_id)
+    return problems, rollouts, False, m
+
+
 def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     """Optimizer step `step` + 1 (zero-based `step`); metrics reduced over ranks."""
-    cfg, dist, objective = run.cfg, run.dist, run.objective
+    cfg, dist = run.cfg, run.dist
+    cold = run.traces is not None and step < cfg.schedule.cold_start_steps
+    objective = run.sft if cold else run.objective
     t0 = time.time()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(run.prompts.batch(step))  # this rank's prompts
-    on_policy = cfg.objective.rollouts_from == "student"
-    student_prompts = [run.encode(p.prompt) for p in problems]
+    problems, rollouts, on_policy, schedule_metrics = sample(run, problems, cold)
     teacher_prompts = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else None
-    if on_policy:
-        rollouts = run.rollout.generate(student_prompts, run.sampling)
-    else:  # teacher-written traces, sampled under the teacher's prompt, trained after the student's
-        rollouts = run.teacher_rollout.generate(teacher_prompts or student_prompts, run.sampling)
-        if teacher_prompts:
-            rollouts = rollouts.with_prompts(student_prompts, run.tokenizer.pad_token_id)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
@@ -48,7 +62,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t3 = time.time()
 
     metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
-    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()})
+    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics)
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
                     "train/seconds": t3 - t2})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)

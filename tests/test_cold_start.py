@@ -1,0 +1,75 @@
+"""schedule=cold_start (SPEC §2): SFT on cached, filtered teacher traces for the first steps,
+then OPD in the same run; a run killed in either phase resumes in it."""
+
+import json
+
+import pytest
+
+from opd_exp.core.types import Problem, Rollouts, Sampling, rollouts_from_samples
+from opd_exp.recipes.cold_start import TeacherTraces
+from opd_exp.train import train
+
+from .conftest import TINY_RUN, compose
+
+BASE = TINY_RUN + ["eval.every=0", "schedule=cold_start", "schedule.cold_start_steps=2"]
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in json.loads(x).items() if not k.endswith("seconds")}
+            for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cold_start_switches_to_opd_at_the_configured_step(tmp_path, use_tiny_world):
+    train(compose(BASE + ["trainer.steps=3", "schedule.filter=false"]), tmp_path)
+    steps = [r for r in _rows(tmp_path) if r["step"] > 0]
+    assert [r["schedule/cold_start"] for r in steps] == [1.0, 1.0, 0.0]
+    assert all(r["schedule/traces"] == 4 and "reward/mean" not in r for r in steps[:2])
+    assert "reward/mean" in steps[2] and "schedule/traces" not in steps[2]
+    cached = [json.loads(x) for x in (tmp_path / "cold_start_traces.jsonl").read_text().splitlines()]
+    assert len(cached) == 8 and all(c["response_ids"] for c in cached)  # 2 steps x 4 prompts
+
+
+@pytest.mark.parametrize("killed_after", [1, 3])
+def test_a_run_killed_in_either_phase_resumes_in_it(tmp_path, use_tiny_world, killed_after):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    base = BASE + ["trainer.save_every=1", "schedule.filter=false"]
+    train(compose(base + ["trainer.steps=4"]), straight)
+    train(compose(base + [f"trainer.steps={killed_after}"]), run)
+    train(compose(base + ["trainer.steps=4", "trainer.resume=true"]), run)
+    assert _rows(run) == _rows(straight)
+
+
+class _Scripted:
+    """A sampler whose k-th call returns the k-th scripted text per prompt."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts, self.calls = tok, texts, 0
+
+    def generate(self, prompts, sampling) -> Rollouts:
+        text = self.texts[min(self.calls, len(self.texts) - 1)]
+        self.calls += 1
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        return rollouts_from_samples(prompts, [[(ids, None)] for _ in prompts], 0, [])
+
+
+def test_rejected_traces_are_retried_then_dropped(tmp_path, use_tiny_world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(use_tiny_world / "student")
+    cfg = compose(["schedule=cold_start", "schedule.max_retries=2"]).schedule
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    good = "<think>1+1=2.</think> \\boxed{2}"
+    sampler = _Scripted(tok, ["no box", "still none", good])  # accepted at the 2nd retry
+    t = TeacherTraces(tmp_path / "t.jsonl", sampler, tok, enc, enc, Sampling(), set(), cfg)
+    problems, r, m = t([Problem("1+1?", "2")])
+    assert m == {"schedule/traces": 1.0, "schedule/rejected": 2.0, "schedule/dropped": 0.0,
+                 "schedule/kept_rejected": 0.0}
+    assert tok.decode(r.response_ids_B_T[0][r.response_mask_B_T[0] > 0]) == good
+    again = TeacherTraces(tmp_path / "t.jsonl", _Scripted(tok, ["x"]), tok, enc, enc, Sampling(),
+                          set(), cfg)  # a resumed run: from the cache, no sampling
+    assert again([Problem("1+1?", "2")])[2]["schedule/rejected"] == 0 and again.sampler.calls == 0
+    bad = TeacherTraces(tmp_path / "b.jsonl", _Scripted(tok, ["no box"]), tok, enc, enc,
+                        Sampling(), set(), cfg)
+    problems, r, m = bad([Problem("1+1?", "2"), Problem("2+2?", "4")])
+    assert m["schedule/rejected"] == 6 and m["schedule/dropped"] == 2
+    assert m["schedule/kept_rejected"] == 2 and r.size == 2  # nothing usable: the last attempts
