@@ -81,6 +81,7 @@ def test_unknown_key_fails_at_composition():
     ("launcher.node_rank=1", "launcher.node_rank"), ("rollout.sleep=true", "rollout.sleep"),
     ("rollout=vllm_server learner=deepspeed launcher.nproc_per_node=2", "rollout.backend"),
     ("rollout.server_url=localhost:8000", "rollout.server_url"),
+    ("schedule=cold_start learner=deepspeed", "schedule.name"),
     ("learner.betas=[0.9]", "learner.betas"), ("learner.betas=[0.9,0.99,0.5]", "learner.betas"),
     ("trainer.max_skipped_steps=0", "trainer.max_skipped_steps"),
     ("pair.teacher_prompt=teacher", "pair.teacher_prompt"), ("data.source=web", "data.source"),

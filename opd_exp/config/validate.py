@@ -168,6 +168,9 @@ def validate(cfg: DictConfig) -> None:
     _require(sc.cold_start_steps >= 1, "schedule.cold_start_steps", sc.cold_start_steps,
              "an integer >= 1")
     _require(sc.max_retries >= 0, "schedule.max_retries", sc.max_retries, "an integer >= 0")
+    _require(sc.name == "none" or cfg.learner.backend == "torch", "schedule.name", sc.name,
+             "none with learner.backend=deepspeed (a cold-start step holds one trace per prompt, "
+             "DeepSpeed's accumulation is sized for rollout.n per prompt)")
     t = cfg.trainer
     _require(t.steps >= 0, "trainer.steps", t.steps, "an integer >= 0")
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")
