@@ -8,7 +8,7 @@ naming the field and what is allowed. Names of backends, objectives and rewards:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -214,10 +214,8 @@ class Config:
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 
-GROUP_SCHEMAS = {"pair": PairConfig, "reward": RewardConfig, "objective": ObjectiveConfig,
-                 "rollout": RolloutConfig, "teacher": TeacherConfig, "learner": LearnerConfig, "data": DataConfig,
-                 "eval": EvalConfig, "logger": LoggerConfig, "trainer": TrainerConfig,
-                 "launcher": LauncherConfig, "schedule": ScheduleConfig}
+# config group → its schema class (every field of Config but `experiment`)
+GROUP_SCHEMAS = {f.name: f.default_factory for f in fields(Config) if f.name != "experiment"}
 
 
 def schema_cfg(overrides: dict | None = None) -> DictConfig:
