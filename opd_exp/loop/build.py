@@ -68,12 +68,11 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
         checkpoint.check_resumable(resume_from, ckpt_meta)
         if not t.allow_config_change:
             checkpoint.check_same_maths(resume_from, OmegaConf.to_container(cfg, resolve=True))
-    elif not t.resume and checkpoint.holds_run(run_dir):
-        if not t.overwrite:
-            raise ConfigError(f"trainer.resume=False is not allowed: {run_dir} holds a run "
-                              "(metrics.jsonl, checkpoints/); trainer.resume=true continues it, "
-                              "trainer.overwrite=true starts over and deletes them")
     clear = not t.resume and checkpoint.holds_run(run_dir)
+    if clear and not t.overwrite:
+        raise ConfigError(f"trainer.resume=False is not allowed: {run_dir} holds a run "
+                          "(metrics.jsonl, checkpoints/); trainer.resume=true continues it, "
+                          "trainer.overwrite=true starts over and deletes them")
     dist.barrier()  # every rank has looked before anything is written
     if dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -126,10 +125,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
                           [c for _, c in shapes.values()])
-    cold = cfg.schedule.name == "cold_start"
+    cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
     traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", teacher_rollout, tokenizer, encode,
-                           teacher_encode or encode, Sampling.from_cfg(cfg.rollout), stop_ids,
-                           cfg.schedule) if cold else None
+                           teacher_encode or encode, sampling, stop_ids, cfg.schedule) if cold else None
     sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix, s), dist,
@@ -148,7 +146,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
-               objective, prompts, encode, teacher_encode, traces, sft, Sampling.from_cfg(cfg.rollout),
+               objective, prompts, encode, teacher_encode, traces, sft, sampling,
                evaluator, logger, start, ckpt_meta)
 
 

@@ -15,22 +15,23 @@ from opd_exp.loop.seeds import step_seed
 from opd_exp.methods.importance import truncated_is_weights
 
 
-def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, dict[str, float]]:
-    """(the problems, their rollouts, on-policy?, schedule/ metrics): the student's own rollouts,
-    the teacher's (objective.rollouts_from=teacher: sampled after the teacher's prompt, trained
-    after the student's), or during a cold start the cached, filtered teacher traces."""
+def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, list | None, dict]:
+    """(the problems, their rollouts, on-policy?, the teacher's own prompt ids or None, schedule/
+    metrics): the student's own rollouts, the teacher's (objective.rollouts_from=teacher: sampled
+    after the teacher's prompt, trained after the student's), or during a cold start the cached,
+    filtered teacher traces (SFT: the teacher scores nothing)."""
     if cold:
         problems, rollouts, m = run.traces(problems)
-        return problems, rollouts, False, {"schedule/cold_start": 1.0, **m}
+        return problems, rollouts, False, None, {"schedule/cold_start": 1.0, **m}
     m = {} if run.traces is None else {"schedule/cold_start": 0.0}
     student = [run.encode(p.prompt) for p in problems]
+    teacher = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else None
     if run.cfg.objective.rollouts_from == "student":
-        return problems, run.rollout.generate(student, run.sampling), True, m
-    teacher = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else student
-    rollouts = run.teacher_rollout.generate(teacher, run.sampling)
-    if run.teacher_encode:
+        return problems, run.rollout.generate(student, run.sampling), True, teacher, m
+    rollouts = run.teacher_rollout.generate(teacher or student, run.sampling)
+    if teacher:
         rollouts = rollouts.with_prompts(student, run.tokenizer.pad_token_id)
-    return problems, rollouts, False, m
+    return problems, rollouts, False, teacher, m
 
 
 def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
@@ -41,8 +42,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t0 = time.time()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(run.prompts.batch(step))  # this rank's prompts
-    problems, rollouts, on_policy, schedule_metrics = sample(run, problems, cold)
-    teacher_prompts = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else None
+    problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, problems, cold)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
