@@ -5,6 +5,7 @@
     python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
     python -m opd_exp serve [same overrides]         # a vLLM server for rollout=vllm_server
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
+    python -m opd_exp toy build --only NAME[,NAME]     # add condition models to an existing world
 """
 
 from __future__ import annotations
@@ -148,15 +149,20 @@ def _toy(argv: list[str]) -> None:
     import argparse
 
     from opd_exp.toyworld import SHIPPED_DIR
-    from opd_exp.toyworld.build import build_world
+    from opd_exp.toyworld.build import add_variants, build_world
 
     ap = argparse.ArgumentParser(prog="python -m opd_exp toy")
     ap.add_argument("action", choices=["build"])
     ap.add_argument("--out", type=Path, default=SHIPPED_DIR,
                     help="folder to build into (default: the package's shipped copy)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="",
+                    help="comma-separated condition models to train into the existing world at --out")
     args = ap.parse_args(argv)
-    build_world(args.out, seed=args.seed)
+    if args.only:
+        add_variants(args.out, [n for n in args.only.split(",") if n])
+    else:
+        build_world(args.out, seed=args.seed)
 
 
 def main() -> None:

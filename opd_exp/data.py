@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,11 @@ from opd_exp.config import ConfigError
 from opd_exp.core.types import Problem
 
 
-def toy_pool(d, seed: int) -> list[Problem]:
+def toy_pool(d, seed: int, levels=None) -> list[Problem]:
     from opd_exp.toyworld import build, task
 
     world_seed = toyworld.manifest()["seed"]  # its held-out benchmarks are never trained on
-    problems = task.sample_problems(seed + 7_919, tuple(d.levels), d.pool_size,
+    problems = task.sample_problems(seed + 7_919, tuple(levels or d.levels), d.pool_size,
                                     exclude=build.heldout_prompts(world_seed))
     return [Problem(p.prompt, p.answer) for p in problems]
 
@@ -74,10 +76,13 @@ class PromptSource:
     per_step: int
     seed: int
     skipped: dict[str, int] = field(default_factory=dict)  # logged as data/<reason>
+    info: dict[str, float] = field(default_factory=dict)  # logged as is (prompt selection)
 
     def stats(self) -> dict[str, float]:
-        """data/prompts (the pool) and data/<reason> (rows or prompts left out), for the log."""
-        return {"data/prompts": len(self.pool), **{f"data/{k}": v for k, v in self.skipped.items()}}
+        """data/prompts (the pool), data/<reason> (rows or prompts left out) and the selection's
+        data/ metrics, for the log."""
+        return {"data/prompts": len(self.pool), **{f"data/{k}": v for k, v in self.skipped.items()},
+                **self.info}
 
     def keep(self, fits, reason: str) -> "PromptSource":
         """Only the problems `fits` accepts; the others counted under `reason`."""
@@ -85,7 +90,16 @@ class PromptSource:
         skipped = {**self.skipped, reason: self.skipped.get(reason, 0) + len(self.pool) - len(kept)}
         if not kept:
             raise ConfigError(f"data: no usable prompt is left ({skipped})")
-        return PromptSource(kept, self.per_step, self.seed, skipped)
+        return PromptSource(kept, self.per_step, self.seed, skipped, self.info)
+
+    def dedup(self, mode: str) -> "PromptSource":
+        """Drop repeated prompts (the first kept), counted as data/duplicates_exact and, with
+        mode `near`, data/duplicates_near: the same text up to case, spacing, Unicode form and
+        end punctuation (`Compute 3+4.` = `compute 3 + 4`)."""
+        if mode == "none":
+            return self
+        out = self.keep(_first_seen(lambda p: p.prompt), "duplicates_exact")
+        return out.keep(_first_seen(near_key), "duplicates_near") if mode == "near" else out
 
     def order(self, epoch: int) -> list[int]:
         order = list(range(len(self.pool)))
@@ -99,12 +113,41 @@ class PromptSource:
         return [self.pool[orders[epoch][pos]] for epoch, pos in spans]
 
 
-def make_prompts(data_cfg, seed: int) -> PromptSource:
-    """The `data.*` prompt pool in the order of `trainer.seed`; bad hub / file rows skipped."""
+def near_key(p: Problem) -> str:
+    text = unicodedata.normalize("NFKC", p.prompt).casefold()
+    return re.sub(r"\s+", "", text).rstrip(".?!。")
+
+
+def _first_seen(key):
+    seen: set = set()
+
+    def fits(p: Problem) -> bool:
+        k = key(p)
+        new = k not in seen
+        seen.add(k)
+        return new
+    return fits
+
+
+def make_prompts(data_cfg, seed: int, content: str = "data", teacher_data: str | None = None,
+                 teacher_path: str = "") -> PromptSource:
+    """The training prompt pool in the order of `trainer.seed`; bad hub / file rows skipped.
+    `content=teacher` (SPEC §2 (b)): the teacher's training distribution instead of `data.*` —
+    the `teacher_data` file, or in the toy world the toy task at the levels the toy teacher
+    `teacher_path` was trained on (its manifest entry)."""
     d = data_cfg
     if d.source == "toy":
-        return PromptSource(toy_pool(d, seed), d.prompts_per_step, seed)
-    rows = hub_rows(d) if d.source == "hub" else file_rows(d.path)
+        levels = None
+        if content == "teacher":
+            if not teacher_path.startswith("toy:"):
+                raise ConfigError(f"prompts.content=teacher is not allowed with data.source=toy "
+                                  f"and pair.teacher.path={teacher_path!r}: not a toy model")
+            levels = toyworld.manifest()["models"][teacher_path.removeprefix("toy:")]["levels"]
+        return PromptSource(toy_pool(d, seed, levels), d.prompts_per_step, seed)
+    if content == "teacher":
+        rows = file_rows(teacher_data)
+    else:
+        rows = hub_rows(d) if d.source == "hub" else file_rows(d.path)
     pool, skipped = problems_from_rows(rows, d.prompt_field, d.answer_field)
     if not pool:
         raise ConfigError(f"data: no usable row in {d.name or d.path} ({skipped} skipped: no "
@@ -112,18 +155,22 @@ def make_prompts(data_cfg, seed: int) -> PromptSource:
     return PromptSource(pool, d.prompts_per_step, seed, {"skipped_rows": skipped})
 
 
-def make_encoder(tokenizer, chat_template: bool, suffix: str = "", model_cfg=None):
+def make_encoder(tokenizer, chat_template: bool, suffix: str = "", model_cfg=None,
+                 template_tokenizer=None):
     """prompt text → token ids, through the tokenizer's chat template if asked, with the model's
-    `chat_template_kwargs` and `system_prompt` (`model_cfg`: a pair.student / pair.teacher)."""
+    `chat_template_kwargs` and `system_prompt` (`model_cfg`: a pair.student / pair.teacher).
+    `template_tokenizer`: render with another model's chat template (prompts.template=teacher),
+    still encoded by `tokenizer`."""
+    renderer = template_tokenizer or tokenizer
     kwargs = dict(model_cfg.chat_template_kwargs) if model_cfg is not None else {}
     system = model_cfg.system_prompt if model_cfg is not None else None
 
     def encode(text: str) -> list[int]:
         text = text + suffix
-        if chat_template and tokenizer.chat_template:
+        if chat_template and renderer.chat_template:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": text}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+            text = renderer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=False, **kwargs)
         elif system:
             text = system + "\n\n" + text

@@ -11,7 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd_exp import toyworld
 from opd_exp.evaluation import is_correct
 from opd_exp.toyworld import task
-from opd_exp.toyworld.build import BENCHMARK_SIZE, build_world
+from omegaconf import OmegaConf
+
+from opd_exp.config import ConfigError
+from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
+from opd_exp.toyworld.build import BENCHMARK_SIZE, VARIANTS, add_variants, build_world
+from opd_exp.toyworld.tokenizer import IM_END, PAD
 
 from .conftest import TINY_TEACHER
 
@@ -93,6 +98,65 @@ def test_shipped_world_is_complete_and_small():
     size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     assert size <= 20 * 2**20
     m = toyworld.manifest(d)
-    assert set(m["models"]) == {"teacher", "student"} and 300 <= m["vocab_size"] <= 1024
+    assert set(m["models"]) == set(toyworld.MODEL_NAMES) and 300 <= m["vocab_size"] <= 1024
     for name in toyworld.MODEL_NAMES:
         assert AutoModelForCausalLM.from_pretrained(d / name).config.head_dim >= 32
+
+
+def test_variant_names_are_the_built_ones():
+    assert tuple(v.name for v in VARIANTS) == toyworld.VARIANT_NAMES
+
+
+# the stop token each model states (generation_config, config and tokenizer), like its hub kin:
+# a Base model ends with <|endoftext|>, chat models end their turn with <|im_end|>
+STOPS = {"teacher": IM_END, "student": IM_END, "teacher_foreign": IM_END,
+         "teacher_same_data": IM_END, "base_student": PAD}
+
+
+@pytest.mark.parametrize("shipped", [False, True])
+def test_every_toy_model_loads_through_the_hub_path_with_its_stop_token(shipped, tiny_world, monkeypatch):
+    if shipped:
+        if not toyworld.is_built(toyworld.SHIPPED_DIR):
+            pytest.skip("no shipped toy world in this checkout")
+        monkeypatch.delenv(toyworld.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(toyworld.ENV_VAR, str(tiny_world))
+    assert set(STOPS) == set(toyworld.MODEL_NAMES)
+    for name, stop in STOPS.items():
+        mcfg = OmegaConf.create({"path": f"toy:{name}", "dtype": "float32", "revision": None,
+                                 "trust_remote_code": False})
+        tok = load_tokenizer(mcfg, "pair.student")
+        model = load_model(mcfg, "pair.student")
+        stop_id = tok.convert_tokens_to_ids(stop)
+        assert stop_token_ids(mcfg, tok) == {stop_id}, name
+        assert model.config.eos_token_id == model.generation_config.eos_token_id == stop_id
+        assert tok.eos_token == stop and tok.pad_token == PAD
+
+
+def test_a_world_built_before_a_variant_names_the_command_that_adds_it(tiny_world, tmp_path, monkeypatch):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_world, old)
+    shutil.rmtree(old / "base_student")
+    monkeypatch.setenv(toyworld.ENV_VAR, str(old))
+    with pytest.raises(ConfigError, match="toy build --out .* --only base_student"):
+        toyworld.model_dir("base_student")
+    add_variants(old, ["base_student"], progress=False, log=lambda *a: None)
+    a = AutoModelForCausalLM.from_pretrained(tiny_world / "base_student").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(old / "base_student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same model as a whole build makes
+    assert set(toyworld.manifest(old)["models"]) == set(toyworld.MODEL_NAMES)
+
+
+def test_styles_write_their_own_pattern_with_the_same_answer():
+    p = task.make_problem(random.Random(5), 3, "expr")
+    foreign, base = p.render("foreign"), p.render("base")
+    assert p.render("chat") == p.response
+    assert foreign.startswith("<think>start ") and foreign.endswith(f"\\boxed{{{p.answer}}}")
+    assert "<think>" not in base and base.endswith(f"The answer is \\boxed{{{p.answer}}}.")
+    for text in (foreign, base):
+        assert is_correct(text, p.answer)
+    # the steps: the same operands and running values, written another way
+    assert re.findall(r"\d+", foreign)[:-1] == re.findall(r"\d+", p.thought)[::3][:1] + [
+        x for a, b, c in re.findall(r"(\d+)[+-](\d+)=(\d+)", p.thought) for x in (b, c)]

@@ -185,6 +185,29 @@ class ScheduleConfig:
 
 
 @dataclass
+class PromptsConfig:
+    """Which training prompts (SPEC §2), applied to the `data.*` pool before training:
+    de-duplication, then teacher-aligned selection — (a) `template`, (b) `content`, (c) `score`
+    (opd_exp/recipes/prompt_selection.py; the scores are cached in the run dir and logged)."""
+    name: str = "all"  # all | teacher_aligned
+    dedup: str = "exact"  # none | exact | near (also case, spacing and end-punctuation variants)
+    # (a) the prompt rendering the student trains and samples under: its own, or the teacher's
+    # chat template, chat_template_kwargs and system prompt (as text, encoded by the student)
+    template: str = "student"  # student | teacher
+    # (b) draw the prompts from the teacher's training distribution: a file of its prompts
+    # (teacher_data), or in the toy world the levels the teacher was trained on
+    content: str = "data"  # data | teacher
+    teacher_data: Optional[str] = None  # content=teacher on real pairs: a .jsonl / .parquet file
+    # (c) keep the top keep_fraction of the pool by a score computed before training
+    score: str = "none"  # none | pass_rate (teacher's, over `samples`) | overlap (top-`k`)
+    keep_fraction: float = 0.5
+    unaligned_fraction: float = 0.0  # share of the kept pool drawn back from the rest (seeded)
+    samples: int = 4  # pass_rate: teacher samples per prompt
+    k: int = 16  # overlap: |TopK(p) ∩ TopK(q)| / k on one student rollout per prompt
+    max_prompts: int = 0  # score only the first N prompts of the seeded pool order; 0 = all
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
     seed: int = 0
@@ -211,6 +234,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 

@@ -37,6 +37,8 @@ def _choice(key: str, value: Any, choices) -> None:
 def validate_vocab(cfg: DictConfig, vocab_size: int) -> None:
     """Checks that need the tokenizer's vocabulary size (known once the pair is loaded)."""
     o = cfg.objective
+    _require(cfg.prompts.k <= vocab_size, "prompts.k", cfg.prompts.k,
+             f"an integer <= the vocabulary size {vocab_size}")
     if o.name == "topk":
         _require(o.k <= vocab_size, "objective.k", o.k,
                  f"an integer <= the vocabulary size {vocab_size}")
@@ -163,6 +165,22 @@ def validate(cfg: DictConfig) -> None:
     _require(e.every >= 0, "eval.every", e.every, "an integer >= 0")
     _require(e.max_problems >= 0, "eval.max_problems", e.max_problems, "an integer >= 0 (0 = all)")
     _choice("logger.mode", cfg.logger.mode, {"auto", "online", "offline", "disabled"})
+    pc = cfg.prompts
+    _choice("prompts.name", pc.name, {"all", "teacher_aligned"})
+    _choice("prompts.dedup", pc.dedup, {"none", "exact", "near"})
+    _choice("prompts.template", pc.template, {"student", "teacher"})
+    _choice("prompts.content", pc.content, {"data", "teacher"})
+    _require(pc.content == "data" or cfg.data.source == "toy" or pc.teacher_data,
+             "prompts.teacher_data", pc.teacher_data,
+             "a .jsonl / .parquet file of the teacher's training prompts (prompts.content=teacher "
+             "outside the toy world)")
+    _choice("prompts.score", pc.score, {"none", "pass_rate", "overlap"})
+    _require(0 < pc.keep_fraction <= 1, "prompts.keep_fraction", pc.keep_fraction, "0 < x <= 1")
+    _require(0 <= pc.unaligned_fraction < 1, "prompts.unaligned_fraction",
+             pc.unaligned_fraction, "0 <= x < 1")
+    _require(pc.samples >= 1, "prompts.samples", pc.samples, "an integer >= 1")
+    _require(pc.k >= 1, "prompts.k", pc.k, "an integer >= 1")
+    _require(pc.max_prompts >= 0, "prompts.max_prompts", pc.max_prompts, "an integer >= 0")
     sc = cfg.schedule
     _choice("schedule.name", sc.name, {"none", "cold_start"})
     _require(sc.cold_start_steps >= 1, "schedule.cold_start_steps", sc.cold_start_steps,

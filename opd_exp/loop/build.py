@@ -7,7 +7,7 @@ config groups it uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +23,13 @@ from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, save_model, stop_token_ids)
+from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.loop.evaluator import Evaluator
+from opd_exp.loop.seeds import step_seed
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
 from opd_exp.recipes.cold_start import TeacherTraces
+from opd_exp.recipes.prompt_selection import overlaps, pass_rates, select_prompts
 from opd_exp.runtime import checkpoint
 from opd_exp.runtime.loggers import make_logger, read_records
 
@@ -83,7 +86,9 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
     """The training prompts; one whose rendering (by every model that reads it) plus
     rollout.max_new_tokens exceeds a context (model configs, rollout / teacher max_model_len)
     is left out and counted."""
-    prompts = make_prompts(cfg.data, cfg.trainer.seed)
+    pc = cfg.prompts
+    prompts = make_prompts(cfg.data, cfg.trainer.seed, pc.content, pc.teacher_data,
+                           cfg.pair.teacher.path).dedup(pc.dedup)
     limits = [c for c in [cfg.rollout.max_model_len, cfg.teacher.max_model_len, *contexts] if c]
     if not limits:
         return prompts
@@ -119,30 +124,42 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
-    d, s, t = cfg.data, cfg.pair.student, cfg.pair.teacher
-    encode = make_encoder(tokenizer, d.chat_template, d.prompt_suffix, s)
+    d, s, t, pc = cfg.data, cfg.pair.student, cfg.pair.teacher, cfg.prompts
+    # the student's prompt rendering: its own chat template, or the teacher's (prompts.template)
+    student_cfg_t, template = (t, teacher_tok) if pc.template == "teacher" else (s, None)
+    encode = make_encoder(tokenizer, d.chat_template, d.prompt_suffix, student_cfg_t, template)
     own = cfg.pair.teacher_prompt == "own"
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
                           [c for _, c in shapes.values()])
     cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
+    evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
+                          make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix,
+                                       student_cfg_t, template), dist,
+                          make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
+                          if own else None)
+    if clear:  # trainer.overwrite: every check passed, the old run's records go now
+        if dist.is_main:
+            checkpoint.clear(run_dir)
+        dist.barrier()
+    if pc.score != "none":  # scored by the student before it trains (cached for a resume)
+        def score(problems: list) -> list[float]:
+            torch.manual_seed(step_seed(cfg.trainer.seed, 0, purpose=2))
+            if pc.score == "pass_rate":
+                return pass_rates(problems, teacher_rollout, teacher_encode or encode,
+                                  replace(sampling, n=pc.samples), tokenizer)
+            return overlaps(problems, rollout, encode, sampling, HFPolicy(learner.policy, vocab_size=vocab),
+                            teacher, pc.k, teacher_encode, tokenizer.pad_token_id)
+        prompts = select_prompts(prompts, pc, run_dir / "prompt_scores.jsonl", dist, score)
     traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", teacher_rollout, tokenizer, encode,
                            teacher_encode or encode, sampling, stop_ids, cfg.schedule) if cold else None
     sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None
-    evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
-                          make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix, s), dist,
-                          make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
-                          if own else None)
     start = 0
     if resume_from is not None:
         learner.load(resume_from)
         start = checkpoint.load_step(resume_from)
         evaluator.recall(read_records(run_dir / "metrics.jsonl"))
         print(f"resumed from {resume_from} at step {start}")
-    if clear:  # trainer.overwrite: every check passed, the old run's records go now
-        if dist.is_main:
-            checkpoint.clear(run_dir)
-        dist.barrier()
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,

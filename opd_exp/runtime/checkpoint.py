@@ -68,6 +68,9 @@ def _publish(root: Path, tmp: Path, final: Path, state: dict, keep_last: int) ->
         shutil.rmtree(old)
 
 
+CACHES = ("cold_start_traces.jsonl", "prompt_scores.jsonl")  # made for one run, by its config
+
+
 def holds_run(run_dir: Path) -> bool:
     """True if a run has written its records here (Hydra's own .hydra/ does not count)."""
     return (run_dir / "metrics.jsonl").exists() or checkpoint_root(run_dir).exists()
@@ -75,10 +78,12 @@ def holds_run(run_dir: Path) -> bool:
 
 def clear(run_dir: Path) -> None:
     """trainer.overwrite: delete the records of the run that was here (its checkpoints, metrics,
-    plots and W&B run id: a new W&B run starts; offline W&B files under wandb/ stay)."""
+    plots, caches — teacher traces, prompt scores — and W&B run id: a new W&B run starts;
+    offline W&B files under wandb/ stay)."""
     shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
-    for path in [run_dir / n for n in ("metrics.jsonl", "final_metrics.json", "wandb_run_id")] + list(
-            run_dir.glob("*.png")):
+    names = ("metrics.jsonl", "final_metrics.json", "wandb_run_id", *CACHES)
+    for path in [run_dir / n for n in names] + list(run_dir.glob("*.png")) + [
+            p for n in CACHES for p in run_dir.glob(f"rank*/{n}")]:
         path.unlink(missing_ok=True)
 
 
@@ -87,7 +92,8 @@ def load_step(path: Path) -> int:
 
 
 # what changes the maths of a run: a resume with other values is refused unless allowed
-MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "trainer.seed", "rollout.n",
+MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "schedule", "prompts",
+             "trainer.seed", "rollout.n",
              "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens",
              "rollout.is_cap")
 

@@ -4,7 +4,8 @@ Lookup order for the world folder:
 1. `$OPD_EXP_TOY_DIR` if set (built there on first use if empty);
 2. the copy shipped inside the package (`opd_exp/toyworld/artifacts`, built with seed 0);
 3. otherwise it is built into `~/.cache/opd_exp/toyworld` on first use.
-`python -m opd_exp toy build --out DIR` rebuilds it from a seed.
+`python -m opd_exp toy build --out DIR` rebuilds it from a seed; `--only NAME,…` trains the named
+condition models (build.VARIANTS) into an existing world.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 SHIPPED_DIR = Path(__file__).parent / "artifacts"
 CACHE_DIR = Path.home() / ".cache" / "opd_exp" / "toyworld"
 ENV_VAR = "OPD_EXP_TOY_DIR"
-MODEL_NAMES = ("teacher", "student")
+PAIR = ("teacher", "student")
+VARIANT_NAMES = ("teacher_foreign", "teacher_same_data", "base_student")  # = build.VARIANTS
+MODEL_NAMES = PAIR + VARIANT_NAMES
 
 
 def is_built(path: Path) -> bool:
@@ -51,7 +54,13 @@ def model_dir(name: str) -> Path:
 
         raise ConfigError(f"toy:{name} is not a toy model: one of " + ", ".join(
             f"toy:{n}" for n in MODEL_NAMES))
-    return world_dir() / name
+    world = world_dir()
+    if not (world / name / "config.json").is_file():
+        from opd_exp.config import ConfigError
+
+        raise ConfigError(f"toy:{name} is not in the toy world at {world} (built before it "
+                          f"existed): python -m opd_exp toy build --out {world} --only {name}")
+    return world / name
 
 
 def benchmark_file(name: str) -> Path:

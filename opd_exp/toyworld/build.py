@@ -9,17 +9,18 @@ the task of `task.py`, then saved with `save_pretrained` beside the tokenizer, s
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd_exp.toyworld import task
 from opd_exp.toyworld.tokenizer import train_tokenizer
@@ -53,6 +54,33 @@ TEACHER = ModelSpec("teacher", layers=3, hidden=128, intermediate=384, levels=ta
 # sharp jump in learning (~step 650) but far from converged (TOYWORLD.md). It is weaker on every
 # level, most of all on the long chains.
 STUDENT_STEP = 900
+BASE_PREFIX = "Question: {prompt}\nAnswer: "  # the Base student's plain-text documents
+BASE_CHAT_SHARE = 0.2  # share of its documents that came wrapped in a chat template
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of the papers' conditions (SPEC §6), trained beside the pair with the teacher's
+    architecture: its own run (`seed_offset`), response style (task.STYLES) and budget
+    (`steps_share` of the teacher's steps, or the student's snapshot step)."""
+    name: str
+    style: str
+    seed_offset: int
+    steps_share: float = 1.0
+    at_student_step: bool = False
+    stands_for: str = ""
+
+
+VARIANTS = (
+    Variant("teacher_foreign", "foreign", 31, stands_for=(
+        "Rethinking OPD condition (i): as strong as the teacher, another pattern of thought")),
+    # seed offset 17 = the teacher's own run: the student's initial weights and the student's
+    # data, batch for batch, with the learning-rate schedule completed at the student's step
+    Variant("teacher_same_data", "chat", 17, at_student_step=True, stands_for=(
+        "Rethinking OPD condition (ii): the student's own data and pattern, nothing new")),
+    Variant("base_student", "base", 29, steps_share=8 / 15, stands_for=(
+        "PowerOPD's Qwen3-Base student: plain text, no think tags, stops at <|endoftext|>")),
+)
 
 
 def benchmark_problems(seed: int) -> dict[str, list[task.Problem]]:
@@ -71,12 +99,26 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
-def _batch(tokenizer, problems: list[task.Problem]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response ids with labels on the response (and end-of-turn) only."""
+def renderer(style: str, tokenizer, seed: int):
+    """`render(problem) -> (prompt text, response text with its end token)` for a style; the Base
+    style draws plain-text or chat-wrapped prompts from its own seeded stream."""
+    if style != "base":
+        return lambda p: (chat_prompt(tokenizer, p.prompt), p.render(style) + tokenizer.eos_token)
+    rng = random.Random(seed + 3)
+
+    def render(p: task.Problem) -> tuple[str, str]:
+        chat = rng.random() < BASE_CHAT_SHARE
+        prompt = chat_prompt(tokenizer, p.prompt) if chat else BASE_PREFIX.format(prompt=p.prompt)
+        return prompt, p.render("base") + tokenizer.pad_token
+    return render
+
+
+def _batch(tokenizer, docs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids with labels on the response (and its end token) only."""
     rows = []
-    for p in problems:
-        prompt = tokenizer(chat_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids
-        resp = tokenizer(p.response + tokenizer.eos_token, add_special_tokens=False).input_ids
+    for prompt_text, response_text in docs:
+        prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        resp = tokenizer(response_text, add_special_tokens=False).input_ids
         rows.append((prompt + resp, [-100] * len(prompt) + resp))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
@@ -97,8 +139,10 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForC
 
 
 def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
-             progress: bool = True, log=print, on_step=None) -> Qwen3ForCausalLM:
-    """Supervised pre-training; `on_step(step, model)` is called after every step if given."""
+             progress: bool = True, log=print, on_step=None, style: str = "chat") -> Qwen3ForCausalLM:
+    """Supervised pre-training on responses in `style`; `on_step(step, model)` is called after
+    every step if given."""
+    render = renderer(style, tokenizer, seed)
     torch.manual_seed(seed)
     model = make_model(spec, tokenizer)
     rng = random.Random(seed + 1)
@@ -121,7 +165,7 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
             p = task.make_problem(rng, level)
             if p.prompt not in exclude:
                 problems.append(p)
-        loss = model(**_batch(tokenizer, problems)).loss
+        loss = model(**_batch(tokenizer, [render(p) for p in problems])).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,12 +180,50 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
     return model
 
 
+def save_model(folder: Path, model, tokenizer, style: str = "chat") -> None:
+    """Model + tokenizer as a hub folder; a Base model's end token (config, generation_config and
+    tokenizer) is <|endoftext|>, like Qwen3-Base's, an instruct model's <|im_end|>."""
+    if style == "base":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.eos_token = tokenizer.pad_token
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def model_entry(spec: ModelSpec, name: str, model, steps: int, seconds: float, **extra) -> dict:
+    return {**asdict(spec), "name": name, "steps": steps, "params": model.num_parameters(),
+            "train_seconds": round(seconds, 1), **extra}
+
+
+def train_variant(v: Variant, folder: Path, tokenizer, seed: int, teacher: ModelSpec,
+                  student_step: int, exclude: frozenset[str], progress: bool = True,
+                  log=print) -> dict:
+    """Train variant `v` and save it into `folder`; its manifest entry."""
+    steps = student_step if v.at_student_step else max(1, round(teacher.steps * v.steps_share))
+    spec = replace(teacher, name=v.name, steps=steps)
+    t = time.time()
+    model = pretrain(spec, tokenizer, seed + v.seed_offset, exclude, progress, log, style=v.style)
+    save_model(folder, model, tokenizer, v.style)
+    return model_entry(spec, v.name, model, steps, time.time() - t, style=v.style,
+                       stands_for=v.stands_for)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
-                student_step: int = STUDENT_STEP, progress: bool = True, log=print) -> Path:
+                student_step: int = STUDENT_STEP, variants: tuple[Variant, ...] = VARIANTS,
+                progress: bool = True, log=print) -> Path:
     """Build everything into `out` (atomically: a temp folder renamed at the end).
 
     The teacher is pre-trained for `teacher.steps`; the student is its snapshot at
-    `student_step`."""
+    `student_step`; then each of `variants` is trained."""
     if not 0 < student_step < teacher.steps:
         raise ValueError(f"student_step must be in 1..{teacher.steps - 1}")
     out = Path(out)
@@ -171,29 +253,56 @@ def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
     exclude = heldout_prompts(seed)
 
     manifest = {"format_version": FORMAT_VERSION, "seed": seed, "vocab_size": len(tokenizer),
-                "benchmarks": {k: len(v) for k, v in benches.items()}, "models": {}}
-
-    def save(name: str, model, step: int, seconds: float) -> None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp / name)
-        tokenizer.save_pretrained(tmp / name)
-        manifest["models"][name] = {**asdict(teacher), "name": name, "steps": step,
-                                    "params": model.num_parameters(),
-                                    "train_seconds": round(seconds, 1)}
-
+                "benchmarks": {k: len(v) for k, v in benches.items()}, "models": {},
+                "student_step": student_step}
     t = time.time()
 
     def snapshot(step: int, model) -> None:
         if step == student_step:
-            save("student", model, step, time.time() - t)
+            save_model(tmp / "student", model, tokenizer)
+            manifest["models"]["student"] = model_entry(teacher, "student", model, step,
+                                                        time.time() - t)
 
     model = pretrain(teacher, tokenizer, seed + 17, exclude, progress, log, on_step=snapshot)
-    save("teacher", model, teacher.steps, time.time() - t)
+    save_model(tmp / "teacher", model, tokenizer)
+    manifest["models"]["teacher"] = model_entry(teacher, "teacher", model, teacher.steps,
+                                                time.time() - t)
+    for v in variants:
+        manifest["models"][v.name] = train_variant(v, tmp / v.name, tokenizer, seed, teacher,
+                                                   student_step, exclude, progress, log)
     manifest["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _publish(tmp, out)
     log(f"toy world built in {manifest['build_seconds']} s -> {out}")
     return out
+
+
+def add_variants(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
+    """Train the named `VARIANTS` into an existing world (its tokenizer, seed, teacher spec and
+    student step), each folder and the manifest replaced atomically; the pair is untouched."""
+    world = Path(world)
+    manifest = json.loads((world / "manifest.json").read_text())
+    known = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--only: {unknown} not a toy variant; one of {sorted(known)}")
+    seed = manifest["seed"]
+    fields = {f for f in ModelSpec.__dataclass_fields__}
+    spec = manifest["models"]["teacher"]
+    teacher = ModelSpec(**{k: tuple(v) if k == "levels" else v for k, v in spec.items()
+                           if k in fields})
+    student_step = manifest.get("student_step", manifest["models"]["student"]["steps"])
+    tokenizer = AutoTokenizer.from_pretrained(world / "teacher")
+    exclude = heldout_prompts(seed)
+    for name in names:
+        tmp = world / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        entry = train_variant(known[name], tmp, tokenizer, seed, teacher, student_step, exclude,
+                              progress, log)
+        _publish(tmp, world / name)
+        manifest["models"][name] = entry
+        manifest["student_step"] = student_step
+        (world / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+        (world / "manifest.json.tmp").replace(world / "manifest.json")
+        log(f"{name}: trained in {entry['train_seconds']} s -> {world / name}")
+    return world

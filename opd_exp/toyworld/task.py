@@ -7,6 +7,11 @@ thought inside ``<think>…</think>`` followed by the answer in ``\\boxed{}``:
     prompt:   Compute 37+45-18.
     response: <think>37+45=82. 82-18=64.</think> \\boxed{64}
 
+Other models of the world write the same problem in their own style (`render`): `foreign`, a
+teacher with another pattern of thought (`<think>start 37. add 45 gives 82. take 18 gives
+64.</think> \\boxed{64}`), and `base`, a Base model's plain text
+(`37 + 45 = 82, 82 - 18 = 64. The answer is \\boxed{64}.`, no think tags).
+
 Everything is a pure function of a ``random.Random`` so a seed rebuilds the same world.
 """
 
@@ -32,6 +37,7 @@ ITEMS = (
 GAIN_VERBS = ("finds", "buys", "gets", "receives", "picks up", "wins", "earns", "collects")
 LOSS_VERBS = ("gives away", "loses", "sells", "eats", "drops", "uses", "donates", "breaks")
 FAMILIES = ("expr", "words", "question")
+STYLES = ("chat", "foreign", "base")  # how a model of the world writes its response
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,31 @@ class Problem:
     answer: str  # the final answer as written inside \boxed{}
     level: int
     family: str
+    start: int = 0  # the chain: start value and (op, operand) pairs
+    ops: tuple[tuple[str, int], ...] = ()
 
     @property
     def response(self) -> str:
         """The reference response a perfect model writes (without the end-of-turn token)."""
         return f"<think>{self.thought}</think> \\boxed{{{self.answer}}}"
+
+    def render(self, style: str) -> str:
+        """The response in a model's own style (`STYLES`), without its end token."""
+        if style == "chat":
+            return self.response
+        steps, value = [], self.start
+        for op, n in self.ops:
+            new = value + n if op == "+" else value - n
+            steps.append((value, op, n, new))
+            value = new
+        if style == "foreign":  # another pattern: the start stated, then each move in words
+            moves = " ".join(f"{'add' if op == '+' else 'take'} {n} gives {new}."
+                             for _, op, n, new in steps)
+            return f"<think>start {self.start}. {moves}</think> \\boxed{{{self.answer}}}"
+        if style == "base":  # plain text: no think tags, spaced sums, its own closing phrase
+            chain = ", ".join(f"{a} {op} {n} = {new}" for a, op, n, new in steps)
+            return f"{chain}. The answer is \\boxed{{{self.answer}}}."
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
 def _chain(rng: random.Random, level: int) -> tuple[int, list[tuple[str, int]]]:
@@ -94,7 +120,8 @@ def make_problem(rng: random.Random, level: int, family: str | None = None) -> P
     family = family or rng.choice(FAMILIES)
     start, ops = _chain(rng, level)
     thought, value = _thought(start, ops)
-    return Problem(_phrase(rng, family, start, ops), thought, str(value), level, family)
+    return Problem(_phrase(rng, family, start, ops), thought, str(value), level, family, start,
+                   tuple(ops))
 
 
 def sample_problems(seed: int, levels: tuple[int, ...], count: int,
