@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from opd_exp.config import validate
-from opd_exp.data import make_encoder
+from opd_exp.data import make_encoder, student_encoder
 from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
 from opd_exp.engines.rollout_hf import HFRollout
 from opd_exp.engines.rollout_vllm import save_untied
@@ -27,7 +27,7 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tokenizer = load_tokenizer(p.student, "pair.student")
     teacher_tok = load_tokenizer(p.teacher, "pair.teacher")
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
-                          make_encoder(tokenizer, d.chat_template, suffix, p.student),
+                          student_encoder(cfg, tokenizer, teacher_tok, suffix),
                           teacher_encode=make_encoder(teacher_tok, d.chat_template, suffix, p.teacher)
                           if p.teacher_prompt == "own" else None)
     stop_ids = stop_token_ids(p.student, tokenizer) | stop_token_ids(p.teacher, teacher_tok)

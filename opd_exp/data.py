@@ -95,7 +95,7 @@ class PromptSource:
     def dedup(self, mode: str) -> "PromptSource":
         """Drop repeated prompts (the first kept), counted as data/duplicates_exact and, with
         mode `near`, data/duplicates_near: the same text up to case, spacing, Unicode form and
-        end punctuation (`Compute 3+4.` = `compute 3 + 4`)."""
+        end punctuation (`Compute 3+4.` = `compute 3 + 4`; `near_key`)."""
         if mode == "none":
             return self
         out = self.keep(_first_seen(lambda p: p.prompt), "duplicates_exact")
@@ -114,8 +114,11 @@ class PromptSource:
 
 
 def near_key(p: Problem) -> str:
-    text = unicodedata.normalize("NFKC", p.prompt).casefold()
-    return re.sub(r"\s+", "", text).rstrip(".?!。")
+    """Case, Unicode form, runs of spaces, spaces next to a symbol and end punctuation ignored;
+    spaces between two words or numbers kept (`3 4` is not `34`)."""
+    text = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", p.prompt).casefold()).strip()
+    text = re.sub(r" ?([^\w ]) ?", r"\1", text)
+    return text.rstrip(".?!。")
 
 
 def _first_seen(key):
@@ -207,3 +210,13 @@ def load_benchmark(name: str, max_problems: int = 0) -> list[Problem]:
         raise ConfigError(f"eval.benchmarks: unknown benchmark {name!r}: toy_L1 … toy_L6 or one "
                           "of " + ", ".join(HUB_BENCHMARKS))
     return problems[:max_problems] if max_problems else problems
+
+
+def student_encoder(cfg, tokenizer, teacher_tokenizer, suffix: str):
+    """The student's prompt rendering (training, scoring, evaluation): its own chat template,
+    kwargs and system prompt, or with prompts.template=teacher the teacher's (SPEC §2 (a)),
+    encoded by the student's tokenizer."""
+    if cfg.prompts.template == "teacher":
+        return make_encoder(tokenizer, cfg.data.chat_template, suffix, cfg.pair.teacher,
+                            teacher_tokenizer)
+    return make_encoder(tokenizer, cfg.data.chat_template, suffix, cfg.pair.student)

@@ -26,6 +26,7 @@ def test_cold_start_switches_to_opd_at_the_configured_step(tmp_path, use_tiny_wo
     assert all(r["schedule/traces"] == 4 and "reward/mean" not in r for r in steps[:2])
     assert "reward/mean" in steps[2] and "schedule/traces" not in steps[2]
     cached = [json.loads(x) for x in (tmp_path / "cold_start_traces.jsonl").read_text().splitlines()]
+    assert set(cached.pop(0)) == {"made_under"}  # the settings the traces were made under
     assert len(cached) == 8 and all(c["response_ids"] for c in cached)  # 2 steps x 4 prompts
 
 
@@ -60,15 +61,15 @@ def test_rejected_traces_are_retried_then_dropped(tmp_path, use_tiny_world):
     enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     good = "<think>1+1=2.</think> \\boxed{2}"
     sampler = _Scripted(tok, ["no box", "still none", good])  # accepted at the 2nd retry
-    t = TeacherTraces(tmp_path / "t.jsonl", sampler, tok, enc, enc, Sampling(), set(), cfg)
+    t = TeacherTraces(tmp_path / "t.jsonl", {}, sampler, tok, enc, enc, Sampling(), set(), cfg)
     problems, r, m = t([Problem("1+1?", "2")])
     assert m == {"schedule/traces": 1.0, "schedule/rejected": 2.0, "schedule/dropped": 0.0,
                  "schedule/kept_rejected": 0.0}
     assert tok.decode(r.response_ids_B_T[0][r.response_mask_B_T[0] > 0]) == good
-    again = TeacherTraces(tmp_path / "t.jsonl", _Scripted(tok, ["x"]), tok, enc, enc, Sampling(),
+    again = TeacherTraces(tmp_path / "t.jsonl", {}, _Scripted(tok, ["x"]), tok, enc, enc, Sampling(),
                           set(), cfg)  # a resumed run: from the cache, no sampling
     assert again([Problem("1+1?", "2")])[2]["schedule/rejected"] == 0 and again.sampler.calls == 0
-    bad = TeacherTraces(tmp_path / "b.jsonl", _Scripted(tok, ["no box"]), tok, enc, enc,
+    bad = TeacherTraces(tmp_path / "b.jsonl", {}, _Scripted(tok, ["no box"]), tok, enc, enc,
                         Sampling(), set(), cfg)
     problems, r, m = bad([Problem("1+1?", "2"), Problem("2+2?", "4")])
     assert m["schedule/rejected"] == 6 and m["schedule/dropped"] == 2

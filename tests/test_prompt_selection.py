@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from opd_exp.core.types import Problem
 from opd_exp.data import PromptSource, make_encoder
 from opd_exp.recipes.prompt_selection import select_top, topk_overlap
+from opd_exp.runtime.loggers import read_cache
 from opd_exp.train import train
 
 from .conftest import TINY_RUN, compose
@@ -32,27 +33,33 @@ def test_selection_keeps_exactly_the_top_fraction(seed, fraction):
     assert min(scores[int(p.prompt[1:])] for p in kept) == m["data/score_threshold"]
 
 
+def test_ties_follow_the_given_order():
+    pool = [Problem(f"p{i}", "1") for i in range(6)]
+    kept, _ = select_top(pool, [1, 0, 1, 1, 0, 1], 0.5, tiebreak=[5, 0, 4, 1, 2, 3])
+    assert [p.prompt for p in kept] == ["p2", "p3", "p5"]  # of the four 1s, p0 comes last
+
+
 def test_unaligned_share_comes_from_the_rest_and_is_seeded():
     scores = [i / 100 for i in range(100)]  # prompt i scores i: the top 20 are 80..99
     pool = [Problem(f"p{i}", "1") for i in range(100)]
     kept, m = select_top(pool, scores, 0.2, unaligned_fraction=0.25, seed=3)
     ids = sorted(int(p.prompt[1:]) for p in kept)
     assert len(ids) == 20 and m["data/unaligned"] == 5
-    assert ids[-15:] == list(range(85, 100)) and all(i < 85 for i in ids[:5])
+    assert ids[-15:] == list(range(85, 100)) and all(i < 80 for i in ids[:5])  # not in the top 20
     assert select_top(pool, scores, 0.2, 0.25, seed=3)[0] == kept
     assert select_top(pool, scores, 0.2, 0.25, seed=4)[0] != kept
 
 
 def test_exact_and_near_duplicates_are_removed_and_counted():
     texts = ["Compute 3+4.", "Compute 3+4.", "compute 3 + 4", "Compute 3+5.", "COMPUTE 3+5?",
-             "What is 3 plus 4?", "What is 34?"]
+             "What is 3 plus 4?", "What is 34?", "What is 3 4?"]
     src = PromptSource([Problem(t, "7") for t in texts], 2, 0)
     exact = src.dedup("exact")
     assert [p.prompt for p in exact.pool] == [t for i, t in enumerate(texts) if i != 1]
     assert exact.stats()["data/duplicates_exact"] == 1
     near = src.dedup("near")
     assert [p.prompt for p in near.pool] == ["Compute 3+4.", "Compute 3+5.", "What is 3 plus 4?",
-                                             "What is 34?"]
+                                             "What is 34?", "What is 3 4?"]  # 34 is not 3 4
     assert near.stats()["data/duplicates_exact"] == 1 and near.stats()["data/duplicates_near"] == 2
     assert src.dedup("none").pool == src.pool
 
@@ -72,7 +79,9 @@ def test_topk_overlap_matches_set_intersection():
 
 
 def _scores(run_dir):
-    return [json.loads(x) for x in (run_dir / "prompt_scores.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run_dir / "prompt_scores.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"made_under"}  # stamped with the settings that made it
+    return rows[1:]
 
 
 def _step0(run_dir):
@@ -98,10 +107,20 @@ def test_a_run_trains_on_the_selected_prompts_and_resumes_with_them(tmp_path, us
     train(compose(sel + ["trainer.steps=2", "trainer.resume=true"]), tmp_path)
     assert (tmp_path / "prompt_scores.jsonl").read_text() == before
     # trainer.overwrite starts over: the scores are made again, not read from the old run
-    (tmp_path / "prompt_scores.jsonl").write_text(
-        "".join(json.dumps({**r, "score": 7.0}) + "\n" for r in rows))
+    (tmp_path / "prompt_scores.jsonl").write_text(before.splitlines()[0] + "\n" + "".join(
+        json.dumps({**r, "score": 7.0}) + "\n" for r in rows))
     train(compose(sel + ["trainer.steps=1", "trainer.overwrite=true"]), tmp_path)
     assert all(r["score"] <= 1 for r in _scores(tmp_path)) and len(_scores(tmp_path)) == 16
+
+
+def test_a_cache_made_under_other_settings_is_started_over(tmp_path):
+    path = tmp_path / "c.jsonl"
+    assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == []
+    with open(path, "a") as f:
+        f.write(json.dumps({"prompt": "x", "score": 0.5}) + "\n")
+    assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == [{"prompt": "x", "score": 0.5}]
+    assert read_cache(path, {"teacher": "b", "k": (1, 2)}) == []  # another teacher: not read
+    assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == []  # … and it was started over
 
 
 def test_teacher_template_renders_the_students_prompts(use_tiny_world):

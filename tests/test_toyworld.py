@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from opd_exp.config import ConfigError
 from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
 from opd_exp.toyworld.build import BENCHMARK_SIZE, VARIANTS, add_variants, build_world
-from opd_exp.toyworld.tokenizer import IM_END, PAD
+from opd_exp.toyworld.tokenizer import IM_END, IM_START, PAD
 
 from .conftest import TINY_TEACHER
 
@@ -131,6 +131,7 @@ def test_every_toy_model_loads_through_the_hub_path_with_its_stop_token(shipped,
         assert stop_token_ids(mcfg, tok) == {stop_id}, name
         assert model.config.eos_token_id == model.generation_config.eos_token_id == stop_id
         assert tok.eos_token == stop and tok.pad_token == PAD
+        assert set(tok.all_special_tokens) == {PAD, IM_START, IM_END, "<think>", "</think>"}
 
 
 def test_a_world_built_before_a_variant_names_the_command_that_adds_it(tiny_world, tmp_path, monkeypatch):
@@ -139,6 +140,9 @@ def test_a_world_built_before_a_variant_names_the_command_that_adds_it(tiny_worl
     old = tmp_path / "old"
     shutil.copytree(tiny_world, old)
     shutil.rmtree(old / "base_student")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["models"]["base_student"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv(toyworld.ENV_VAR, str(old))
     with pytest.raises(ConfigError, match="toy build --out .* --only base_student"):
         toyworld.model_dir("base_student")

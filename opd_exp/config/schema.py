@@ -204,7 +204,7 @@ class PromptsConfig:
     unaligned_fraction: float = 0.0  # share of the kept pool drawn back from the rest (seeded)
     samples: int = 4  # pass_rate: teacher samples per prompt
     k: int = 16  # overlap: |TopK(p) ∩ TopK(q)| / k on one student rollout per prompt
-    max_prompts: int = 0  # score only the first N prompts of the seeded pool order; 0 = all
+    max_prompts: int = 0  # > 0: the pool is its first N prompts in the seeded order, scored; 0 = all
 
 
 @dataclass

@@ -84,7 +84,7 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     come back on the device of the rollouts given to `score`."""
     t = cfg.teacher
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
-                          t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, 20),
+                          t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, cfg.prompts.k, 20),
                           seed=cfg.trainer.seed, vocab_size=len(tokenizer),
                           rows=model_shape(cfg.pair.teacher, "pair.teacher")[0])
     return teacher, teacher.sampler(tokenizer, stop_ids)

@@ -20,7 +20,7 @@ from opd_exp.config.registry import LEARNERS, OBJECTIVES, ROLLOUTS, TEACHERS, re
 from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
-from opd_exp.data import PromptSource, make_encoder, make_prompts
+from opd_exp.data import PromptSource, make_encoder, make_prompts, student_encoder
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, save_model, stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
@@ -82,6 +82,14 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
     return resume_from, clear
 
 
+def made_under(cfg: DictConfig, *groups: str) -> dict:
+    """What a run-dir cache depends on: the named config groups, the rollout sampling and the
+    seed (a cache made under other values is started over: runtime/loggers.py read_cache)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    return {**{g: c[g] for g in groups}, "seed": cfg.trainer.seed,
+            "sampling": {k: c["rollout"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens")}}
+
+
 def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource:
     """The training prompts; one whose rendering (by every model that reads it) plus
     rollout.max_new_tokens exceeds a context (model configs, rollout / teacher max_model_len)
@@ -124,18 +132,15 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                                       dist.device)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
-    d, s, t, pc = cfg.data, cfg.pair.student, cfg.pair.teacher, cfg.prompts
-    # the student's prompt rendering: its own chat template, or the teacher's (prompts.template)
-    student_cfg_t, template = (t, teacher_tok) if pc.template == "teacher" else (s, None)
-    encode = make_encoder(tokenizer, d.chat_template, d.prompt_suffix, student_cfg_t, template)
+    d, t, pc = cfg.data, cfg.pair.teacher, cfg.prompts
+    encode = student_encoder(cfg, tokenizer, teacher_tok, d.prompt_suffix)
     own = cfg.pair.teacher_prompt == "own"
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
                           [c for _, c in shapes.values()])
     cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
-                          make_encoder(tokenizer, d.chat_template, cfg.eval.prompt_suffix,
-                                       student_cfg_t, template), dist,
+                          student_encoder(cfg, tokenizer, teacher_tok, cfg.eval.prompt_suffix), dist,
                           make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
                           if own else None)
     if clear:  # trainer.overwrite: every check passed, the old run's records go now
@@ -143,16 +148,19 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
             checkpoint.clear(run_dir)
         dist.barrier()
     if pc.score != "none":  # scored by the student before it trains (cached for a resume)
-        def score(problems: list) -> list[float]:
-            torch.manual_seed(step_seed(cfg.trainer.seed, 0, purpose=2))
+        def score(problems: list, chunk_no: int) -> list[float]:
+            torch.manual_seed(step_seed(cfg.trainer.seed, chunk_no, purpose=2, rank=dist.rank))
             if pc.score == "pass_rate":
                 return pass_rates(problems, teacher_rollout, teacher_encode or encode,
                                   replace(sampling, n=pc.samples), tokenizer)
-            return overlaps(problems, rollout, encode, sampling, HFPolicy(learner.policy, vocab_size=vocab),
-                            teacher, pc.k, teacher_encode, tokenizer.pad_token_id)
-        prompts = select_prompts(prompts, pc, run_dir / "prompt_scores.jsonl", dist, score)
-    traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", teacher_rollout, tokenizer, encode,
-                           teacher_encode or encode, sampling, stop_ids, cfg.schedule) if cold else None
+            return overlaps(problems, rollout, encode, sampling,
+                            HFPolicy(learner.policy, vocab_size=vocab), teacher, pc.k, dist.device,
+                            cfg.learner.micro_batch_size, teacher_encode, tokenizer.pad_token_id)
+        prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
+                                 made_under(cfg, "prompts", "pair"), dist, score)
+    traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, "pair", "schedule", "prompts"),
+                           teacher_rollout, tokenizer, encode, teacher_encode or encode, sampling,
+                           stop_ids, cfg.schedule) if cold else None
     sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None
     start = 0
     if resume_from is not None:

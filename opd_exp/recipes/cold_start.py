@@ -17,24 +17,25 @@ from pathlib import Path
 from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Problem, Rollouts, Sampling, rollouts_from_samples
 from opd_exp.recipes.rejection import rejection_reason
-from opd_exp.runtime.loggers import read_records
+from opd_exp.runtime.loggers import read_cache
 
 
 class TeacherTraces:
     """`__call__(problems) -> (the problems trained on, their traces after the student's prompts,
     metrics)`."""
 
-    def __init__(self, path: Path, sampler: RolloutBackend, tokenizer, encode, teacher_encode,
-                 sampling: Sampling, stop_ids: set[int], schedule_cfg):
+    def __init__(self, path: Path, made_under: dict, sampler: RolloutBackend, tokenizer, encode,
+                 teacher_encode, sampling: Sampling, stop_ids: set[int], schedule_cfg):
         """`encode`: the student's prompt rendering (what it is trained after); `teacher_encode`:
-        the teacher's (what it samples after; the same when pair.teacher_prompt=student)."""
+        the teacher's (what it samples after; the same when pair.teacher_prompt=student);
+        `made_under`: the settings the cache is stamped with (runtime/loggers.py read_cache)."""
         self.path, self.sampler, self.tokenizer = path, sampler, tokenizer
         path.parent.mkdir(parents=True, exist_ok=True)
         self.encode, self.teacher_encode = encode, teacher_encode
         self.sampling, self.stop_ids, self.cfg = replace(sampling, n=1), sorted(stop_ids), schedule_cfg
         # prompt text → response token ids, or None when every attempt was rejected
         self.cache: dict[str, list[int] | None] = {r["prompt"]: r["response_ids"]
-                                                   for r in read_records(path)}
+                                                   for r in read_cache(path, made_under)}
 
     def _remember(self, prompt: str, ids: list[int] | None) -> None:
         self.cache[prompt] = ids

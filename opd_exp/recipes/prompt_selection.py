@@ -1,6 +1,7 @@
 """Teacher-aligned prompt selection by score (SPEC §2 (c)): before training, each prompt of the
-pool gets a score, and the top `prompts.keep_fraction` of the pool is kept (ties: pool order),
-with an optional `prompts.unaligned_fraction` of the kept pool drawn back from the rest.
+pool gets a score, and the top `prompts.keep_fraction` of the pool is kept (ties broken by the
+pool's seeded order), with an optional `prompts.unaligned_fraction` of the kept places given to
+prompts drawn from the unselected rest.
 
 Scores:
 - `pass_rate`: the share of `prompts.samples` teacher samples whose answer is right;
@@ -8,8 +9,10 @@ Scores:
   |TopK(p) ∩ TopK(q)| / k, with p the student's and q the teacher's next-token distribution
   (SPEC §4's overlap ratio).
 
-Scores are computed once, by rank 0, and cached in `<run dir>/prompt_scores.jsonl`, so that a
-resumed run (whose student has moved) keeps the pool it started with.
+Each rank scores its shard of the pool (prompts rank, rank + W, …), a chunk at a time, appending
+to its cache `<work dir>/prompt_scores.jsonl` (stamped with the settings that made it), so a
+resumed run — whose student has moved — keeps the pool it started with, and a run killed while
+scoring goes on from the last chunk; the ranks then sum their shards into the whole list.
 """
 
 from __future__ import annotations
@@ -24,26 +27,28 @@ from typing import Callable
 import torch
 
 from opd_exp.core.ranks import Dist
-from opd_exp.core.types import Problem, Rollouts, Sampling
+from opd_exp.core.types import Problem, Rollouts, Sampling, micro_slices
 from opd_exp.data import PromptSource
 from opd_exp.evaluation import rollout_correctness
-from opd_exp.runtime.loggers import read_records
+from opd_exp.runtime.loggers import read_cache
 
-CHUNK = 256  # prompts per sampling call
+CHUNK = 256  # prompts per sampling call (and per cache append)
 
 
 def select_top(pool: list[Problem], scores: list[float], keep_fraction: float,
-               unaligned_fraction: float = 0.0, seed: int = 0) -> tuple[list[Problem], dict]:
-    """(kept prompts in pool order, metrics): the round(keep_fraction · N) best-scored prompts;
-    with `unaligned_fraction` u, round(u · kept) of those places go to prompts drawn (seeded)
-    from the rest."""
+               unaligned_fraction: float = 0.0, seed: int = 0,
+               tiebreak: list[int] | None = None) -> tuple[list[Problem], dict]:
+    """(kept prompts in pool order, metrics): the round(keep_fraction · N) best-scored prompts
+    (equal scores: lower `tiebreak[i]` first, default the pool index); with `unaligned_fraction`
+    u, round(u · kept) of those places go to prompts drawn (seeded) from outside that top."""
     n_keep = max(1, round(keep_fraction * len(pool)))
-    ranked = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
+    order = tiebreak or list(range(len(pool)))
+    ranked = sorted(range(len(pool)), key=lambda i: (-scores[i], order[i]))
     n_back = min(round(unaligned_fraction * n_keep), len(pool) - n_keep)
-    top, rest = ranked[:n_keep - n_back], ranked[n_keep - n_back:]
+    top, rest = ranked[:n_keep - n_back], ranked[n_keep:]
     back = random.Random(seed).sample(rest, n_back)
     kept = sorted(top + back)
-    threshold = scores[ranked[n_keep - n_back - 1]] if n_keep > n_back else float("nan")
+    threshold = scores[top[-1]] if top else float("nan")
     mean = lambda idx: sum(scores[i] for i in idx) / max(1, len(idx))  # noqa: E731
     return [pool[i] for i in kept], {
         "data/scored": float(len(pool)), "data/selected": float(len(kept)),
@@ -53,13 +58,9 @@ def select_top(pool: list[Problem], scores: list[float], keep_fraction: float,
 
 def pass_rates(problems: list[Problem], sampler, encode, sampling: Sampling, tokenizer) -> list[float]:
     """The teacher's pass rate on each prompt (sampling.n samples each)."""
-    out: list[float] = []
-    for c in range(0, len(problems), CHUNK):
-        chunk = problems[c:c + CHUNK]
-        r = sampler.generate([encode(p.prompt) for p in chunk], sampling)
-        correct = rollout_correctness(tokenizer, r, [p.answer for p in chunk])
-        out += torch.zeros(len(chunk)).index_add_(0, r.group_B, correct).div(sampling.n).tolist()
-    return out
+    r = sampler.generate([encode(p.prompt) for p in problems], sampling)
+    correct = rollout_correctness(tokenizer, r, [p.answer for p in problems])
+    return torch.zeros(len(problems)).index_add_(0, r.group_B, correct).div(sampling.n).tolist()
 
 
 def topk_overlap(student_topk: torch.Tensor, teacher_topk: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -71,59 +72,64 @@ def topk_overlap(student_topk: torch.Tensor, teacher_topk: torch.Tensor, mask_B_
 
 
 @torch.no_grad()
-def policy_topk(view, r: Rollouts, k: int, chunk: int = 64) -> torch.Tensor:
+def policy_topk(view, r: Rollouts, k: int, micro_batch_size: int, chunk: int = 64) -> torch.Tensor:
     """[B, T, k] ids of the policy's top-k next tokens at each response position (a PolicyView;
-    one chunk of positions through the LM head at a time, padded rows excluded)."""
-    hidden = view.response_hidden(r)
-    return torch.cat([view.lm_head(hidden[:, c:c + chunk])[..., :view.vocab_size].topk(k, -1)[1]
-                      for c in range(0, hidden.shape[1], chunk)], 1)
+    micro-batches of rows, one chunk of positions through the LM head at a time, padded
+    embedding rows excluded)."""
+    out = []
+    for s in micro_slices(r.size, micro_batch_size):
+        hidden = view.response_hidden(r.select(s))
+        out.append(torch.cat([view.lm_head(hidden[:, c:c + chunk])[..., :view.vocab_size]
+                              .topk(k, -1)[1] for c in range(0, hidden.shape[1], chunk)], 1))
+    return torch.cat(out)
 
 
-def overlaps(problems: list[Problem], sampler, encode, sampling: Sampling,
-             student_view, teacher_scorer, k: int, score_prompts=None,
+def overlaps(problems: list[Problem], sampler, encode, sampling: Sampling, student_view,
+             teacher_scorer, k: int, device, micro_batch_size: int, score_prompts=None,
              pad_id: int = 0) -> list[float]:
     """Top-K overlap of student and teacher on one student rollout per prompt: the student's
     top-K from its PolicyView, the teacher's from `score(rollouts, "topk", k)`; `score_prompts`
     renders a prompt for the teacher (pair.teacher_prompt=own)."""
-    out: list[float] = []
-    one = Sampling(1, sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens)
-    for c in range(0, len(problems), CHUNK):
-        chunk = problems[c:c + CHUNK]
-        r: Rollouts = sampler.generate([encode(p.prompt) for p in chunk], one)
-        s = policy_topk(student_view, r, k)
-        seen = r if score_prompts is None else r.with_prompts(
-            [score_prompts(p.prompt) for p in chunk], pad_id)
-        t = teacher_scorer.score(seen, "topk", k).topk_idx_B_T_K
-        out += topk_overlap(s.cpu(), t.cpu(), r.response_mask_B_T).tolist()
-    return out
+    r: Rollouts = sampler.generate([encode(p.prompt) for p in problems], replace(sampling, n=1))
+    r = r.to(device)
+    s = policy_topk(student_view, r, k, micro_batch_size)
+    seen = r if score_prompts is None else r.with_prompts(
+        [score_prompts(p.prompt) for p in problems], pad_id).to(device)
+    t = teacher_scorer.score(seen, "topk", k).topk_idx_B_T_K
+    return topk_overlap(s.cpu(), t.cpu(), r.response_mask_B_T.cpu()).tolist()
 
 
-def select_prompts(source: PromptSource, prompts_cfg, path: Path, dist: Dist,
-                   compute: Callable[[list[Problem]], list[float]]) -> PromptSource:
+def select_prompts(source: PromptSource, prompts_cfg, path: Path, made_under: dict, dist: Dist,
+                   compute: Callable[[list[Problem], int], list[float]]) -> PromptSource:
     """The pool (its first `max_prompts` in the seeded order, if set) cut to the top fraction by
-    score; rank 0 scores and writes the cache, the other ranks read it."""
+    score. `compute(prompts, chunk_no)` scores one chunk of this rank's shard."""
     pc, t0 = prompts_cfg, time.time()
+    position = {i: pos for pos, i in enumerate(source.order(0))}
     pool = source.pool
     if pc.max_prompts:
         pool = [pool[i] for i in source.order(0)[:pc.max_prompts]]
-    if dist.is_main:
-        cached_scores(path, pool, compute)
-    dist.barrier()
-    scores, _ = cached_scores(path, pool, None)
-    kept, metrics = select_top(pool, scores, pc.keep_fraction, pc.unaligned_fraction, source.seed)
+        position = {i: i for i in range(len(pool))}
+    mine = list(range(dist.rank, len(pool), dist.world_size))
+    scores = torch.zeros(len(pool), dtype=torch.float64)
+    scores[mine] = torch.tensor(cached_scores(path, made_under, [pool[i] for i in mine], compute),
+                                dtype=torch.float64)
+    scores = dist.sum_tensor(scores).tolist()
+    kept, metrics = select_top(pool, scores, pc.keep_fraction, pc.unaligned_fraction, source.seed,
+                               [position[i] for i in range(len(pool))])
     metrics["data/score_seconds"] = time.time() - t0
     return replace(source, pool=kept, info={**source.info, **metrics})
 
 
-def cached_scores(path: Path, problems: list[Problem],
-                  compute: Callable[[list[Problem]], list[float]] | None) -> tuple[list[float], bool]:
-    """(scores of `problems`, whether any was computed): those in the cache file are read, the
-    others computed and appended."""
-    cache = {r["prompt"]: r["score"] for r in read_records(path)}
+def cached_scores(path: Path, made_under: dict, problems: list[Problem],
+                  compute: Callable[[list[Problem], int], list[float]]) -> list[float]:
+    """Scores of `problems`: those in the cache read back, the others computed a chunk at a time
+    and appended as they come."""
+    cache = {r["prompt"]: r["score"] for r in read_cache(path, made_under)}
     todo = [p for p in problems if p.prompt not in cache]
-    if todo:
+    for c in range(0, len(todo), CHUNK):
+        chunk = todo[c:c + CHUNK]
         with open(path, "a") as f:
-            for p, s in zip(todo, compute(todo)):
+            for p, s in zip(chunk, compute(chunk, c // CHUNK)):
                 cache[p.prompt] = s
                 f.write(json.dumps({"prompt": p.prompt, "score": s}) + "\n")
-    return [cache[p.prompt] for p in problems], bool(todo)
+    return [cache[p.prompt] for p in problems]

@@ -27,6 +27,21 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
+def read_cache(path: Path, made_under: dict) -> list[dict]:
+    """The records of a cache file (teacher traces, prompt scores) made under the settings
+    `made_under` (its first line); a file made under other settings (a run dir reused with
+    another teacher, sampling or score) is started over, never silently read back."""
+    made_under = json.loads(json.dumps(made_under))  # as it reads back (tuples → lists)
+    records = read_records(path)
+    if records and records[0] == {"made_under": made_under}:
+        return records[1:]
+    if records:
+        print(f"{path.name}: made under other settings; starting it over", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"made_under": made_under}) + "\n")
+    return []
+
+
 def _step(line: str) -> int | None:
     """The record's step, or None for a line that is not a whole record (torn by a kill)."""
     try:

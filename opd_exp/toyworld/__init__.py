@@ -27,7 +27,8 @@ def is_built(path: Path) -> bool:
 
 
 def world_dir(build_if_missing: bool = True) -> Path:
-    """The toy world folder, built (≈ 15 min on 2 cores) if no built copy is found."""
+    """The toy world folder, built (≈ 45 min on 2 cores: the pair and the condition models) if
+    no built copy is found."""
     if os.environ.get(ENV_VAR):
         candidates, target = [Path(os.environ[ENV_VAR])], Path(os.environ[ENV_VAR])
     else:

@@ -183,9 +183,11 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
 def save_model(folder: Path, model, tokenizer, style: str = "chat") -> None:
     """Model + tokenizer as a hub folder; a Base model's end token (config, generation_config and
     tokenizer) is <|endoftext|>, like Qwen3-Base's, an instruct model's <|im_end|>."""
-    if style == "base":
+    if style == "base":  # <|im_end|> stays a special token (as in Qwen3-Base), only not the eos
+        specials = [t for t in tokenizer.all_special_tokens if t != tokenizer.pad_token]
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.eos_token = tokenizer.pad_token
+        tokenizer.add_special_tokens({"additional_special_tokens": specials})
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
