@@ -30,6 +30,14 @@ def test_cold_start_switches_to_opd_at_the_configured_step(tmp_path, use_tiny_wo
     assert len(cached) == 8 and all(c["response_ids"] for c in cached)  # 2 steps x 4 prompts
 
 
+def test_cold_start_steps_take_their_own_learning_rate(tmp_path, use_tiny_world):
+    train(compose(BASE + ["trainer.steps=4", "schedule.filter=false", "learner.lr=1e-4",
+                          "schedule.cold_start_lr=3e-3", "learner.warmup_steps=2"]), tmp_path)
+    lrs = [r["train/lr"] for r in _rows(tmp_path) if r["step"] > 0]
+    # the lr logged after step s is the one step s + 1 uses: warm-up 1/2, 2/2, then constant
+    assert lrs == pytest.approx([3e-3, 1e-4, 1e-4, 1e-4])
+
+
 @pytest.mark.parametrize("killed_after", [1, 3])
 def test_a_run_killed_in_either_phase_resumes_in_it(tmp_path, use_tiny_world, killed_after):
     straight, run = tmp_path / "straight", tmp_path / "run"

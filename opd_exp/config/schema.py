@@ -180,6 +180,7 @@ class ScheduleConfig:
     the first `cold_start_steps` steps, then the objective from that state, in the same run."""
     name: str = "none"  # none | cold_start
     cold_start_steps: int = 50
+    cold_start_lr: Optional[float] = None  # learning rate of the cold-start steps; None = learner.lr
     max_retries: int = 3  # a prompt whose trace is rejected is sampled again up to this often
     filter: bool = True  # the rejection filter of SPEC §2 (opd_exp/recipes/rejection.py)
 

@@ -185,6 +185,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("schedule.name", sc.name, {"none", "cold_start"})
     _require(sc.cold_start_steps >= 1, "schedule.cold_start_steps", sc.cold_start_steps,
              "an integer >= 1")
+    _require(sc.cold_start_lr is None or sc.cold_start_lr > 0, "schedule.cold_start_lr",
+             sc.cold_start_lr, "null (learner.lr) or a number > 0")
     _require(sc.max_retries >= 0, "schedule.max_retries", sc.max_retries, "an integer >= 0")
     _require(sc.name == "none" or cfg.learner.backend == "torch", "schedule.name", sc.name,
              "none with learner.backend=deepspeed (a cold-start step holds one trace per prompt, "

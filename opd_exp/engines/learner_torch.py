@@ -35,10 +35,22 @@ def make_optimizer(params, c) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
 
 
-def make_scheduler(optimizer, c) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over `learner.warmup_steps` optimizer steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0)
+def make_scheduler(optimizer, c, cold_steps: int = 0,
+                   cold_lr: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over `learner.warmup_steps` optimizer steps, then constant; the first
+    `cold_steps` optimizer steps (a cold start's SFT) at `cold_lr` instead of `learner.lr`."""
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        return warm * (cold_lr / c.lr if cold_lr is not None and s < cold_steps else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cold_start_lr(cfg) -> tuple[int, float | None]:
+    """(optimizer steps of the cold start, their learning rate or None) from `schedule.*`."""
+    sc = cfg.schedule
+    if sc.name != "cold_start" or sc.cold_start_lr is None:
+        return 0, None
+    return sc.cold_start_steps * cfg.learner.minibatches, sc.cold_start_lr
 
 
 def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyView,
@@ -77,13 +89,15 @@ class TorchLearner:
     loss or gradient) skips the optimizer and scheduler step: it never reaches the weights.
     """
 
-    def __init__(self, model: torch.nn.Module, learner_cfg, vocab_size: int | None = None):
-        """`vocab_size`: the tokenizer's real tokens (padded rows take part in no objective)."""
+    def __init__(self, model: torch.nn.Module, learner_cfg, vocab_size: int | None = None,
+                 cold: tuple[int, float | None] = (0, None)):
+        """`vocab_size`: the tokenizer's real tokens (padded rows take part in no objective);
+        `cold`: (optimizer steps, learning rate) of a cold start (`cold_start_lr`)."""
         self.model = self.policy = model
         self.view = HFPolicy(model, vocab_size=vocab_size)
         self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
-        self.scheduler = make_scheduler(self.optimizer, self.cfg)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, *cold)
         model.train()
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
@@ -118,4 +132,4 @@ class TorchLearner:
 
 
 def make(cfg, model, dist, run_dir: Path | None = None, vocab_size: int | None = None) -> Learner:
-    return TorchLearner(model, cfg.learner, vocab_size)
+    return TorchLearner(model, cfg.learner, vocab_size, cold_start_lr(cfg))
