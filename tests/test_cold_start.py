@@ -30,6 +30,14 @@ def test_cold_start_switches_to_opd_at_the_configured_step(tmp_path, use_tiny_wo
     assert len(cached) == 8 and all(c["response_ids"] for c in cached)  # 2 steps x 4 prompts
 
 
+def test_cold_start_steps_may_draw_more_prompts(tmp_path, use_tiny_world):
+    train(compose(BASE + ["trainer.steps=3", "schedule.filter=false",
+                          "schedule.cold_start_prompts=6"]), tmp_path)
+    steps = [r for r in _rows(tmp_path) if r["step"] > 0]
+    assert [r.get("schedule/traces") for r in steps] == [6, 6, None]
+    assert steps[2]["rollout/tokens"] > 0  # the OPD step: data.prompts_per_step x rollout.n
+
+
 def test_cold_start_steps_take_their_own_learning_rate(tmp_path, use_tiny_world):
     train(compose(BASE + ["trainer.steps=4", "schedule.filter=false", "learner.lr=1e-4",
                           "schedule.cold_start_lr=3e-3", "learner.warmup_steps=2"]), tmp_path)

@@ -181,6 +181,7 @@ class ScheduleConfig:
     name: str = "none"  # none | cold_start
     cold_start_steps: int = 50
     cold_start_lr: Optional[float] = None  # learning rate of the cold-start steps; None = learner.lr
+    cold_start_prompts: int = 0  # prompts (one trace each) per cold-start step; 0 = data.prompts_per_step
     max_retries: int = 3  # a prompt whose trace is rejected is sampled again up to this often
     filter: bool = True  # the rejection filter of SPEC §2 (opd_exp/recipes/rejection.py)
 

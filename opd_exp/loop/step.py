@@ -5,6 +5,7 @@ cold start (schedule=cold_start) the rollouts are filtered teacher traces and th
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +42,10 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     objective = run.sft if cold else run.objective
     t0 = time.time()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
-    problems = dist.shard(run.prompts.batch(step))  # this rank's prompts
+    source = run.prompts  # a cold-start step may draw more prompts (schedule.cold_start_prompts)
+    if cold and cfg.schedule.cold_start_prompts:
+        source = replace(source, per_step=cfg.schedule.cold_start_prompts)
+    problems = dist.shard(source.batch(step))  # this rank's prompts
     problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, problems, cold)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
