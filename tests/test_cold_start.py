@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from opd_exp.config import ConfigError, validate
 from opd_exp.core.types import Problem, Rollouts, Sampling, rollouts_from_samples
 from opd_exp.recipes.cold_start import TeacherTraces
 from opd_exp.train import train
@@ -36,6 +37,30 @@ def test_cold_start_steps_may_draw_more_prompts(tmp_path, use_tiny_world):
     steps = [r for r in _rows(tmp_path) if r["step"] > 0]
     assert [r.get("schedule/traces") for r in steps] == [6, 6, None]
     assert steps[2]["rollout/tokens"] > 0  # the OPD step: data.prompts_per_step x rollout.n
+
+
+def test_the_objective_phase_sees_the_prompts_of_an_objective_only_run():
+    from types import SimpleNamespace
+
+    from opd_exp.data import PromptSource
+    from opd_exp.loop.step import step_prompts
+
+    pool = PromptSource([Problem(f"p{i}", "1") for i in range(50)], 4, seed=3)
+    plain = SimpleNamespace(cfg=compose(), prompts=pool)
+    cold = SimpleNamespace(cfg=compose(["schedule=cold_start", "schedule.cold_start_steps=5",
+                                        "schedule.cold_start_prompts=8"]), prompts=pool)
+    for s in range(5, 12):  # objective step s = step s - 5 of a run without the cold start
+        assert step_prompts(cold, s, False) == step_prompts(plain, s - 5, False)
+    firsts = [step_prompts(cold, s, True) for s in range(5)]
+    assert all(len(b) == 8 for b in firsts)  # cold_start_prompts, from their own order
+    assert firsts[0] != step_prompts(plain, 0, False)[:8] and firsts == [
+        step_prompts(cold, s, True) for s in range(5)]
+
+
+def test_cold_start_lr_needs_one_optimizer_step_per_step():
+    with pytest.raises(ConfigError, match="schedule.cold_start_lr"):
+        validate(compose(["schedule=cold_start", "schedule.cold_start_lr=1e-3",
+                          "learner.minibatches=2"]))
 
 
 def test_cold_start_steps_take_their_own_learning_rate(tmp_path, use_tiny_world):

@@ -121,6 +121,12 @@ def test_a_cache_made_under_other_settings_is_started_over(tmp_path):
     assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == [{"prompt": "x", "score": 0.5}]
     assert read_cache(path, {"teacher": "b", "k": (1, 2)}) == []  # another teacher: not read
     assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == []  # … and it was started over
+    with open(path, "a") as f:  # a record, then one torn by a kill
+        f.write(json.dumps({"prompt": "y", "score": 1.0}) + "\n" + '{"prompt": "z", "sc')
+    assert read_cache(path, {"teacher": "a", "k": (1, 2)}) == [{"prompt": "y", "score": 1.0}]
+    with open(path, "a") as f:  # the next append starts on a line of its own
+        f.write(json.dumps({"prompt": "w", "score": 0.0}) + "\n")
+    assert len(read_cache(path, {"teacher": "a", "k": (1, 2)})) == 2
 
 
 def test_teacher_template_renders_the_students_prompts(use_tiny_world):

@@ -46,11 +46,13 @@ def make_scheduler(optimizer, c, cold_steps: int = 0,
 
 
 def cold_start_lr(cfg) -> tuple[int, float | None]:
-    """(optimizer steps of the cold start, their learning rate or None) from `schedule.*`."""
+    """(optimizer steps of the cold start, their learning rate or None) from `schedule.*`: one
+    optimizer step per cold-start step (validate refuses learner.minibatches > 1 with it); a
+    skipped step (non-finite gradient) moves the boundary one step later."""
     sc = cfg.schedule
     if sc.name != "cold_start" or sc.cold_start_lr is None:
         return 0, None
-    return sc.cold_start_steps * cfg.learner.minibatches, sc.cold_start_lr
+    return sc.cold_start_steps, sc.cold_start_lr
 
 
 def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyView,

@@ -82,12 +82,20 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
     return resume_from, clear
 
 
-def made_under(cfg: DictConfig, *groups: str) -> dict:
-    """What a run-dir cache depends on: the named config groups, the rollout sampling and the
-    seed (a cache made under other values is started over: runtime/loggers.py read_cache)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    return {**{g: c[g] for g in groups}, "seed": cfg.trainer.seed,
-            "sampling": {k: c["rollout"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens")}}
+# what each run-dir cache depends on (a cache made under other values is started over:
+# runtime/loggers.py read_cache); anything else may change on a resume without discarding it
+TRACES_DEPEND_ON = ("pair", "data.chat_template", "data.prompt_suffix", "prompts.template",
+                    "teacher.backend", "schedule.filter", "schedule.max_retries", "trainer.seed",
+                    "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens")
+SCORES_DEPEND_ON = ("pair", "data.chat_template", "data.prompt_suffix", "prompts.template",
+                    "prompts.score", "prompts.samples", "prompts.k", "teacher.backend",
+                    "rollout.backend", "trainer.seed", "rollout.temperature", "rollout.top_p",
+                    "rollout.top_k", "rollout.max_new_tokens")
+
+
+def made_under(cfg: DictConfig, keys: tuple[str, ...]) -> dict:
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k in keys for v in [OmegaConf.select(cfg, k)]}
 
 
 def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource:
@@ -157,8 +165,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                             HFPolicy(learner.policy, vocab_size=vocab), teacher, pc.k, dist.device,
                             cfg.learner.micro_batch_size, teacher_encode, tokenizer.pad_token_id)
         prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
-                                 made_under(cfg, "prompts", "pair"), dist, score)
-    traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, "pair", "schedule", "prompts"),
+                                 made_under(cfg, SCORES_DEPEND_ON), dist, score)
+    traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, TRACES_DEPEND_ON),
                            teacher_rollout, tokenizer, encode, teacher_encode or encode, sampling,
                            stop_ids, cfg.schedule) if cold else None
     sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None

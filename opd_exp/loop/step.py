@@ -35,6 +35,21 @@ def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, li
     return problems, rollouts, False, teacher, m
 
 
+def step_prompts(run: Run, step: int, cold: bool) -> list:
+    """The step's prompts. With schedule=cold_start, the objective's step s draws what an
+    objective-only run draws at step s - cold_start_steps (the same prompts in every condition),
+    and the cold-start steps draw from their own seeded order of the pool,
+    `schedule.cold_start_prompts` at a time (0: data.prompts_per_step)."""
+    sc = run.cfg.schedule
+    if sc.name != "cold_start":
+        return run.prompts.batch(step)
+    if not cold:
+        return run.prompts.batch(step - sc.cold_start_steps)
+    cold_source = replace(run.prompts, seed=run.prompts.seed + 1,
+                          per_step=sc.cold_start_prompts or run.prompts.per_step)
+    return cold_source.batch(step)
+
+
 def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     """Optimizer step `step` + 1 (zero-based `step`); metrics reduced over ranks."""
     cfg, dist = run.cfg, run.dist
@@ -42,10 +57,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     objective = run.sft if cold else run.objective
     t0 = time.time()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
-    source = run.prompts  # a cold-start step may draw more prompts (schedule.cold_start_prompts)
-    if cold and cfg.schedule.cold_start_prompts:
-        source = replace(source, per_step=cfg.schedule.cold_start_prompts)
-    problems = dist.shard(source.batch(step))  # this rank's prompts
+    problems = dist.shard(step_prompts(run, step, cold))  # this rank's prompts
     problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, problems, cold)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)

@@ -123,13 +123,13 @@ def select_prompts(source: PromptSource, prompts_cfg, path: Path, made_under: di
 def cached_scores(path: Path, made_under: dict, problems: list[Problem],
                   compute: Callable[[list[Problem], int], list[float]]) -> list[float]:
     """Scores of `problems`: those in the cache read back, the others computed a chunk at a time
-    and appended as they come."""
+    (chunk c of the whole list, seeded by c) and appended as they come."""
     cache = {r["prompt"]: r["score"] for r in read_cache(path, made_under)}
-    todo = [p for p in problems if p.prompt not in cache]
-    for c in range(0, len(todo), CHUNK):
-        chunk = todo[c:c + CHUNK]
-        with open(path, "a") as f:
-            for p, s in zip(chunk, compute(chunk, c // CHUNK)):
-                cache[p.prompt] = s
-                f.write(json.dumps({"prompt": p.prompt, "score": s}) + "\n")
+    for c in range(0, len(problems), CHUNK):  # chunks of the whole list: a restart scores
+        todo = [p for p in problems[c:c + CHUNK] if p.prompt not in cache]  # … as a straight run
+        if todo:
+            with open(path, "a") as f:
+                for p, s in zip(todo, compute(todo, c // CHUNK)):
+                    cache[p.prompt] = s
+                    f.write(json.dumps({"prompt": p.prompt, "score": s}) + "\n")
     return [cache[p.prompt] for p in problems]

@@ -34,6 +34,8 @@ def read_cache(path: Path, made_under: dict) -> list[dict]:
     made_under = json.loads(json.dumps(made_under))  # as it reads back (tuples → lists)
     records = read_records(path)
     if records and records[0] == {"made_under": made_under}:
+        if len(records) < len(path.read_text().splitlines()):  # a line torn by a kill: drop it
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
         return records[1:]
     if records:
         print(f"{path.name}: made under other settings; starting it over", flush=True)
