@@ -72,6 +72,9 @@ def main() -> None:
         runs = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / "metrics.jsonl").exists())
         if not runs:
             raise SystemExit(f"{name}: no run with a metrics.jsonl matches {pattern!r}")
+        unfinished = [str(r) for r in runs if not (r / "final_metrics.json").exists()]
+        if unfinished:  # a run still going (or killed) would enter with its step-0 numbers
+            raise SystemExit(f"{name}: not finished (no final_metrics.json): {', '.join(unfinished)}")
         rows[name] = aggregate(runs, a.k)
     base = rows[a.baseline or next(iter(rows))]["gn_mean"]
     k = a.k
