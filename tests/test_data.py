@@ -33,7 +33,7 @@ def test_train_from_a_jsonl_file_skips_bad_rows_and_too_long_prompts(tmp_path, u
                    "data.answer_field=a", "trainer.steps=1", "eval.every=0"]), run)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first == {"step": 0, "data/prompts": 3, "data/skipped_rows": 3,
-                     "data/skipped_too_long": 1}
+                     "data/duplicates_exact": 0, "data/skipped_too_long": 1}
 
 
 def test_file_source_needs_an_existing_file(tmp_path):
