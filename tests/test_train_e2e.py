@@ -57,7 +57,8 @@ def test_resume_continues_exactly(tmp_path, use_tiny_world):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = _records(straight), _records(resumed)
     assert [r["step"] for r in rb] == [0, 1, 2, 3, 4]  # no duplicated or lost records
-    assert rb[0] == {"step": 0, "data/prompts": 64, "data/skipped_too_long": 0}
+    assert rb[0] == {"step": 0, "data/prompts": 64, "data/duplicates_exact": 0,
+                     "data/skipped_too_long": 0}
     drop = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}  # noqa: E731
     assert [drop(r) for r in ra] == [drop(r) for r in rb]
 
