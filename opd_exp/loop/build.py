@@ -84,13 +84,12 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
 
 # what each run-dir cache depends on (a cache made under other values is started over:
 # runtime/loggers.py read_cache); anything else may change on a resume without discarding it
-TRACES_DEPEND_ON = ("pair", "data.chat_template", "data.prompt_suffix", "prompts.template",
-                    "teacher.backend", "schedule.filter", "schedule.max_retries", "trainer.seed",
-                    "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens")
-SCORES_DEPEND_ON = ("pair", "data.chat_template", "data.prompt_suffix", "prompts.template",
-                    "prompts.score", "prompts.samples", "prompts.k", "teacher.backend",
-                    "rollout.backend", "trainer.seed", "rollout.temperature", "rollout.top_p",
-                    "rollout.top_k", "rollout.max_new_tokens")
+_RENDERING_AND_SAMPLING = ("pair", "data.chat_template", "data.prompt_suffix", "prompts.template",
+                           "teacher.backend", "trainer.seed", "rollout.temperature", "rollout.top_p",
+                           "rollout.top_k", "rollout.max_new_tokens")
+TRACES_DEPEND_ON = _RENDERING_AND_SAMPLING + ("schedule.filter", "schedule.max_retries")
+SCORES_DEPEND_ON = _RENDERING_AND_SAMPLING + ("prompts.score", "prompts.samples", "prompts.k",
+                                              "rollout.backend")
 
 
 def made_under(cfg: DictConfig, keys: tuple[str, ...]) -> dict:
