@@ -104,18 +104,20 @@ def select_prompts(source: PromptSource, prompts_cfg, path: Path, made_under: di
     """The pool (its first `max_prompts` in the seeded order, if set) cut to the top fraction by
     score. `compute(prompts, chunk_no)` scores one chunk of this rank's shard."""
     pc, t0 = prompts_cfg, time.time()
-    position = {i: pos for pos, i in enumerate(source.order(0))}
-    pool = source.pool
-    if pc.max_prompts:
-        pool = [pool[i] for i in source.order(0)[:pc.max_prompts]]
-        position = {i: i for i in range(len(pool))}
+    order = source.order(0)
+    if pc.max_prompts:  # the first N in the seeded order: their index is their place in it
+        pool, tiebreak = [source.pool[i] for i in order[:pc.max_prompts]], None
+    else:
+        pool, tiebreak = source.pool, [0] * len(order)
+        for place, i in enumerate(order):
+            tiebreak[i] = place
     mine = list(range(dist.rank, len(pool), dist.world_size))
     scores = torch.zeros(len(pool), dtype=torch.float64)
     scores[mine] = torch.tensor(cached_scores(path, made_under, [pool[i] for i in mine], compute),
                                 dtype=torch.float64)
     scores = dist.sum_tensor(scores).tolist()
     kept, metrics = select_top(pool, scores, pc.keep_fraction, pc.unaligned_fraction, source.seed,
-                               [position[i] for i in range(len(pool))])
+                               tiebreak)
     metrics["data/score_seconds"] = time.time() - t0
     return replace(source, pool=kept, info={**source.info, **metrics})
 
