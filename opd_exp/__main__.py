@@ -1,9 +1,11 @@
-"""Command line: `python -m opd_exp {train,eval,toy} …`.
+"""Command line: `python -m opd_exp {train,eval,serve,probe,diagnose,toy} …`.
 
     python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
     python -m opd_exp train learner=deepspeed launcher.nproc_per_node=2   # 2 ranks under torchrun
     python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
     python -m opd_exp serve [same overrides]         # a vLLM server for rollout=vllm_server
+    python -m opd_exp probe [same overrides]         # will this pair distil? checks + verdict
+    python -m opd_exp diagnose RUN_DIR               # parameter geometry over a run's checkpoints
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
     python -m opd_exp toy build --only NAME[,NAME]     # add condition models to an existing world
 """
@@ -145,6 +147,22 @@ def _serve(cfg, run_dir: Path) -> None:
     sys.exit(run_serve(cfg, run_dir))
 
 
+def _probe(cfg, run_dir: Path) -> None:
+    from opd_exp.commands.probe import run_probe
+
+    run_probe(cfg, run_dir)
+
+
+def _diagnose(argv: list[str]) -> None:
+    import argparse
+
+    from opd_exp.commands.diagnose import run_diagnose
+
+    ap = argparse.ArgumentParser(prog="python -m opd_exp diagnose")
+    ap.add_argument("run_dir", type=Path)
+    run_diagnose(ap.parse_args(argv).run_dir)
+
+
 def _toy(argv: list[str]) -> None:
     import argparse
 
@@ -166,14 +184,14 @@ def _toy(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "toy"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "probe", "diagnose", "toy"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
-    if command == "toy":
-        _toy(sys.argv[1:])
+    if command in ("toy", "diagnose"):
+        {"toy": _toy, "diagnose": _diagnose}[command](sys.argv[1:])
     else:
-        _hydra_command({"train": _train, "eval": _eval, "serve": _serve}[command])
+        _hydra_command({"train": _train, "eval": _eval, "serve": _serve, "probe": _probe}[command])
 
 
 if __name__ == "__main__":

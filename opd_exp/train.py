@@ -3,7 +3,7 @@
     build the run (components from the config; opd_exp/loop/build.py)
     evaluate the teacher and the student at step 0
     for each step: batch, metrics = run_step(run, step)      (opd_exp/loop/step.py)
-                   (evaluate) → log → (checkpoint)
+                   (parameter diagnostics) → (evaluate) → log → (checkpoint)
     plots, final_metrics.json
 
 This file never imports an engine (vLLM, DeepSpeed, W&B): docs/architecture.md.
@@ -47,6 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     for step in range(run.start, steps):
         batch, metrics = run_step(run, step)
         done = step + 1
+        metrics.update(run.diag.after_update(done, run.learner.policy))  # diag/param/*
         bad_in_a_row = bad_in_a_row + 1 if metrics.get("train/skipped_steps", 0) > 0 else 0
         if every and (done % every == 0 or done == steps):
             metrics.update(run.evaluator(run.rollout, done))
@@ -74,6 +75,7 @@ def finish(run: Run, last: dict[str, float]) -> None:
     nothing left to do keeps the one it has)."""
     run.logger.finish()
     if run.dist.is_main:
+        run.diag.finish()  # diag/locking.json
         if run.cfg.logger.plots:
             write_plots(run.run_dir / "metrics.jsonl", run.run_dir, k=run.cfg.eval.k)
         final = run.run_dir / "final_metrics.json"

@@ -34,7 +34,7 @@ def free_port() -> int:
 def run(cmd: list[str], world: Path, timeout: int = 900, **env) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                        env={**os.environ, "OPD_EXP_TOY_DIR": str(world),
-                            "VLLM_CPU_KVCACHE_SPACE": "1", **env})
+                            "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1", **env})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 

@@ -116,6 +116,12 @@ class LearnerConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights and compute, fp32 master weights)
     offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-Offload)
     deepspeed_config: Optional[str] = None  # a ZeRO JSON of your own; the loop still sets batch keys
+    # subspace-constrained training (SPEC §4): from step t0 = subspace_from * trainer.steps on,
+    # each weight-matrix gradient g <- g V_K V_K^T, V_K the top-subspace_k right singular vectors
+    # of W_t0 - W_0 (embeddings and LM head excluded; not with ZeRO-3)
+    subspace_constraint: bool = False
+    subspace_k: int = 16
+    subspace_from: float = 0.2
 
 
 @dataclass
@@ -210,6 +216,36 @@ class PromptsConfig:
 
 
 @dataclass
+class DiagConfig:
+    """Diagnostics while training (SPEC §4; opd_exp/loop/diagnose.py, metrics in docs/metrics.md).
+    Token diagnostics on the step's rollouts before the update, parameter-space diagnostics of the
+    weights after it against the start weights W_0. They change nothing the run trains on."""
+    every: int = 0  # diag/token/* every this many steps; 0 = off
+    k: int = 16  # top-K of the overlap metrics
+    grad_sequences: int = 8  # per-position gradient norms and micro-batch gradient variance on this
+    grad_micro: int = 2  # … many of the rank's sequences, in micro-batches of grad_micro (torch learner)
+    param_every: int = 0  # diag/param/* every this many steps; 0 = off
+    param_k: int = 16  # top-k singular subspaces: principal angles, subspace locking Sim_K
+    eta: float = 1e-3  # bf16-aware update sparsity threshold
+    mask_fraction: float = 0.05  # principal / low-magnitude masks: this fraction of the entries
+    mask_rank: int = 16  # rank of W_0's reconstruction that defines the principal mask
+
+
+@dataclass
+class ProbeConfig:
+    """`python -m opd_exp probe`: will this pair distil? (opd_exp/commands/probe.py; thresholds
+    and how they were chosen: docs/diagnostics.md)."""
+    prompts: int = 256  # training prompts sampled (the data.* pool, seeded order)
+    samples: int = 4  # answers per prompt: student rollouts and the teacher's pass rate
+    early_positions: int = 8  # "early" response positions
+    min_overlap_mass: float = 0.8  # teacher mass on the shared top-K, all positions
+    min_early_overlap_mass: float = 0.6  # … at early positions
+    min_pass_gap: float = 0.15  # teacher pass rate minus the student's on the same prompts
+    max_logprob_mismatch: float = 0.01  # sampler vs learner log-probs of the sampled tokens
+    out: Optional[str] = None  # the JSON report; None = probe.json in the working directory
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
     seed: int = 0
@@ -237,6 +273,8 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 

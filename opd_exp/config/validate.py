@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from opd_exp.config import registry
 from opd_exp.config.errors import ConfigError
@@ -37,8 +37,9 @@ def _choice(key: str, value: Any, choices) -> None:
 def validate_vocab(cfg: DictConfig, vocab_size: int) -> None:
     """Checks that need the tokenizer's vocabulary size (known once the pair is loaded)."""
     o = cfg.objective
-    _require(cfg.prompts.k <= vocab_size, "prompts.k", cfg.prompts.k,
-             f"an integer <= the vocabulary size {vocab_size}")
+    for key in ("prompts.k", "diag.k"):
+        k = OmegaConf.select(cfg, key)
+        _require(k <= vocab_size, key, k, f"an integer <= the vocabulary size {vocab_size}")
     if o.name == "topk":
         _require(o.k <= vocab_size, "objective.k", o.k,
                  f"an integer <= the vocabulary size {vocab_size}")
@@ -130,6 +131,11 @@ def validate(cfg: DictConfig) -> None:
                  "weight outside the model's forward, which ZeRO-3 partitions)")
         _require(not lc.offload_optimizer or stage >= 1, "learner.offload_optimizer",
                  lc.offload_optimizer, "false unless learner.zero_stage >= 1")
+        _require(stage != 3 or not lc.subspace_constraint, "learner.subspace_constraint",
+                 lc.subspace_constraint, "false with learner.zero_stage=3 (its gradients are "
+                 "partitioned before a whole-matrix projection could see them)")
+    _require(lc.subspace_k >= 1, "learner.subspace_k", lc.subspace_k, "an integer >= 1")
+    _require(0 <= lc.subspace_from < 1, "learner.subspace_from", lc.subspace_from, "0 <= x < 1")
     la = cfg.launcher
     _require(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "an integer >= 1")
     _require(la.nnodes >= 1, "launcher.nnodes", la.nnodes, "an integer >= 1")
@@ -196,6 +202,16 @@ def validate(cfg: DictConfig) -> None:
     _require(sc.name == "none" or cfg.learner.backend == "torch", "schedule.name", sc.name,
              "none with learner.backend=deepspeed (a cold-start step holds one trace per prompt, "
              "DeepSpeed's accumulation is sized for rollout.n per prompt)")
+    dg = cfg.diag
+    for key in ("every", "param_every", "grad_sequences"):
+        _require(dg[key] >= 0, f"diag.{key}", dg[key], "an integer >= 0 (0 = off)")
+    for key in ("k", "grad_micro", "param_k", "mask_rank"):
+        _require(dg[key] >= 1, f"diag.{key}", dg[key], "an integer >= 1")
+    _require(0 < dg.eta < 1, "diag.eta", dg.eta, "0 < x < 1")
+    _require(0 < dg.mask_fraction < 1, "diag.mask_fraction", dg.mask_fraction, "0 < x < 1")
+    pr = cfg.probe
+    for key in ("prompts", "samples", "early_positions"):
+        _require(pr[key] >= 1, f"probe.{key}", pr[key], "an integer >= 1")
     t = cfg.trainer
     _require(t.steps >= 0, "trainer.steps", t.steps, "an integer >= 0")
     _require(t.save_every >= 0, "trainer.save_every", t.save_every, "an integer >= 0")

@@ -88,6 +88,7 @@ class TeacherScores:
     logp_B_T: Optional[torch.Tensor] = None
     topk_logq_B_T_K: Optional[torch.Tensor] = None
     topk_idx_B_T_K: Optional[torch.Tensor] = None
+    entropy_B_T: Optional[torch.Tensor] = None  # with "topk", where the backend sees the full softmax
     hidden_B_T_H: Optional[torch.Tensor] = None
     lm_head: Optional[torch.nn.Module] = None  # shared, not per row
 

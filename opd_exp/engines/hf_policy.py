@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_exp.core.types import Rollouts
+from opd_exp.core.types import Rollouts, micro_slices
 from opd_exp.methods.common import upcast
 
 
@@ -59,3 +59,28 @@ class HFPolicy:
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
         return response_hidden(self.model, rollouts)
+
+
+@torch.no_grad()
+def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int, chunk: int = 64,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs [B, T, k] under the full softmax, their token ids [B, T, k], the entropy [B, T])
+    of the policy's next-token distribution at each response position; `micro_batch_size` rows
+    and `chunk` positions through the LM head at a time (never [B, T, V] at once), padded
+    embedding rows excluded."""
+    vals, ids, ents = [], [], []
+    for s in micro_slices(r.size, micro_batch_size):
+        hidden = view.response_hidden(r.select(s))
+        for c in range(0, hidden.shape[1], chunk):
+            logits = upcast(view.lm_head(hidden[:, c:c + chunk])[..., :view.vocab_size])
+            logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+            v, i = logp.topk(k, dim=-1)
+            vals.append(v)
+            ids.append(i)
+            ents.append(-(logp.exp() * logp).nan_to_num().sum(-1))
+    n_chunks = -(-r.response_ids_B_T.shape[1] // chunk) if r.size else 0
+
+    def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # chunks along T, micro-batches along B
+        rows = [torch.cat(parts[i:i + n_chunks], 1) for i in range(0, len(parts), n_chunks)]
+        return torch.cat(rows)
+    return stack(vals), stack(ids), stack(ents)

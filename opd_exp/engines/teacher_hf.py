@@ -9,9 +9,8 @@ from opd_exp.config.registry import TEACHER_NEEDS
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores, micro_slices
 from opd_exp.engines.hf_models import load_model
-from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.hf_policy import HFPolicy, topk_and_entropy
 from opd_exp.engines.rollout_hf import HFRollout
-from opd_exp.methods.common import upcast
 
 
 class HFTeacher:
@@ -33,19 +32,12 @@ class HFTeacher:
         if needs == "sampled":
             return TeacherScores(logp_B_T=torch.cat(
                 [self.view.token_logprobs(rollouts.select(s)) for s in slices]))
-        hidden = torch.cat([self.view.response_hidden(rollouts.select(s)) for s in slices])
-        head = self.view.lm_head
+        if needs == "topk":
+            logq, idx, ent = topk_and_entropy(self.view, rollouts, k, self.micro, self.chunk)
+            return TeacherScores(topk_logq_B_T_K=logq, topk_idx_B_T_K=idx, entropy_B_T=ent)
         if needs == "hidden":
-            return TeacherScores(hidden_B_T_H=hidden, lm_head=head)
-        if needs == "topk":  # one chunk of positions through the LM head at a time
-            vals, idx = [], []
-            for c in range(0, hidden.shape[1], self.chunk):
-                logits = head(hidden[:, c:c + self.chunk])[..., :self.view.vocab_size]
-                logq = torch.log_softmax(upcast(logits), -1)
-                v, i = logq.topk(k, dim=-1)
-                vals.append(v)
-                idx.append(i)
-            return TeacherScores(topk_logq_B_T_K=torch.cat(vals, 1), topk_idx_B_T_K=torch.cat(idx, 1))
+            hidden = torch.cat([self.view.response_hidden(rollouts.select(s)) for s in slices])
+            return TeacherScores(hidden_B_T_H=hidden, lm_head=self.view.lm_head)
         raise ValueError(f"unknown teacher need {needs!r}: one of {TEACHER_NEEDS}")
 
 

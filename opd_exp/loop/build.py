@@ -24,6 +24,7 @@ from opd_exp.data import PromptSource, make_encoder, make_prompts, student_encod
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, save_model, stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
 from opd_exp.loop.seeds import step_seed
 from opd_exp.methods import make_objective
@@ -53,6 +54,7 @@ class Run:
     sft: Objective | None  # … and the objective of the cold start
     sampling: Sampling  # rollout.*
     evaluator: Evaluator
+    diag: Diagnostics  # diag.*, learner.subspace_constraint
     logger: Logger
     start: int  # optimizer steps already done (a resumed run)
     ckpt_meta: dict  # what a resume must match
@@ -131,6 +133,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     student = load_model(student_cfg, "pair.student").to(dist.device)
     stop_ids = stop_token_ids(student_cfg, tokenizer) | {  # the teacher's, where they are shared
         i for i in stop_token_ids(cfg.pair.teacher, teacher_tok) if i < vocab and i not in unshared}
+    diag = Diagnostics.make(cfg, run_dir, dist.is_main, student, fresh=resume_from is None)
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
@@ -172,6 +175,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     start = 0
     if resume_from is not None:
         learner.load(resume_from)
+        diag.load(resume_from, learner.policy)
         start = checkpoint.load_step(resume_from)
         evaluator.recall(read_records(run_dir / "metrics.jsonl"))
         print(f"resumed from {resume_from} at step {start}")
@@ -179,13 +183,14 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
                objective, prompts, encode, teacher_encode, traces, sft, sampling,
-               evaluator, logger, start, ckpt_meta)
+               evaluator, diag, logger, start, ckpt_meta)
 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """Atomic checkpoint of the learner state and the HF student (opd_exp/runtime/checkpoint.py)."""
     def write(d: Path) -> None:
         run.learner.save(d)  # collective under DeepSpeed
+        run.diag.save(d)
         if run.dist.is_main:
             save_model(run.learner.policy, run.tokenizer, d / "student")
             (d / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))

@@ -73,14 +73,19 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
         if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:
             batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
     batch, obj_metrics = objective.prepare(batch)
+    t_diag = time.time()
+    diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective)
+    t_diag = time.time() - t_diag
     train_metrics = run.learner.update(batch, objective)
     run.rollout.sync_weights(run.learner.policy)
     t3 = time.time()
 
     metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
     metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics)
+    if diag_metrics:
+        metrics.update(diag_metrics, **{"diag/seconds": t_diag})
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
-                    "train/seconds": t3 - t2})
+                    "train/seconds": t3 - t2 - t_diag})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
 
 

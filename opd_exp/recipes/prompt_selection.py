@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 
 from opd_exp.core.ranks import Dist
-from opd_exp.core.types import Problem, Rollouts, Sampling, micro_slices
+from opd_exp.core.types import Problem, Rollouts, Sampling
 from opd_exp.data import PromptSource
+from opd_exp.engines.hf_policy import topk_and_entropy
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.runtime.loggers import read_cache
 
@@ -71,19 +72,6 @@ def topk_overlap(student_topk: torch.Tensor, teacher_topk: torch.Tensor, mask_B_
     return (shared * mask_B_T).sum(-1) / mask_B_T.sum(-1).clamp(min=1)
 
 
-@torch.no_grad()
-def policy_topk(view, r: Rollouts, k: int, micro_batch_size: int, chunk: int = 64) -> torch.Tensor:
-    """[B, T, k] ids of the policy's top-k next tokens at each response position (a PolicyView;
-    micro-batches of rows, one chunk of positions through the LM head at a time, padded
-    embedding rows excluded)."""
-    out = []
-    for s in micro_slices(r.size, micro_batch_size):
-        hidden = view.response_hidden(r.select(s))
-        out.append(torch.cat([view.lm_head(hidden[:, c:c + chunk])[..., :view.vocab_size]
-                              .topk(k, -1)[1] for c in range(0, hidden.shape[1], chunk)], 1))
-    return torch.cat(out)
-
-
 def overlaps(problems: list[Problem], sampler, encode, sampling: Sampling, student_view,
              teacher_scorer, k: int, device, micro_batch_size: int, score_prompts=None,
              pad_id: int = 0) -> list[float]:
@@ -92,7 +80,7 @@ def overlaps(problems: list[Problem], sampler, encode, sampling: Sampling, stude
     renders a prompt for the teacher (pair.teacher_prompt=own)."""
     r: Rollouts = sampler.generate([encode(p.prompt) for p in problems], replace(sampling, n=1))
     r = r.to(device)
-    s = policy_topk(student_view, r, k, micro_batch_size)
+    s = topk_and_entropy(student_view, r, k, micro_batch_size)[1]
     seen = r if score_prompts is None else r.with_prompts(
         [score_prompts(p.prompt) for p in problems], pad_id).to(device)
     t = teacher_scorer.score(seen, "topk", k).topk_idx_B_T_K

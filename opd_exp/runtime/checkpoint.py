@@ -78,9 +78,10 @@ def holds_run(run_dir: Path) -> bool:
 
 def clear(run_dir: Path) -> None:
     """trainer.overwrite: delete the records of the run that was here (its checkpoints, metrics,
-    plots, caches — teacher traces, prompt scores — and W&B run id: a new W&B run starts;
-    offline W&B files under wandb/ stay)."""
+    plots, caches — teacher traces, prompt scores —, diagnostics under diag/ and W&B run id: a
+    new W&B run starts; offline W&B files under wandb/ stay)."""
     shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    shutil.rmtree(run_dir / "diag", ignore_errors=True)
     names = ("metrics.jsonl", "final_metrics.json", "wandb_run_id", *CACHES)
     for path in [run_dir / n for n in names] + list(run_dir.glob("*.png")) + [
             p for n in CACHES for p in run_dir.glob(f"rank*/{n}")]:

@@ -1,0 +1,123 @@
+"""Parameter-space geometry of a run (SPEC §4): the weights against the start weights W_0, the
+subspaces the updates live in, and subspace-constrained training.
+
+    W_0      the student's weights at step 0 (a resumed run reloads them from pair.student)
+    ΔW_t     W_t − W_0 of every weight matrix of the transformer blocks (embeddings and the LM
+             head excluded: their rows are tokens, not directions of the residual stream)
+    V_K(t)   top-K right singular vectors of ΔW_t, [in, K]; stored per diagnostic step under
+             <run>/diag/subspaces/ so Sim_K(t, end) can be computed when the run ends
+
+The maths is in opd_exp/diagnostics/geometry.py; this module holds the state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from opd_exp.diagnostics.geometry import (aggregate, layer_type, matrix_metrics, project_rows,
+                                          subspace_similarity, top_right_singular)
+
+SKIPPED_TYPES = ("embed_tokens", "lm_head")
+
+
+def block_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The 2-D weights of the transformer blocks, by parameter name (the live tensors)."""
+    return {n: p for n, p in model.named_parameters()
+            if p.ndim == 2 and layer_type(n) not in SKIPPED_TYPES}
+
+
+def cpu_copy(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: w.detach().to("cpu", copy=True) for n, w in matrices.items()}
+
+
+class Geometry:
+    """W_0 and the diag/param/* metrics of the weights against it (`diag.*`)."""
+
+    def __init__(self, start: dict[str, torch.Tensor], diag_cfg, out_dir: Path | None):
+        self.w0, self.c, self.out_dir = start, diag_cfg, out_dir
+        self.prev: dict[str, torch.Tensor] | None = None
+
+    def bases(self, model: torch.nn.Module, k: int) -> dict[str, torch.Tensor]:
+        """V_K of ΔW for every block matrix, [in, K] float32."""
+        return {n: top_right_singular(w.detach().float().cpu() - self.w0[n].float(), k)
+                for n, w in block_matrices(model).items()}
+
+    @torch.no_grad()
+    def metrics(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """diag/param/<layer type or all>/<metric> (parameter-count weighted over the matrices)
+        and diag/param/all/locking_prev = Sim_K(previous diagnostic step, now); V_K(step)
+        stored under out_dir/subspaces/."""
+        c, per, bases = self.c, {}, {}
+        for n, w in block_matrices(model).items():
+            w0, wt = self.w0[n], w.detach().cpu()
+            per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank), w.numel())
+            bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k)
+        out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
+        if self.prev is not None:
+            out["diag/param/all/locking_prev"] = mean_similarity(self.prev, bases, per)
+        self.prev = bases
+        if self.out_dir is not None:
+            d = self.out_dir / "subspaces"
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save({n: v.half() for n, v in bases.items()}, d / f"step_{step:06d}.pt")
+        return out
+
+
+def mean_similarity(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                    per: dict[str, tuple[dict, int]] | None = None) -> float:
+    """Parameter-count weighted mean over matrices of Sim_K(a, b) (unweighted without `per`)."""
+    weights = {n: (per[n][1] if per else 1) for n in a}
+    total = sum(weights.values())
+    return sum(weights[n] * subspace_similarity(a[n].float(), b[n].float()) for n in a) / total
+
+
+def locking(subspace_dir: Path) -> dict[int, float]:
+    """Sim_K(t, end) for every stored step t (end = the last stored step): the share of the final
+    update subspace already spanned at step t, averaged over the block matrices."""
+    files = sorted(subspace_dir.glob("step_*.pt"))
+    if not files:
+        return {}
+    end = torch.load(files[-1])
+    return {int(f.stem.split("_")[1]): mean_similarity(torch.load(f), end) for f in files}
+
+
+def write_locking(subspace_dir: Path, out: Path) -> dict[int, float]:
+    sims = locking(subspace_dir)
+    if sims:
+        out.write_text(json.dumps({str(k): v for k, v in sims.items()}, indent=1) + "\n")
+    return sims
+
+
+class SubspaceConstraint:
+    """`learner.subspace_constraint`: from optimizer step t0 on, every block matrix's gradient
+    g ← g · V_K V_Kᵀ with V_K = top-K right singular vectors of ΔW at t0 (SPEC §4). Applied by
+    gradient hooks on the parameters, before any accumulation or reduction (the projection is
+    linear, so projecting each micro-batch's gradient projects their sum)."""
+
+    def __init__(self, t0: int, k: int):
+        self.t0, self.k = t0, k
+        self.bases: dict[str, torch.Tensor] | None = None
+        self._hooks: list = []
+
+    def start(self, geometry: Geometry, model: torch.nn.Module) -> None:
+        self.attach(model, geometry.bases(model, self.k))
+
+    def attach(self, model: torch.nn.Module, bases: dict[str, torch.Tensor]) -> None:
+        self.bases = bases
+        for n, p in block_matrices(model).items():
+            v = bases[n].to(p.device, torch.float32)
+            self._hooks.append(p.register_hook(
+                lambda g, v=v: project_rows(g.float(), v).to(g.dtype)))
+
+    def save(self, directory: Path) -> None:
+        if self.bases is not None:
+            torch.save(self.bases, directory / "subspace_bases.pt")
+
+    def load(self, directory: Path, model: torch.nn.Module) -> None:
+        """Resume: the bases of the checkpoint (a run saved after t0), else none yet."""
+        path = directory / "subspace_bases.pt"
+        if path.exists():
+            self.attach(model, torch.load(path))
