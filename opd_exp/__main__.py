@@ -196,3 +196,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    import gc
+
+    gc.collect()  # engines holding process groups go before interpreter exit (core/ranks.py close)

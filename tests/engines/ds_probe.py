@@ -13,6 +13,7 @@ OPD_EXP_TOY_DIR must point at a toy world.
 
 import argparse
 import copy
+import gc
 import json
 from pathlib import Path
 
@@ -108,3 +109,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # the engine's process-group references go before interpreter exit (Dist.close)

@@ -1,0 +1,148 @@
+"""Diagnostics in a run (SPEC §4): token metrics against full-vocabulary enumeration, diagnostics
+that change nothing the run trains on, offline `diagnose` = the online numbers, subspace-
+constrained gradients, resume of a constrained run, and the config checks."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd_exp.commands.diagnose import run_diagnose
+from opd_exp.config import ConfigError, validate
+from opd_exp.core.types import Sampling, StepBatch
+from opd_exp.diagnostics.tokens import overlap_exact
+from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
+from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.rollout_hf import HFRollout
+from opd_exp.engines.teacher_hf import HFTeacher
+from opd_exp.loop.diagnose import token_metrics
+from opd_exp.loop.geometry import SubspaceConstraint, block_matrices
+from opd_exp.train import train
+
+from .conftest import TINY_RUN, compose
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _full_logp(model, r):
+    """log softmax of every next-token distribution at the response positions, straight from
+    the model's full logits: [B, T, V]."""
+    logits = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                   position_ids=r.position_ids_B_L).logits
+    return torch.log_softmax(logits[:, r.prompt_ids_B_P.shape[1] - 1:-1].double(), -1)
+
+
+@torch.no_grad()
+def test_token_metrics_match_full_vocabulary_enumeration(use_tiny_world):
+    cfg = compose(TINY_RUN + ["diag.k=5", "rollout.max_new_tokens=10", "learner.micro_batch_size=2",
+                              "objective.chunk_size=3"])
+    tok = load_tokenizer(cfg.pair.student, "s")
+    student, teacher_model = load_model(cfg.pair.student, "s"), load_model(cfg.pair.teacher, "t")
+    torch.manual_seed(0)
+    sampler = HFRollout(student, tok, stop_token_ids(cfg.pair.student, tok))
+    r = sampler.generate([tok.encode("add 3 and 4"), tok.encode("12 plus 9")], Sampling(n=3, max_new_tokens=10))
+    teacher = HFTeacher(teacher_model, 2, 3)
+    batch = StepBatch(r, teacher.score(r, "sampled"))
+    got = token_metrics(batch, HFPolicy(student), teacher, r, cfg)
+
+    on = r.response_mask_B_T > 0
+    lp, lq = _full_logp(student, r)[on], _full_logp(teacher_model, r)[on]
+    ref = overlap_exact(lp, lq, 5)
+    for key in ("ratio", "mass_student", "mass_teacher", "entropy_gap"):
+        assert got[f"diag/token/{key}"] == pytest.approx(ref[key].mean().item(), abs=1e-5), key
+    adv = ref["advantage"][~ref["advantage"].isnan()].mean().item()
+    assert got["diag/token/advantage"] == pytest.approx(adv, abs=1e-5)
+    assert got["diag/token/teacher_entropy_exact"] == 1.0
+    y = r.response_ids_B_T[on]
+    log_ratio = (lq.gather(-1, y[:, None]) - lp.gather(-1, y[:, None]))[:, 0]
+    first = r.response_mask_B_T[:, 0] > 0  # position 0 of each row: bucket pos0_0
+    assert got["diag/token/log_ratio_pos0_0_min"] == pytest.approx(
+        (_full_logp(teacher_model, r)[:, 0] - _full_logp(student, r)[:, 0]).gather(
+            -1, r.response_ids_B_T[:, :1])[first].min().item(), abs=1e-4)
+    assert min(v for k, v in got.items() if k.startswith("diag/token/log_ratio_pos") and k.endswith("_min")
+               and not math.isnan(v)) == pytest.approx(log_ratio.min().item(), abs=1e-4)
+
+
+def test_diagnostics_change_nothing_and_offline_equals_online(tmp_path, use_tiny_world):
+    """Token and parameter diagnostics every step / 2 steps: the same losses, gradient norms and
+    final weights as a run without; `diagnose RUN_DIR` over the checkpoints gives the online
+    diag/param/* numbers; Sim_K(end, end) = 1."""
+    base = TINY_RUN + ["eval.every=0", "trainer.steps=4", "trainer.save_every=2", "trainer.keep_last=5",
+                       "diag.grad_sequences=4"]
+    train(compose(base), tmp_path / "plain")
+    train(compose(base + ["diag.every=1", "diag.param_every=2"]), tmp_path / "diag")
+    a, b = _records(tmp_path / "plain"), _records(tmp_path / "diag")
+    for key in ("train/loss", "train/grad_norm", "rollout/response_len"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    pa, pb = (_model(tmp_path / d / "checkpoints/step_000004/student") for d in ("plain", "diag"))
+    assert all(torch.equal(x, y) for x, y in zip(pa.parameters(), pb.parameters()))
+
+    steps = {r["step"]: r for r in b}
+    for s in (1, 2, 3, 4):
+        assert 0 <= steps[s]["diag/token/ratio"] <= 1 and "diag/token/grad_var" in steps[s]
+        assert any(k.startswith("diag/token/grad_norm_pos") for k in steps[s])
+    assert "diag/param/all/sparsity" in steps[2] and "diag/param/all/sparsity" not in steps[3]
+    assert "diag/param/all/locking_prev" in steps[4]
+    locking = json.loads((tmp_path / "diag/diag/locking.json").read_text())
+    assert set(locking) == {"2", "4"} and locking["4"] == pytest.approx(1.0, abs=1e-3)
+
+    offline = run_diagnose(tmp_path / "diag")
+    for s in (2, 4):
+        online = {k: v for k, v in steps[s].items() if k.startswith("diag/param/") and "locking" not in k}
+        assert online and all(offline[s][k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True)
+                              for k, v in online.items())
+
+
+def test_subspace_constraint_keeps_gradients_in_the_span(use_tiny_world):
+    cfg = compose(TINY_RUN)
+    model = load_model(cfg.pair.student, "s")
+    mats = block_matrices(model)
+    torch.manual_seed(0)
+    bases = {n: torch.linalg.qr(torch.randn(w.shape[1], 3))[0] for n, w in mats.items()}
+    SubspaceConstraint(t0=1, k=3).attach(model, bases)
+    ids = torch.randint(0, 50, (2, 7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for n, w in mats.items():
+        v = bases[n]
+        assert w.grad is not None and w.grad.abs().sum() > 0
+        assert (w.grad - w.grad @ v @ v.T).abs().max() < 1e-5, n  # rows inside span(V)
+    assert model.get_input_embeddings().weight.grad is not None  # embeddings: not constrained
+
+
+def test_constrained_run_resumes_exactly_and_constrains_after_t0(tmp_path, use_tiny_world):
+    """learner.subspace_constraint from step 1 of 4: 4 steps straight == 2 + resumed 2 (the bases
+    come back from the checkpoint), and the run differs from an unconstrained one."""
+    base = TINY_RUN + ["eval.every=0", "trainer.save_every=2", "learner.subspace_constraint=true",
+                       "learner.subspace_from=0.25", "learner.subspace_k=2"]
+    train(compose(base + ["trainer.steps=4"]), tmp_path / "straight")
+    train(compose(base + ["trainer.steps=2"]), tmp_path / "resumed")
+    train(compose(base + ["trainer.steps=4", "trainer.resume=true"]), tmp_path / "resumed")
+    train(compose(base + ["trainer.steps=4", "learner.subspace_constraint=false"]), tmp_path / "free")
+    assert (tmp_path / "straight/checkpoints/step_000002/subspace_bases.pt").exists()
+    s, r, f = (_model(tmp_path / d / "checkpoints/step_000004/student") for d in ("straight", "resumed", "free"))
+    assert all(torch.equal(x, y) for x, y in zip(s.parameters(), r.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(s.parameters(), f.parameters()))
+    drop = lambda rec: {k: v for k, v in rec.items() if not k.endswith("seconds")}  # noqa: E731
+    assert [drop(x) for x in _records(tmp_path / "straight")] == [drop(x) for x in _records(tmp_path / "resumed")]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("diag.k=0", "diag.k"), ("diag.every=-1", "diag.every"), ("diag.eta=0", "diag.eta"),
+    ("learner.subspace_from=1.0", "learner.subspace_from"), ("probe.prompts=0", "probe.prompts"),
+])
+def test_bad_diag_settings_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_subspace_constraint_refused_under_zero3():
+    with pytest.raises(ConfigError, match=r"learner\.subspace_constraint"):
+        validate(compose(["learner=deepspeed", "learner.zero_stage=3", "learner.subspace_constraint=true"]))
