@@ -146,3 +146,23 @@ def test_bad_diag_settings_name_the_field(override, field):
 def test_subspace_constraint_refused_under_zero3():
     with pytest.raises(ConfigError, match=r"learner\.subspace_constraint"):
         validate(compose(["learner=deepspeed", "learner.zero_stage=3", "learner.subspace_constraint=true"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair,verdict,reason", [
+    ("toy", "go", None),
+    ("toy_foreign", "no-go", "thinking patterns look incompatible"),
+    ("toy_same_data", "no-go", "the teacher offers little"),
+])
+def test_probe_verdicts_on_the_toy_conditions(tmp_path, pair, verdict, reason):
+    """The shipped toy world (docs/diagnostics.md: the calibration): the standard pair passes, the
+    foreign-pattern teacher and the no-new-capability teacher are flagged for their reason."""
+    from opd_exp.commands.probe import run_probe
+
+    report = run_probe(compose([f"pair={pair}", "logger.mode=disabled"]), tmp_path)
+    assert report["verdict"] == verdict, report["reasons"]
+    assert all(c["status"] == "ok" for c in report["checks"])
+    assert report["measured"]["logprob_mismatch"] < 1e-4
+    if reason:
+        assert any(r.startswith(reason) for r in report["reasons"]), report["reasons"]
+    assert json.loads((tmp_path / "probe.json").read_text())["verdict"] == verdict

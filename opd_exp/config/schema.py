@@ -239,8 +239,8 @@ class ProbeConfig:
     samples: int = 4  # answers per prompt: student rollouts and the teacher's pass rate
     early_positions: int = 8  # "early" response positions
     min_overlap_mass: float = 0.8  # teacher mass on the shared top-K, all positions
-    min_early_overlap_mass: float = 0.6  # … at early positions
-    min_pass_gap: float = 0.15  # teacher pass rate minus the student's on the same prompts
+    min_early_overlap_mass: float = 0.8  # … at early positions
+    min_pass_gap: float = 0.2  # teacher pass rate minus the student's on the same prompts
     max_logprob_mismatch: float = 0.01  # sampler vs learner log-probs of the sampled tokens
     out: Optional[str] = None  # the JSON report; None = probe.json in the working directory
 
