@@ -63,7 +63,7 @@ def token_metrics(batch: StepBatch, view: HFPolicy, teacher, scored, cfg) -> dic
     out.update({f"diag/token/early_{k}": v for k, v in summarise(
         {k: d[k][early] for k in ("ratio", "mass_teacher", "mass_student")}).items()})
     out["diag/token/teacher_entropy_exact"] = float(q.entropy_B_T is not None)
-    edges = position_edges(T)
+    edges = position_edges(max(T, cfg.rollout.max_new_tokens))  # the same buckets on every rank
     mass_B_T = torch.zeros_like(mask)
     mass_B_T[on] = d["mass_teacher"].to(mass_B_T.dtype)
     out.update(positional(mass_B_T, mask, edges, "diag/token/mass_teacher"))
@@ -109,8 +109,9 @@ def grad_metrics(batch: StepBatch, view: HFPolicy, objective, cfg) -> dict[str, 
 
     out = {}
     n = sub.mask_B_T.sum().clamp(min=1).item()
-    edges = position_edges(T)[::2]  # coarser buckets: [0, 2), [2, 8), [8, 32), …
-    edges += [] if edges[-1] >= T else position_edges(T)[-1:]
+    fine = position_edges(max(T, cfg.rollout.max_new_tokens))  # the same buckets on every rank
+    edges = fine[::2]  # coarser: [0, 2), [2, 8), [8, 32), …
+    edges += [] if edges[-1] >= fine[-1] else fine[-1:]
     for a, b in zip(edges, edges[1:]):
         keep = ((pos >= a) & (pos < b)).float().expand_as(sub.mask_B_T)
         has = (sub.mask_B_T * keep).sum() > 0

@@ -13,6 +13,7 @@ The maths is in opd_exp/diagnostics/geometry.py; this module holds the state.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ class Geometry:
         """diag/param/<layer type or all>/<metric> (parameter-count weighted over the matrices)
         and diag/param/all/locking_prev = Sim_K(previous diagnostic step, now); V_K(step)
         stored under out_dir/subspaces/."""
-        c, per, bases = self.c, {}, {}
+        c, per, bases, t0 = self.c, {}, {}, time.time()
         for n, w in block_matrices(model).items():
             w0, wt = self.w0[n], w.detach().cpu()
             per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank), w.numel())
@@ -63,6 +64,7 @@ class Geometry:
             d = self.out_dir / "subspaces"
             d.mkdir(parents=True, exist_ok=True)
             torch.save({n: v.half() for n, v in bases.items()}, d / f"step_{step:06d}.pt")
+        out["diag/param_seconds"] = time.time() - t0
         return out
 
 
