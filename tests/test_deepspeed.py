@@ -131,8 +131,10 @@ def test_two_ranks_vllm_rollouts_deepspeed_learner_one_command(tiny_world, tmp_p
 
 
 def test_two_rank_resume_continues_exactly(tiny_world, tmp_path):
-    """4 steps straight == 2 steps then resumed to 4, with 2 ranks (ZeRO-2, HF rollouts)."""
-    base = ["launcher.nproc_per_node=2", "eval.every=0", "trainer.save_every=2"]
+    """4 steps straight == 2 steps then resumed to 4, with 2 ranks (ZeRO-2, HF rollouts), token
+    and parameter diagnostics on (the ranks log the same metric names; reduced, resumed exactly)."""
+    base = ["launcher.nproc_per_node=2", "eval.every=0", "trainer.save_every=2", "diag.every=1",
+            "diag.param_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for extra, d in ((["trainer.steps=4"], straight), (["trainer.steps=2"], resumed),
                      (["trainer.steps=4", "trainer.resume=true"], resumed)):
@@ -145,6 +147,8 @@ def test_two_rank_resume_continues_exactly(tiny_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}  # noqa: E731
     assert [drop(r) for r in records(straight)] == [drop(r) for r in records(resumed)]
+    last = records(straight)[-1]
+    assert 0 < last["diag/token/mass_teacher"] <= 1 and "diag/param/all/sparsity" in last
 
 
 def test_two_nodes_emulated_on_loopback(tiny_world, tmp_path):

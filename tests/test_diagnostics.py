@@ -146,6 +146,8 @@ def test_bad_diag_settings_name_the_field(override, field):
 def test_subspace_constraint_refused_under_zero3():
     with pytest.raises(ConfigError, match=r"learner\.subspace_constraint"):
         validate(compose(["learner=deepspeed", "learner.zero_stage=3", "learner.subspace_constraint=true"]))
+    with pytest.raises(ConfigError, match=r"diag\.every"):
+        validate(compose(["learner=deepspeed", "learner.zero_stage=3", "rollout=vllm", "diag.every=1"]))
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def run_diagnose(run_dir: Path) -> dict[int, dict[str, float]]:
     for old in (out_dir / "subspaces").glob("step_*.pt"):
         old.unlink()
     start = load_model(cfg.pair.student, "pair.student")
-    geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag, out_dir)
+    geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag, out_dir, write=True)
     rows = {}
     for ckpt in steps:
         step = checkpoint.load_step(ckpt)

@@ -134,6 +134,10 @@ def validate(cfg: DictConfig) -> None:
         _require(stage != 3 or not lc.subspace_constraint, "learner.subspace_constraint",
                  lc.subspace_constraint, "false with learner.zero_stage=3 (its gradients are "
                  "partitioned before a whole-matrix projection could see them)")
+    _require(not (lc.backend == "deepspeed" and zero_stage(lc) == 3 and cfg.rollout.backend != "hf")
+             or not cfg.diag.every, "diag.every", cfg.diag.every,
+             "0 with learner.zero_stage=3 and a vLLM rollout (the whole-weight copy the token "
+             "diagnostics read is kept on the CPU there)")
     _require(lc.subspace_k >= 1, "learner.subspace_k", lc.subspace_k, "an integer >= 1")
     _require(0 <= lc.subspace_from < 1, "learner.subspace_from", lc.subspace_from, "0 <= x < 1")
     la = cfg.launcher

@@ -140,13 +140,13 @@ class Diagnostics:
 
     @classmethod
     def make(cls, cfg, run_dir: Path, is_main: bool, policy: torch.nn.Module,
-             fresh: bool) -> "Diagnostics":
+             resume_step: int | None) -> "Diagnostics":
         """W_0 is copied from the policy of a fresh run, reloaded from pair.student on a resume."""
         lc, geometry, constraint = cfg.learner, None, None
         if cfg.diag.param_every or lc.subspace_constraint:
-            start = policy if fresh else load_model(cfg.pair.student, "pair.student")
-            geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag,
-                                run_dir / "diag" if is_main else None)
+            start = policy if resume_step is None else load_model(cfg.pair.student, "pair.student")
+            geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag, run_dir / "diag",
+                                write=is_main, resume_step=resume_step or 0)
         if lc.subspace_constraint:
             constraint = SubspaceConstraint(max(1, int(lc.subspace_from * cfg.trainer.steps)),
                                             lc.subspace_k)

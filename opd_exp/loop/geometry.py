@@ -37,9 +37,16 @@ def cpu_copy(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Geometry:
     """W_0 and the diag/param/* metrics of the weights against it (`diag.*`)."""
 
-    def __init__(self, start: dict[str, torch.Tensor], diag_cfg, out_dir: Path | None):
-        self.w0, self.c, self.out_dir = start, diag_cfg, out_dir
+    def __init__(self, start: dict[str, torch.Tensor], diag_cfg, out_dir: Path, write: bool,
+                 resume_step: int = 0):
+        """`out_dir/subspaces/` holds V_K per diagnostic step (rank 0 writes it, `write`); a run
+        resumed at `resume_step` reads back its last one as the previous step's."""
+        self.w0, self.c, self.out_dir, self.write = start, diag_cfg, out_dir, write
         self.prev: dict[str, torch.Tensor] | None = None
+        done = [f for f in sorted((out_dir / "subspaces").glob("step_*.pt"))
+                if int(f.stem.split("_")[1]) <= resume_step] if resume_step else []
+        if done:
+            self.prev = {n: v.float() for n, v in torch.load(done[-1]).items()}
 
     def bases(self, model: torch.nn.Module, k: int) -> dict[str, torch.Tensor]:
         """V_K of ΔW for every block matrix, [in, K] float32."""
@@ -59,8 +66,8 @@ class Geometry:
         out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
         if self.prev is not None:
             out["diag/param/all/locking_prev"] = mean_similarity(self.prev, bases, per)
-        self.prev = bases
-        if self.out_dir is not None:
+        self.prev = {n: v.half().float() for n, v in bases.items()}  # as stored, as a resume reads it
+        if self.write:
             d = self.out_dir / "subspaces"
             d.mkdir(parents=True, exist_ok=True)
             torch.save({n: v.half() for n, v in bases.items()}, d / f"step_{step:06d}.pt")
