@@ -78,7 +78,8 @@ def test_diagnostics_change_nothing_and_offline_equals_online(tmp_path, use_tiny
     base = TINY_RUN + ["eval.every=0", "trainer.steps=4", "trainer.save_every=2", "trainer.keep_last=5",
                        "diag.grad_sequences=4"]
     train(compose(base), tmp_path / "plain")
-    train(compose(base + ["diag.every=1", "diag.param_every=2"]), tmp_path / "diag")
+    train(compose(base + ["diag.every=1", "diag.param_every=2", "logger.plots=true"]), tmp_path / "diag")
+    assert all((tmp_path / "diag" / f).stat().st_size > 0 for f in ("diag_tokens.png", "diag_params.png"))
     a, b = _records(tmp_path / "plain"), _records(tmp_path / "diag")
     for key in ("train/loss", "train/grad_norm", "rollout/response_len"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
