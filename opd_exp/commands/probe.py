@@ -15,13 +15,14 @@ Output: text on stdout and a JSON report (probe.out, default <run dir>/probe.jso
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from opd_exp.config import ConfigError, validate
+from opd_exp.config import ConfigError, validate, validate_vocab
 from opd_exp.config.registry import ROLLOUTS, TEACHERS, resolve
 from opd_exp.core.types import Sampling, StepBatch
 from opd_exp.data import make_encoder, make_prompts, student_encoder
@@ -65,24 +66,30 @@ def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
         f"{scored_under} (pair.teacher_prompt={p.teacher_prompt}): "
         f"student {tok.decode(mine)!r} | teacher {ttok.decode(own)!r}")
     s_stop, t_stop = stop_token_ids(p.student, tok), stop_token_ids(p.teacher, ttok)
-    names = {i: tok.convert_ids_to_tokens(i) for i in s_stop | t_stop if i < len(tok)}
     add("stop tokens", "ok" if s_stop == t_stop else "warn",
-        f"student {sorted(names.get(i, i) for i in s_stop)}, teacher "
-        f"{sorted(names.get(i, i) for i in t_stop)}; rollouts stop at either")
+        f"student {sorted(map(str, tok.convert_ids_to_tokens(sorted(s_stop))))}, teacher "
+        f"{sorted(map(str, ttok.convert_ids_to_tokens(sorted(t_stop))))}; rollouts stop at either")
     stop_ids = s_stop | {i for i in t_stop if i < vocab and i not in unshared}
     return checks, {"tokenizer": tok, "vocab": vocab, "stop_ids": stop_ids,
                     "teacher_tokenizer": ttok}
 
 
 def verdict(report: dict, pc) -> tuple[str, list[str]]:
-    """("go" | "caution" | "no-go", reasons), from the checks and the measurements."""
+    """("go" | "caution" | "no-go", reasons), from the checks and the measurements (none when a
+    check failed: the pair cannot be trained as configured)."""
+    failed = [f"{c['check']}: {c['detail']}" for c in report["checks"] if c["status"] == "fail"]
+    if failed:
+        return "no-go", failed
     reasons, severe = [], False
-    for c in report["checks"]:
-        if c["status"] == "fail":
-            severe = True
-            reasons.append(f"{c['check']}: {c['detail']}")
     m = report["measured"]
-    if m["logprob_mismatch"] > pc.max_logprob_mismatch:
+    unmeasured = [k for k in ("overlap_mass_teacher", "early_overlap_mass_teacher",
+                              "teacher_pass_rate", "student_pass_rate") if math.isnan(m[k])]
+    if unmeasured:
+        return "no-go", [f"not measured (no response tokens?): {', '.join(unmeasured)}"]
+    if math.isnan(m["logprob_mismatch"]):
+        reasons.append("the sampler returned no log-probs of its tokens: sampler vs learner not "
+                       "compared")
+    elif m["logprob_mismatch"] > pc.max_logprob_mismatch:
         reasons.append(f"the sampler's log-probs differ from the learner's by "
                        f"{m['logprob_mismatch']:.3g} per token (> {pc.max_logprob_mismatch}): "
                        "check temperature, generation defaults and the template")
@@ -109,26 +116,47 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.trainer.seed)
     checks, ctx = pair_checks(cfg)
-    tok, pc = ctx["tokenizer"], cfg.probe
-    student = load_model(cfg.pair.student, "pair.student").eval()
+    pc, p = cfg.probe, cfg.pair
+    report = {"pair": {w: p[w].path for w in ("student", "teacher")}, "prompts": 0,
+              "samples": pc.samples, "checks": checks, "measured": {}, "by_position": {}}
+    if not any(c["status"] == "fail" for c in checks):
+        validate_vocab(cfg, ctx["vocab"])
+        report.update(measure(cfg, ctx, run_dir))
+    report["verdict"], report["reasons"] = verdict(report, pc)
+    out = Path(pc.out) if pc.out else run_dir / "probe.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report) + f"\nreport: {out}", flush=True)
+    return report
+
+
+def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
+    """Student rollouts on the probe prompts, scored by the teacher under the prompt it trains
+    with (pair.teacher_prompt); token diagnostics; both pass rates (the teacher sampling after
+    its own prompt where it has one)."""
+    tok, pc, d, p = ctx["tokenizer"], cfg.probe, cfg.data, cfg.pair
+    student = load_model(p.student, "pair.student").eval()
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, student, tok, ctx["stop_ids"], run_dir, 0)
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tok, ctx["stop_ids"])
-    encode = student_encoder(cfg, tok, ctx["teacher_tokenizer"], cfg.data.prompt_suffix)
-    pool = make_prompts(cfg.data, cfg.trainer.seed)
+    encode = student_encoder(cfg, tok, ctx["teacher_tokenizer"], d.prompt_suffix)
+    own = make_encoder(ctx["teacher_tokenizer"], d.chat_template, d.prompt_suffix, p.teacher) \
+        if p.teacher_prompt == "own" else None
+    pool = make_prompts(d, cfg.trainer.seed)
     problems = [pool.pool[i] for i in pool.order(0)[:pc.prompts]]
     prompts, answers = [encode(q.prompt) for q in problems], [q.answer for q in problems]
     sampling = replace(Sampling.from_cfg(cfg.rollout), n=pc.samples)
     r = rollout.generate(prompts, sampling)
+    scored = r if own is None else r.with_prompts([own(q.prompt) for q in problems], tok.pad_token_id)
     view = HFPolicy(student, vocab_size=ctx["vocab"])
-    batch = StepBatch(r, teacher.score(r, "sampled"))
+    batch = StepBatch(r, teacher.score(scored, "sampled"))
     batch.logp_old_B_T = torch.cat([view.token_logprobs(r.select(slice(i, i + 16)), sampling.temperature)
                                     for i in range(0, r.size, 16)])
     mask = r.response_mask_B_T
     mismatch = (((r.logp_B_T - batch.logp_old_B_T).abs() * mask).sum() / mask.sum()).item() \
         if r.logp_B_T is not None else float("nan")
-    diag = token_metrics(batch, view, teacher, r, cfg)
-    t = teacher_rollout.generate(prompts, sampling)
-    measured = {
+    diag = token_metrics(batch, view, teacher, scored, cfg)
+    t = teacher_rollout.generate([own(q.prompt) for q in problems] if own else prompts, sampling)
+    return {"prompts": len(problems), "by_position": {
+        k.removeprefix("diag/token/"): v for k, v in diag.items() if "_pos" in k}, "measured": {
         "logprob_mismatch": mismatch,
         "student_pass_rate": rollout_correctness(tok, r, answers).mean().item(),
         "teacher_pass_rate": rollout_correctness(tok, t, answers).mean().item(),
@@ -139,17 +167,7 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
         "early_overlap_ratio": diag["diag/token/early_ratio"],
         "entropy_gap": diag["diag/token/entropy_gap"],
         "advantage": diag["diag/token/advantage"],
-        "response_len": mask.sum(-1).mean().item(),
-    }
-    report = {"pair": {w: cfg.pair[w].path for w in ("student", "teacher")},
-              "prompts": len(problems), "samples": pc.samples, "checks": checks,
-              "measured": measured, "by_position": {k.removeprefix("diag/token/"): v
-                                                    for k, v in diag.items() if "_pos" in k}}
-    report["verdict"], report["reasons"] = verdict(report, pc)
-    out = Path(pc.out) if pc.out else run_dir / "probe.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(render(report) + f"\nreport: {out}", flush=True)
-    return report
+        "response_len": mask.sum(-1).mean().item()}}
 
 
 def render(report: dict) -> str:

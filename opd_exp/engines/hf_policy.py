@@ -68,6 +68,10 @@ def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int,
     of the policy's next-token distribution at each response position; `micro_batch_size` rows
     and `chunk` positions through the LM head at a time (never [B, T, V] at once), padded
     embedding rows excluded."""
+    B, T = r.response_ids_B_T.shape
+    if B == 0 or T == 0:
+        empty = r.response_ids_B_T.new_zeros(B, T, k)
+        return empty.float(), empty, r.response_ids_B_T.new_zeros(B, T).float()
     vals, ids, ents = [], [], []
     for s in micro_slices(r.size, micro_batch_size):
         hidden = view.response_hidden(r.select(s))
@@ -78,7 +82,7 @@ def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int,
             vals.append(v)
             ids.append(i)
             ents.append(-(logp.exp() * logp).nan_to_num().sum(-1))
-    n_chunks = -(-r.response_ids_B_T.shape[1] // chunk) if r.size else 0
+    n_chunks = -(-T // chunk)
 
     def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # chunks along T, micro-batches along B
         rows = [torch.cat(parts[i:i + n_chunks], 1) for i in range(0, len(parts), n_chunks)]

@@ -83,8 +83,9 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     """(scorer, sampler) over one vLLM engine of pair.teacher: no HF copy of the teacher. Scores
     come back on the device of the rollouts given to `score`."""
     t = cfg.teacher
+    most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20)  # top-K of any consumer
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
-                          t.max_model_len, t.gpu_memory_utilization, max(cfg.objective.k, cfg.prompts.k, 20),
+                          t.max_model_len, t.gpu_memory_utilization, most,
                           seed=cfg.trainer.seed, vocab_size=len(tokenizer),
                           rows=model_shape(cfg.pair.teacher, "pair.teacher")[0])
     return teacher, teacher.sampler(tokenizer, stop_ids)

@@ -133,9 +133,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     student = load_model(student_cfg, "pair.student").to(dist.device)
     stop_ids = stop_token_ids(student_cfg, tokenizer) | {  # the teacher's, where they are shared
         i for i in stop_token_ids(cfg.pair.teacher, teacher_tok) if i < vocab and i not in unshared}
-    diag = Diagnostics.make(cfg, run_dir, dist.is_main, student,
-                            None if resume_from is None else checkpoint.load_step(resume_from))
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
+    diag = Diagnostics.make(cfg, run_dir, dist.is_main, learner.policy,
+                            None if resume_from is None else checkpoint.load_step(resume_from))
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
                                                      work_dir, dist.rank)

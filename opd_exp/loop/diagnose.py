@@ -56,7 +56,9 @@ def token_metrics(batch: StepBatch, view: HFPolicy, teacher, scored, cfg) -> dic
     on = mask > 0
     d = overlap_from_topk(p_idx[on], p_logp[on], q.topk_idx_B_T_K[on], q.topk_logq_B_T_K[on])
     q_ent = q.entropy_B_T[on] if q.entropy_B_T is not None else topk_entropy(q.topk_logq_B_T_K[on])
-    d["entropy_gap"] = (q_ent - p_ent[on]).abs()
+    # with the teacher's top-K bound, the student's bound too: a gap of like with like
+    p_like = p_ent[on] if q.entropy_B_T is not None else topk_entropy(p_logp[on])
+    d["entropy_gap"] = (q_ent - p_like).abs()
     d["entropy_student"], d["entropy_teacher"] = p_ent[on], q_ent
     out = {f"diag/token/{k}": v for k, v in summarise(d).items()}
     early = (torch.arange(T, device=mask.device) < cfg.probe.early_positions).expand_as(mask)[on]
@@ -86,14 +88,15 @@ def sampled_log_ratio(batch: StepBatch, view: HFPolicy, teacher, scored, tempera
 
 
 def grad_metrics(batch: StepBatch, view: HFPolicy, objective, cfg) -> dict[str, float]:
-    """On the rank's first diag.grad_sequences sequences: ‖∇L_b‖ for each response-position bucket
+    """On diag.grad_sequences of the rank's sequences, evenly spaced over its prompts: ‖∇L_b‖ for each response-position bucket
     b (the step's loss restricted to the bucket's tokens, normalised by all the tokens, so the
     buckets' gradients sum to the whole), and the variance of the micro-batch gradients
     (micro-batches of diag.grad_micro sequences, each its own token mean):
     grad_var = mean_i ‖g_i − ḡ‖², grad_var_rel = grad_var / ‖ḡ‖². torch.autograd.grad: the
     learner's .grad buffers are never touched."""
     dc = cfg.diag
-    sub = batch.select(slice(0, dc.grad_sequences))
+    B = batch.rollouts.size  # a subset spread over the step's prompts (rows are grouped by prompt)
+    sub = batch.select(torch.linspace(0, B - 1, min(dc.grad_sequences, B)).round().long().unique())
     params = [p for p in view.model.parameters() if p.requires_grad]
     T = sub.rollouts.response_ids_B_T.shape[1]
     pos = torch.arange(T, device=sub.mask_B_T.device)
@@ -141,10 +144,13 @@ class Diagnostics:
     @classmethod
     def make(cls, cfg, run_dir: Path, is_main: bool, policy: torch.nn.Module,
              resume_step: int | None) -> "Diagnostics":
-        """W_0 is copied from the policy of a fresh run, reloaded from pair.student on a resume."""
+        """`policy`: the learner's whole-weight student, W_0 on a fresh run; a resumed run reloads
+        W_0 from pair.student in the policy's dtype. Rank 0 alone measures the geometry (only it
+        logs); every rank keeps W_0 when the subspace constraint needs it."""
         lc, geometry, constraint = cfg.learner, None, None
-        if cfg.diag.param_every or lc.subspace_constraint:
-            start = policy if resume_step is None else load_model(cfg.pair.student, "pair.student")
+        if (cfg.diag.param_every and is_main) or lc.subspace_constraint:
+            dtype = next(policy.parameters()).dtype
+            start = policy if resume_step is None else load_model(cfg.pair.student, "pair.student").to(dtype)
             geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag, run_dir / "diag",
                                 write=is_main, resume_step=resume_step or 0)
         if lc.subspace_constraint:
@@ -153,22 +159,26 @@ class Diagnostics:
         return cls(cfg, run_dir, is_main, geometry, constraint)
 
     def before_update(self, step: int, batch: StepBatch, learner, teacher, scored,
-                      objective) -> dict[str, float]:
-        """Zero-based optimizer step `step`: token diagnostics when (step + 1) % diag.every == 0."""
+                      objective, on_policy: bool) -> dict[str, float]:
+        """Zero-based optimizer step `step`: token diagnostics when (step + 1) % diag.every == 0
+        (on the student's own rollouts, or on the off-policy traces a step trains on:
+        diag/token/on_policy says which)."""
         out, dc = {}, self.cfg.diag
-        if self.constraint is not None and step == self.constraint.t0:
+        if self.constraint is not None and self.constraint.due(step):
             self.constraint.start(self.geometry, learner.policy)
         if dc.every and (step + 1) % dc.every == 0:
             view = HFPolicy(learner.policy, vocab_size=getattr(learner.view, "vocab_size", None))
             with torch.random.fork_rng():
                 out.update(token_metrics(batch, view, teacher, scored, self.cfg))
+                out["diag/token/on_policy"] = float(on_policy)
                 if dc.grad_sequences and self.cfg.learner.backend == "torch":
                     out.update(grad_metrics(batch, learner.view, objective, self.cfg))
         return out
 
     def after_update(self, done: int, policy: torch.nn.Module) -> dict[str, float]:
+        """diag/param/* on rank 0 (the only rank that logs) every diag.param_every steps."""
         every = self.cfg.diag.param_every
-        if self.geometry is None or not every or done % every:
+        if self.geometry is None or not self.is_main or not every or done % every:
             return {}
         return self.geometry.metrics(policy, done)
 

@@ -46,7 +46,7 @@ class Geometry:
         done = [f for f in sorted((out_dir / "subspaces").glob("step_*.pt"))
                 if int(f.stem.split("_")[1]) <= resume_step] if resume_step else []
         if done:
-            self.prev = {n: v.float() for n, v in torch.load(done[-1]).items()}
+            self.prev = {n: v.float() for n, v in torch.load(done[-1])["bases"].items()}
 
     def bases(self, model: torch.nn.Module, k: int) -> dict[str, torch.Tensor]:
         """V_K of ΔW for every block matrix, [in, K] float32."""
@@ -64,33 +64,36 @@ class Geometry:
             per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank), w.numel())
             bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k)
         out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
+        numel = {n: size for n, (_, size) in per.items()}
         if self.prev is not None:
-            out["diag/param/all/locking_prev"] = mean_similarity(self.prev, bases, per)
+            out["diag/param/all/locking_prev"] = mean_similarity(self.prev, bases, numel)
         self.prev = {n: v.half().float() for n, v in bases.items()}  # as stored, as a resume reads it
         if self.write:
             d = self.out_dir / "subspaces"
             d.mkdir(parents=True, exist_ok=True)
-            torch.save({n: v.half() for n, v in bases.items()}, d / f"step_{step:06d}.pt")
+            torch.save({"bases": {n: v.half() for n, v in bases.items()}, "numel": numel},
+                       d / f"step_{step:06d}.pt")
         out["diag/param_seconds"] = time.time() - t0
         return out
 
 
 def mean_similarity(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-                    per: dict[str, tuple[dict, int]] | None = None) -> float:
-    """Parameter-count weighted mean over matrices of Sim_K(a, b) (unweighted without `per`)."""
-    weights = {n: (per[n][1] if per else 1) for n in a}
+                    numel: dict[str, int]) -> float:
+    """Parameter-count weighted mean over the matrices of Sim_K(a, b)."""
+    weights = {n: numel[n] for n in a}
     total = sum(weights.values())
     return sum(weights[n] * subspace_similarity(a[n].float(), b[n].float()) for n in a) / total
 
 
 def locking(subspace_dir: Path) -> dict[int, float]:
     """Sim_K(t, end) for every stored step t (end = the last stored step): the share of the final
-    update subspace already spanned at step t, averaged over the block matrices."""
+    update subspace already spanned at step t, parameter-count weighted over the block matrices."""
     files = sorted(subspace_dir.glob("step_*.pt"))
     if not files:
         return {}
     end = torch.load(files[-1])
-    return {int(f.stem.split("_")[1]): mean_similarity(torch.load(f), end) for f in files}
+    return {int(f.stem.split("_")[1]): mean_similarity(torch.load(f)["bases"], end["bases"], end["numel"])
+            for f in files}
 
 
 def write_locking(subspace_dir: Path, out: Path) -> dict[int, float]:
@@ -111,11 +114,17 @@ class SubspaceConstraint:
         self.bases: dict[str, torch.Tensor] | None = None
         self._hooks: list = []
 
+    def due(self, step: int) -> bool:
+        """Start at the first step >= t0 without bases (a resumed run keeps those it saved)."""
+        return self.bases is None and step >= self.t0
+
     def start(self, geometry: Geometry, model: torch.nn.Module) -> None:
         self.attach(model, geometry.bases(model, self.k))
 
     def attach(self, model: torch.nn.Module, bases: dict[str, torch.Tensor]) -> None:
-        self.bases = bases
+        for h in self._hooks:  # one projection, never two stacked
+            h.remove()
+        self._hooks, self.bases = [], bases
         for n, p in block_matrices(model).items():
             v = bases[n].to(p.device, torch.float32)
             self._hooks.append(p.register_hook(
@@ -123,10 +132,13 @@ class SubspaceConstraint:
 
     def save(self, directory: Path) -> None:
         if self.bases is not None:
-            torch.save(self.bases, directory / "subspace_bases.pt")
+            torch.save({"bases": self.bases, "t0": self.t0}, directory / "subspace_bases.pt")
 
     def load(self, directory: Path, model: torch.nn.Module) -> None:
-        """Resume: the bases of the checkpoint (a run saved after t0), else none yet."""
+        """Resume: the bases of the checkpoint and the t0 they were taken at (a run saved after
+        its t0), else none yet."""
         path = directory / "subspace_bases.pt"
         if path.exists():
-            self.attach(model, torch.load(path))
+            saved = torch.load(path)
+            self.t0 = saved["t0"]
+            self.attach(model, saved["bases"])

@@ -74,7 +74,8 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
             batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
     batch, obj_metrics = objective.prepare(batch)
     t_diag = time.time()
-    diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective)
+    diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective,
+                                           on_policy)
     t_diag = time.time() - t_diag
     train_metrics = run.learner.update(batch, objective)
     run.rollout.sync_weights(run.learner.policy)
