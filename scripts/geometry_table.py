@@ -7,11 +7,15 @@ diag/locking.json (mean ± std over the seed runs of each arm; unfinished runs r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+from opd_exp.engines.hf_models import load_model
+from opd_exp.loop.geometry import block_matrices, mean_similarity
 from opd_exp.runtime.plots import read_metrics, series
 
 GEOMETRY = ("sparsity", "principal_cos_mean", "spectral_shift", "stable_rank", "mask_principal",
@@ -33,12 +37,18 @@ def last(recs: list[dict], key: str, i: int = -1) -> float:
 
 
 def early_locking(run: Path) -> float:
-    """Sim_K(t, end) at the first stored step (10 of 50 = 20 % of training)."""
-    path = run / "diag" / "locking.json"
-    if not path.exists():
+    """Sim_K(t, end) at the first stored step (10 of 50 = 20 % of training), parameter-count
+    weighted, recomputed from the stored subspaces (files written before the weighting was
+    stored hold the bases alone: the weights then come from the run's student model)."""
+    files = sorted((run / "diag" / "subspaces").glob("step_*.pt"))
+    if not files:
         return float("nan")
-    sims = json.loads(path.read_text())
-    return sims[min(sims, key=int)]
+    first, end = torch.load(files[0]), torch.load(files[-1])
+    if "bases" in end:
+        return mean_similarity(first["bases"], end["bases"], end["numel"])
+    cfg = OmegaConf.load(run / "config.yaml")
+    numel = {n: w.numel() for n, w in block_matrices(load_model(cfg.pair.student, "pair.student")).items()}
+    return mean_similarity(first, end, numel)
 
 
 def mean_sd(values: list[float]) -> str:
