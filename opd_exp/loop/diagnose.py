@@ -88,9 +88,9 @@ def sampled_log_ratio(batch: StepBatch, view: HFPolicy, teacher, scored, tempera
 
 
 def grad_metrics(batch: StepBatch, view: HFPolicy, objective, cfg) -> dict[str, float]:
-    """On diag.grad_sequences of the rank's sequences, evenly spaced over its prompts: ‖∇L_b‖ for each response-position bucket
-    b (the step's loss restricted to the bucket's tokens, normalised by all the tokens, so the
-    buckets' gradients sum to the whole), and the variance of the micro-batch gradients
+    """On diag.grad_sequences of the rank's sequences, evenly spaced over its prompts: ‖∇L_b‖ for
+    each response-position bucket b (the step's loss restricted to the bucket's tokens,
+    normalised by all the tokens, so the buckets' gradients sum to the whole), and the variance of the micro-batch gradients
     (micro-batches of diag.grad_micro sequences, each its own token mean):
     grad_var = mean_i ‖g_i − ḡ‖², grad_var_rel = grad_var / ‖ḡ‖². torch.autograd.grad: the
     learner's .grad buffers are never touched."""
