@@ -56,7 +56,7 @@ def mean_sd(values: list[float]) -> str:
     if not v:
         return "–"
     sd = statistics.stdev(v) if len(v) > 1 else float("nan")
-    return f"{statistics.fmean(v):.3f} ± {sd:.3f}" if not math.isnan(sd) else f"{v[0]:.3f}"
+    return f"{statistics.fmean(v):.3g} ± {sd:.2g}" if not math.isnan(sd) else f"{v[0]:.3g}"
 
 
 def row(root: Path, arm: str, k: int) -> dict[str, str]:
