@@ -189,17 +189,17 @@ def test_subspace_constraint_refused_under_zero3():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair,verdict,reason", [
-    ("toy", "go", None),
-    ("toy_foreign", "no-go", "thinking patterns look incompatible"),
-    ("toy_same_data", "no-go", "the teacher offers little"),
+@pytest.mark.parametrize("pair,prompts,verdict,reason", [
+    ("toy", 64, "go", None),
+    ("toy_foreign", 64, "no-go", "thinking patterns look incompatible"),
+    ("toy_same_data", 256, "no-go", "the teacher offers little"),  # the narrow margin: full size
 ])
-def test_probe_verdicts_on_the_toy_conditions(tmp_path, pair, verdict, reason):
+def test_probe_verdicts_on_the_toy_conditions(tmp_path, pair, prompts, verdict, reason):
     """The shipped toy world (docs/diagnostics.md: the calibration): the standard pair passes, the
     foreign-pattern teacher and the no-new-capability teacher are flagged for their reason."""
     from opd_exp.commands.probe import run_probe
 
-    report = run_probe(compose([f"pair={pair}", "logger.mode=disabled"]), tmp_path)
+    report = run_probe(compose([f"pair={pair}", f"probe.prompts={prompts}"]), tmp_path)
     assert report["verdict"] == verdict, report["reasons"]
     assert all(c["status"] == "ok" for c in report["checks"])
     if reason:
