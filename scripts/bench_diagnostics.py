@@ -1,5 +1,6 @@
 """What diagnostics cost: the toy default step (16 prompts × 4 rollouts, ≤ 96 new tokens) without
-diagnostics, with token diagnostics every step, and with parameter diagnostics every 10 steps.
+diagnostics, with token diagnostics every step (without and with the gradient split), and with
+parameter diagnostics every 10 steps.
 
     python scripts/bench_diagnostics.py [--steps 20] [--threads 2]
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from opd_exp.runtime.plots import read_metrics
 
 ARMS = {"off": [], "token every step": ["diag.every=1"],
+        "token every step + gradient split (4 sequences)": ["diag.every=1", "diag.grad_sequences=4"],
         "param every 10 steps": ["diag.param_every=10"]}
 
 
