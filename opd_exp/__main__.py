@@ -1,4 +1,4 @@
-"""Command line: `python -m opd_exp {train,eval,serve,probe,diagnose,toy} …`.
+"""Command line: `python -m opd_exp {train,eval,serve,probe,diagnose,tables,toy} …`.
 
     python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
     python -m opd_exp train learner=deepspeed launcher.nproc_per_node=2   # 2 ranks under torchrun
@@ -6,6 +6,7 @@
     python -m opd_exp serve [same overrides]         # a vLLM server for rollout=vllm_server
     python -m opd_exp probe [same overrides]         # will this pair distil? checks + verdict
     python -m opd_exp diagnose RUN_DIR               # parameter geometry over a run's checkpoints
+    python -m opd_exp tables SWEEP_DIR --table NAME  # a paper-shaped table (markdown, CSV, PNGs)
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
     python -m opd_exp toy build --only NAME[,NAME]     # add condition models to an existing world
 """
@@ -163,6 +164,19 @@ def _diagnose(argv: list[str]) -> None:
     run_diagnose(ap.parse_args(argv).run_dir)
 
 
+def _tables(argv: list[str]) -> None:
+    import argparse
+
+    from opd_exp.analysis.tables import TABLES, run_tables
+
+    ap = argparse.ArgumentParser(prog="python -m opd_exp tables")
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--table", required=True, help="one of " + ", ".join(TABLES))
+    ap.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/tables/NAME")
+    a = ap.parse_args(argv)
+    print(run_tables(a.sweep_dir, a.table, a.out))
+
+
 def _toy(argv: list[str]) -> None:
     import argparse
 
@@ -184,12 +198,13 @@ def _toy(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "probe", "diagnose", "toy"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "probe", "diagnose", "tables",
+                                                       "toy"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
-    if command in ("toy", "diagnose"):
-        {"toy": _toy, "diagnose": _diagnose}[command](sys.argv[1:])
+    if command in ("toy", "diagnose", "tables"):
+        {"toy": _toy, "diagnose": _diagnose, "tables": _tables}[command](sys.argv[1:])
     else:
         _hydra_command({"train": _train, "eval": _eval, "serve": _serve, "probe": _probe}[command])
 

@@ -1,0 +1,1 @@
+"""Analysis of finished runs: paper-shaped tables and plots from run directories."""

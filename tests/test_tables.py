@@ -1,0 +1,100 @@
+"""`python -m opd_exp tables`: paper-shaped tables from synthetic run directories — the numbers,
+the layout, the best marked per column, unfinished runs listed and never averaged in."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from opd_exp.analysis.tables import run_tables
+from opd_exp.config import schema_cfg
+
+BENCHES = ["toy_L1", "toy_L2"]
+
+
+def make_run(path, reward: str, alpha: float, seed: int, l1: float, l2: float, finished: bool = True,
+             grad_norms=(1.0, 3.0)):
+    """A run dir as `train` leaves it: config.yaml, metrics.jsonl (step-0 eval, two steps, a final
+    eval), final_metrics.json when finished."""
+    cfg = schema_cfg({"reward": {"name": reward, "alpha": alpha}, "trainer": {"seed": seed},
+                      "eval": {"benchmarks": BENCHES, "k": 8}})
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    records = [{"step": 0, "eval/toy_L1/avg@8": 0.1, "eval/toy_L1/pass@8": 0.5,
+                "eval/toy_L2/avg@8": 0.0, "eval/toy_L2/pass@8": 0.25, "eval/avg@8": 0.05}]
+    records += [{"step": s, "train/grad_norm": g, "reward/min": -g, "rollout/response_len": 10.0}
+                for s, g in zip((1, 2), grad_norms)]
+    records.append({"step": 2, "eval/toy_L1/avg@8": l1, "eval/toy_L1/pass@8": min(1.0, 2 * l1),
+                    "eval/toy_L2/avg@8": l2, "eval/toy_L2/pass@8": min(1.0, 2 * l2),
+                    "eval/avg@8": (l1 + l2) / 2})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        (path / "final_metrics.json").write_text("{}")
+    (path / ".hydra").mkdir()
+    (path / ".hydra" / "config.yaml").write_text("not: a run\n")  # Hydra's copy: not a run
+
+
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root / "0", "log_ratio", 1.0, 0, l1=0.2, l2=0.1)
+    make_run(root / "1", "log_ratio", 1.0, 1, l1=0.4, l2=0.1)
+    make_run(root / "2", "power", 0.5, 0, l1=0.3, l2=0.3, grad_norms=(0.1, 0.3))
+    make_run(root / "3", "power", 0.5, 1, l1=0.5, l2=0.1, grad_norms=(0.1, 0.3))
+    make_run(root / "4", "power", 2.0, 0, l1=0.9, l2=0.9, finished=False)  # killed: never averaged
+    return root
+
+
+def test_poweropd_alpha_table_numbers_layout_best_and_unfinished(tmp_path):
+    root = sweep(tmp_path)
+    text = run_tables(root, "poweropd_alpha")
+    lines = text.splitlines()
+    assert lines[2] == ("| row | seeds | toy_L1 avg@8 | toy_L1 pass@8 | toy_L2 avg@8 | toy_L2 pass@8 | "
+                        "mean avg@8 | mean pass@8 | grad norm (mean) | reward min (mean) |")
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| OPD") or
+            line.startswith("| PowerOPD")}
+    assert set(rows) == {"OPD (log-ratio)", "PowerOPD (α = 0.5)"}  # α = 2 is unfinished
+    # log-ratio: toy_L1 0.2, 0.4 → 0.300 ± 0.141; mean avg per run (0.15, 0.25) → 0.200 ± 0.071
+    assert rows["OPD (log-ratio)"] == (
+        "| OPD (log-ratio) | 2 | 0.300 ± 0.141 | 0.600 ± 0.283 | 0.100 ± 0.000 | 0.200 ± 0.000 | "
+        "0.200 ± 0.071 | 0.400 ± 0.141 | 2.000 ± 0.000 | -2.000 ± 0.000 |")
+    # power 0.5: toy_L1 0.3, 0.5 → 0.400 (best); toy_L2 0.3, 0.1 → 0.200 (best); means 0.3, 0.3
+    assert rows["PowerOPD (α = 0.5)"] == (
+        "| PowerOPD (α = 0.5) | 2 | **0.400 ± 0.141** | **0.800 ± 0.283** | **0.200 ± 0.141** | "
+        "**0.400 ± 0.283** | **0.300 ± 0.000** | **0.600 ± 0.000** | 0.200 ± 0.000 | -0.200 ± 0.000 |")
+    assert "Paper: PowerOPD (SPEC §5)" in text
+    assert f"not averaged in): {root / '4'}" in text
+
+    out = root / "tables" / "poweropd_alpha"
+    with open(out / "poweropd_alpha.csv") as f:
+        got = list(csv.reader(f))
+    assert got[0][:4] == ["row", "seeds", "toy_L1 avg@8 mean", "toy_L1 avg@8 std"]
+    power = next(r for r in got if r[0].startswith("PowerOPD"))
+    assert float(power[2]) == 0.4 and abs(float(power[3]) - 0.1414213562) < 1e-9
+    for png in ("grad_norm.png", "avg.png", "response_len.png"):
+        assert (out / png).stat().st_size > 0
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs[str(root / "4")] == {"row": None, "finished": False}
+
+
+def test_rows_that_share_a_label_are_told_apart_by_their_settings(tmp_path):
+    root = sweep(tmp_path)
+    cfg = OmegaConf.load(root / "1" / "config.yaml")
+    cfg.learner.lr = 1e-3  # same method, another learning rate: its own row
+    (root / "1" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    text = run_tables(root, "poweropd_alpha")
+    assert "| OPD (log-ratio) [learner.lr=0.0005] | 1 |" in text
+    assert "| OPD (log-ratio) [learner.lr=0.001] | 1 |" in text
+
+
+def test_cli_names_the_allowed_tables_and_refuses_a_sweep_without_finished_runs(tmp_path):
+    root = sweep(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "tables", str(root), "--table", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "poweropd_alpha" in p.stderr + p.stdout
+    empty = tmp_path / "empty"
+    make_run(empty / "0", "log_ratio", 1.0, 0, 0.1, 0.1, finished=False)
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "tables", str(empty), "--table", "poweropd_alpha"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "no finished run" in p.stderr + p.stdout
