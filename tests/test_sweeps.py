@@ -1,0 +1,50 @@
+"""Sweeps kept in files (conf/sweep/): each composes with the toy and the real experiments, runs
+as a Hydra multirun, and a re-launched sweep skips the runs it has finished."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opd_exp.__main__ import CONF_DIR
+from opd_exp.config import validate
+
+from .conftest import TINY_RUN, compose
+
+SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "sweep").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize("experiment", ["powerOPD_toy", "powerOPD_qwen3"])
+def test_every_sweep_file_composes_with_toy_and_real_experiments(sweep, experiment):
+    cfg = compose([f"+sweep={sweep}", f"+experiment={experiment}"])
+    validate(cfg)
+    assert cfg.trainer.resume  # re-launching a sweep continues it
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweep_files_start_with_package_then_command(sweep):
+    lines = (Path(CONF_DIR) / "sweep" / f"{sweep}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_" and lines[1].startswith("# python -m opd_exp train +sweep=")
+
+
+def test_relaunched_sweep_skips_finished_runs(tmp_path, use_tiny_world):
+    cmd = [sys.executable, "-m", "opd_exp", "train", "+sweep=poweropd_alpha", "+experiment=powerOPD_toy",
+           *TINY_RUN, "reward.alpha=0.5,2", "trainer.seed=0", "trainer.steps=2", "eval.every=0",
+           f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "OPD_EXP_TOY_DIR": str(use_tiny_world)}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/final_metrics.json"))
+    assert [r.name for r in runs] == ["alpha0.5_seed0", "alpha2.0_seed0"]
+    before = {r: (r / "metrics.jsonl").read_text() for r in runs}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("resumed from") == 2
+    for r in runs:  # nothing trained twice, nothing logged twice
+        assert (r / "metrics.jsonl").read_text() == before[r]
+        assert json.loads((r / "final_metrics.json").read_text())
