@@ -175,6 +175,7 @@ class LoggerConfig:
     project: str = "opd_exp"
     entity: Optional[str] = None
     name: Optional[str] = None
+    group: Optional[str] = None  # W&B group: the sweep files (conf/sweep/) put a sweep's runs in one
     tags: list[str] = field(default_factory=list)
     plots: bool = True  # PNG curves in the run dir at the end
 

@@ -104,7 +104,7 @@ class WandbLogger:
         run_id_file = run_dir / "wandb_run_id"
         run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else None
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name,
-                              tags=list(cfg.tags), config=config, dir=str(run_dir), mode=mode,
+                              group=cfg.group, tags=list(cfg.tags), config=config, dir=str(run_dir), mode=mode,
                               id=run_id, resume="allow" if run_id else None)
         run_id_file.write_text(self.run.id)
         self.run.define_metric("*", step_metric="step")
