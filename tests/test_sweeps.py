@@ -48,3 +48,33 @@ def test_relaunched_sweep_skips_finished_runs(tmp_path, use_tiny_world):
     for r in runs:  # nothing trained twice, nothing logged twice
         assert (r / "metrics.jsonl").read_text() == before[r]
         assert json.loads((r / "final_metrics.json").read_text())
+
+
+def test_a_sweeps_runs_share_one_wandb_group(tmp_path, use_tiny_world, monkeypatch):
+    import wandb
+
+    from opd_exp.train import train
+
+    seen = {}
+
+    class Run:
+        id = "x"
+
+        def define_metric(self, *a, **k):
+            pass
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kw):
+        seen.update(kw)
+        return Run()
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = compose(["+sweep=seeds", "+experiment=vanillaOPD_toy", *TINY_RUN, "logger.mode=offline",
+                   "trainer.steps=1", "eval.every=0"])
+    train(cfg, tmp_path)
+    assert seen["group"] == "vanillaOPD_toy-seeds"
