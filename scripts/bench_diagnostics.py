@@ -21,6 +21,7 @@ from opd_exp.runtime.plots import read_metrics
 
 ARMS = {"off": [], "token every step": ["diag.every=1"],
         "token every step + gradient split (4 sequences)": ["diag.every=1", "diag.grad_sequences=4"],
+        "token every step + gradient split (8 sequences)": ["diag.every=1", "diag.grad_sequences=8"],
         "param every 10 steps": ["diag.param_every=10"]}
 
 

@@ -81,7 +81,7 @@ def table(rows: list[dict[str, str]], extra: dict[str, str] | None = None) -> st
 
 
 def overlap_curves(root: Path, arms: list[str], out: Path) -> str:
-    """Mean over seeds of diag/token/mass_teacher and diag/token/ratio by step; a PNG."""
+    """Mean over seeds of diag/token/mass_teacher, ratio and mass_student by step; a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +91,8 @@ def overlap_curves(root: Path, arms: list[str], out: Path) -> str:
     lines = ["| arm | metric | " + " | ".join(f"step {s}" for s in (5, 25, 50)) + " |", "|---|---|---|---|---|"]
     for arm in arms:
         recs = [read_metrics(r / "metrics.jsonl") for r in arm_runs(root, arm)]
-        for key, style in (("diag/token/mass_teacher", "-"), ("diag/token/ratio", "--")):
+        for key, style in (("diag/token/mass_teacher", "-"), ("diag/token/ratio", "--"),
+                           ("diag/token/mass_student", ":")):
             per = [dict(zip(*series(x, key))) for x in recs]
             steps = sorted(set.intersection(*(set(p) for p in per)))
             mean = [statistics.fmean(p[s] for p in per) for s in steps]

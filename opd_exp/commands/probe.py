@@ -29,6 +29,7 @@ from opd_exp.data import make_encoder, make_prompts, student_encoder
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.learner_torch import batch_logprobs
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.loop.diagnose import token_metrics
 
@@ -148,8 +149,7 @@ def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
     scored = r if own is None else r.with_prompts([own(q.prompt) for q in problems], tok.pad_token_id)
     view = HFPolicy(student, vocab_size=ctx["vocab"])
     batch = StepBatch(r, teacher.score(scored, "sampled"))
-    batch.logp_old_B_T = torch.cat([view.token_logprobs(r.select(slice(i, i + 16)), sampling.temperature)
-                                    for i in range(0, r.size, 16)])
+    batch.logp_old_B_T = batch_logprobs(view, batch, sampling.temperature, cfg.learner.micro_batch_size)
     mask = r.response_mask_B_T
     mismatch = (((r.logp_B_T - batch.logp_old_B_T).abs() * mask).sum() / mask.sum()).item() \
         if r.logp_B_T is not None else float("nan")

@@ -224,7 +224,8 @@ class DiagConfig:
     every: int = 0  # diag/token/* every this many steps; 0 = off
     k: int = 16  # top-K of the overlap metrics
     # per-position gradient norms and micro-batch gradient variance on this many of the rank's
-    # sequences, in micro-batches of grad_micro (torch learner); 0 = off (+~12 % step time at 4)
+    # sequences, in micro-batches of grad_micro (torch learner); 0 = off (+25-30 % step time at 4,
+    # docs/benchmarks.md)
     grad_sequences: int = 0
     grad_micro: int = 2
     param_every: int = 0  # diag/param/* every this many steps; 0 = off

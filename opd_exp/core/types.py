@@ -119,6 +119,11 @@ class StepBatch:
             for f in fields(self) if getattr(self, f.name) is not None})
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 before any softmax; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def micro_slices(size: int, micro: int) -> list[slice]:
     return [slice(i, min(i + micro, size)) for i in range(0, size, micro)]
 

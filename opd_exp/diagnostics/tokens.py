@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from opd_exp.core.types import upcast
+
 STATS = ("mean", "min", "p10", "p50")
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32 (float32/float64 stay). Local copy of methods.common.upcast: diagnostics and
-    methods are independent siblings in the import-linter layers (pyproject.toml)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _plogp(logp: torch.Tensor) -> torch.Tensor:

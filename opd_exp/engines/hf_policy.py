@@ -63,16 +63,18 @@ class HFPolicy:
 
 @torch.no_grad()
 def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int, chunk: int = 64,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probs [B, T, k] under the full softmax, their token ids [B, T, k], the entropy [B, T])
-    of the policy's next-token distribution at each response position; `micro_batch_size` rows
-    and `chunk` positions through the LM head at a time (never [B, T, V] at once), padded
-    embedding rows excluded."""
+                     temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs [B, T, k] under the full softmax, their token ids [B, T, k], the entropy [B, T],
+    the log-prob of each response token [B, T]) of the policy's next-token distribution at each
+    response position; `micro_batch_size` rows and `chunk` positions through the LM head at a time
+    (never [B, T, V] at once), padded embedding rows excluded."""
     B, T = r.response_ids_B_T.shape
     if B == 0 or T == 0:
         empty = r.response_ids_B_T.new_zeros(B, T, k)
-        return empty.float(), empty, r.response_ids_B_T.new_zeros(B, T).float()
-    vals, ids, ents = [], [], []
+        zeros = r.response_ids_B_T.new_zeros(B, T).float()
+        return empty.float(), empty, zeros, zeros
+    vals, ids, ents, picked = [], [], [], []
     for s in micro_slices(r.size, micro_batch_size):
         hidden = view.response_hidden(r.select(s))
         for c in range(0, hidden.shape[1], chunk):
@@ -82,9 +84,10 @@ def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int,
             vals.append(v)
             ids.append(i)
             ents.append(-(logp.exp() * logp).nan_to_num().sum(-1))
+            picked.append(logp.gather(-1, r.response_ids_B_T[s, c:c + chunk, None])[..., 0])
     n_chunks = -(-T // chunk)
 
     def stack(parts: list[torch.Tensor]) -> torch.Tensor:  # chunks along T, micro-batches along B
         rows = [torch.cat(parts[i:i + n_chunks], 1) for i in range(0, len(parts), n_chunks)]
         return torch.cat(rows)
-    return stack(vals), stack(ids), stack(ents)
+    return stack(vals), stack(ids), stack(ents), stack(picked) * r.response_mask_B_T

@@ -33,7 +33,7 @@ class HFTeacher:
             return TeacherScores(logp_B_T=torch.cat(
                 [self.view.token_logprobs(rollouts.select(s)) for s in slices]))
         if needs == "topk":
-            logq, idx, ent = topk_and_entropy(self.view, rollouts, k, self.micro, self.chunk)
+            logq, idx, ent, _ = topk_and_entropy(self.view, rollouts, k, self.micro, self.chunk)
             return TeacherScores(topk_logq_B_T_K=logq, topk_idx_B_T_K=idx, entropy_B_T=ent)
         if needs == "hidden":
             hidden = torch.cat([self.view.response_hidden(rollouts.select(s)) for s in slices])

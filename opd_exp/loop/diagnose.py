@@ -20,13 +20,11 @@ import torch
 
 from opd_exp.core.types import StepBatch, TeacherScores, micro_slices
 from opd_exp.engines.hf_models import load_model
-from opd_exp.diagnostics.tokens import by_position, overlap_from_topk, position_edges, summarise, topk_entropy
+from opd_exp.diagnostics.tokens import (STATS, by_position, overlap_from_topk, position_edges,
+                                        summarise, topk_entropy)
 from opd_exp.engines.hf_policy import HFPolicy, topk_and_entropy
 from opd_exp.loop.geometry import (Geometry, SubspaceConstraint, block_matrices, cpu_copy,
                                    write_locking)
-
-STATS = ("mean", "min", "p10", "p50")
-
 
 def positional(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, edges: list[int], prefix: str) -> dict:
     """by_position with every bucket present (NaN where this rank has no token): the ranks'
@@ -50,8 +48,8 @@ def token_metrics(batch: StepBatch, view: HFPolicy, teacher, scored, cfg) -> dic
     log q(y_t) − log p(y_t) and teacher overlap mass by response position."""
     dc, r, mask = cfg.diag, batch.rollouts, batch.mask_B_T
     T = r.response_ids_B_T.shape[1]
-    p_logp, p_idx, p_ent = topk_and_entropy(view, r, dc.k, cfg.learner.micro_batch_size,
-                                            cfg.objective.chunk_size, cfg.rollout.temperature)
+    p_logp, p_idx, p_ent, p_picked = topk_and_entropy(view, r, dc.k, cfg.learner.micro_batch_size,
+                                                      cfg.objective.chunk_size, cfg.rollout.temperature)
     q = teacher_topk(batch, teacher, scored, dc.k)
     on = mask > 0
     d = overlap_from_topk(p_idx[on], p_logp[on], q.topk_idx_B_T_K[on], q.topk_logq_B_T_K[on])
@@ -69,21 +67,19 @@ def token_metrics(batch: StepBatch, view: HFPolicy, teacher, scored, cfg) -> dic
     mass_B_T = torch.zeros_like(mask)
     mass_B_T[on] = d["mass_teacher"].to(mass_B_T.dtype)
     out.update(positional(mass_B_T, mask, edges, "diag/token/mass_teacher"))
-    log_ratio = sampled_log_ratio(batch, view, teacher, scored, cfg.rollout.temperature)
+    log_ratio = sampled_log_ratio(batch, teacher, scored, p_picked)
     out.update(positional(log_ratio, mask, edges, "diag/token/log_ratio"))
     return out
 
 
-def sampled_log_ratio(batch: StepBatch, view: HFPolicy, teacher, scored, temperature: float):
-    """log q(y_t) − log p(y_t) of the sampled tokens, [B, T]: the scores and log-probs the step
-    already has where it has them."""
+def sampled_log_ratio(batch: StepBatch, teacher, scored, picked_B_T: torch.Tensor) -> torch.Tensor:
+    """log q(y_t) − log p(y_t) of the sampled tokens, [B, T]: the step's own teacher scores and
+    learner log-probs where it has them (one "sampled" request otherwise), else the student's
+    log-probs from the diagnostics' own LM-head pass (`picked_B_T`)."""
     logq = batch.teacher.logp_B_T
     if logq is None:
         logq = teacher.score(scored, "sampled").logp_B_T
-    logp = batch.logp_old_B_T
-    if logp is None:
-        logp = torch.cat([view.token_logprobs(batch.rollouts.select(s), temperature)
-                          for s in micro_slices(batch.rollouts.size, 16)])
+    logp = batch.logp_old_B_T if batch.logp_old_B_T is not None else picked_B_T
     return (logq - logp) * batch.mask_B_T
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from opd_exp.diagnostics.geometry import (aggregate, layer_type, matrix_metrics, project_rows,
-                                          subspace_similarity, top_right_singular)
+from opd_exp.diagnostics.geometry import (aggregate, layer_type, matrix_metrics, model_matrices,
+                                          project_rows, subspace_similarity, top_right_singular)
 
 SKIPPED_TYPES = ("embed_tokens", "lm_head")
 
 
 def block_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The 2-D weights of the transformer blocks, by parameter name (the live tensors)."""
-    return {n: p for n, p in model.named_parameters()
-            if p.ndim == 2 and layer_type(n) not in SKIPPED_TYPES}
+    return {n: p for n, p in model_matrices(model.named_parameters()).items()
+            if layer_type(n) not in SKIPPED_TYPES}
 
 
 def cpu_copy(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits to float32 before any softmax; float32/float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from opd_exp.core.types import upcast  # noqa: F401  (re-exported: methods use it from here)
 
 
 def masked_quantiles(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, prefix: str) -> dict[str, float]:
