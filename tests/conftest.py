@@ -22,7 +22,7 @@ def use_tiny_world(tiny_world, monkeypatch):
     return tiny_world
 
 
-def compose(overrides: list[str] = ()):
+def compose(overrides: list[str] = (), return_hydra_config: bool = False):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -31,7 +31,8 @@ def compose(overrides: list[str] = ()):
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
 
 
 # tiny, fast overrides for end-to-end runs on the tiny world

@@ -27,6 +27,15 @@ def test_every_sweep_file_composes_with_toy_and_real_experiments(sweep, experime
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
+def test_run_dirs_are_named_by_the_swept_values_only(sweep):
+    """A sweep's run dir names its arm and seed, never the experiment or the sweep file (Hydra
+    matches exclude_keys without the + of `+experiment`) nor machine settings such as threads."""
+    cfg = compose([f"+sweep={sweep}", "+experiment=vanillaOPD_toy", "+method=sft", "trainer.seed=1",
+                   "trainer.threads=1", "logger.mode=disabled"], return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "+method=sft,trainer.seed=1"
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweep_files_start_with_package_then_command(sweep):
     lines = (Path(CONF_DIR) / "sweep" / f"{sweep}.yaml").read_text().splitlines()
     assert lines[0] == "# @package _global_" and lines[1].startswith("# python -m opd_exp train +sweep=")
