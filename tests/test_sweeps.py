@@ -87,3 +87,20 @@ def test_a_sweeps_runs_share_one_wandb_group(tmp_path, use_tiny_world, monkeypat
                    "trainer.steps=1", "eval.every=0"])
     train(cfg, tmp_path)
     assert seen["group"] == "vanillaOPD_toy-seeds"
+
+
+def test_a_sweep_job_relaunched_under_torchrun_runs_that_job_not_the_sweep(tmp_path):
+    """With launcher.nproc_per_node > 1 a job re-runs itself under torchrun with its task
+    overrides, +sweep=… among them: the ranks must compose one run, not launch the sweep again."""
+    from omegaconf import OmegaConf
+
+    from opd_exp.runtime.launcher import torchrun_command
+
+    task = ["+sweep=poweropd_alpha", "+experiment=powerOPD_qwen3", "reward.alpha=0.5", "trainer.seed=0"]
+    launcher = OmegaConf.create({"nproc_per_node": 8, "nnodes": 1, "node_rank": 0,
+                                 "master_addr": "127.0.0.1", "master_port": 29500})
+    cmd = torchrun_command(launcher, "train", task, tmp_path)
+    child = cmd[cmd.index("train") + 1:]
+    cfg = compose(child, return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.RUN" and cfg.hydra.run.dir == str(tmp_path)
+    assert cfg.reward.alpha == 0.5

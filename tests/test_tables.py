@@ -15,17 +15,18 @@ BENCHES = ["toy_L1", "toy_L2"]
 
 
 def make_run(path, reward: str, alpha: float, seed: int, l1: float, l2: float, finished: bool = True,
-             grad_norms=(1.0, 3.0)):
+             grad_norms=(1.0, 3.0), objective: str = "sampled_token", extra=None):
     """A run dir as `train` leaves it: config.yaml, metrics.jsonl (step-0 eval, two steps, a final
-    eval), final_metrics.json when finished."""
+    eval), final_metrics.json when finished. `extra`: more metrics at step 2."""
     cfg = schema_cfg({"reward": {"name": reward, "alpha": alpha}, "trainer": {"seed": seed},
-                      "eval": {"benchmarks": BENCHES, "k": 8}})
+                      "objective": {"name": objective}, "eval": {"benchmarks": BENCHES, "k": 8}})
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     records = [{"step": 0, "eval/toy_L1/avg@8": 0.1, "eval/toy_L1/pass@8": 0.5,
                 "eval/toy_L2/avg@8": 0.0, "eval/toy_L2/pass@8": 0.25, "eval/avg@8": 0.05}]
     records += [{"step": s, "train/grad_norm": g, "reward/min": -g, "rollout/response_len": 10.0}
                 for s, g in zip((1, 2), grad_norms)]
+    records[-1].update(extra or {})
     records.append({"step": 2, "eval/toy_L1/avg@8": l1, "eval/toy_L1/pass@8": min(1.0, 2 * l1),
                     "eval/toy_L2/avg@8": l2, "eval/toy_L2/pass@8": min(1.0, 2 * l2),
                     "eval/avg@8": (l1 + l2) / 2})
@@ -51,18 +52,20 @@ def test_poweropd_alpha_table_numbers_layout_best_and_unfinished(tmp_path):
     text = run_tables(root, "poweropd_alpha")
     lines = text.splitlines()
     assert lines[2] == ("| row | seeds | toy_L1 avg@8 | toy_L1 pass@8 | toy_L2 avg@8 | toy_L2 pass@8 | "
-                        "mean avg@8 | mean pass@8 | grad norm (mean) | reward min (mean) |")
+                        "mean avg@8 | mean pass@8 | grad norm (mean) | reward min (mean) | "
+                        "reward early min (mean) | baseline ÷ this grad norm |")
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| OPD") or
             line.startswith("| PowerOPD")}
     assert set(rows) == {"OPD (log-ratio)", "PowerOPD (α = 0.5)"}  # α = 2 is unfinished
     # log-ratio: toy_L1 0.2, 0.4 → 0.300 ± 0.141; mean avg per run (0.15, 0.25) → 0.200 ± 0.071
     assert rows["OPD (log-ratio)"] == (
         "| OPD (log-ratio) | 2 | 0.300 ± 0.141 | 0.600 ± 0.283 | 0.100 ± 0.000 | 0.200 ± 0.000 | "
-        "0.200 ± 0.071 | 0.400 ± 0.141 | 2.000 ± 0.000 | -2.000 ± 0.000 |")
+        "0.200 ± 0.071 | 0.400 ± 0.141 | 2.000 ± 0.000 | -2.000 ± 0.000 | – | 1.000 ± 0.000 |")
     # power 0.5: toy_L1 0.3, 0.5 → 0.400 (best); toy_L2 0.3, 0.1 → 0.200 (best); means 0.3, 0.3
     assert rows["PowerOPD (α = 0.5)"] == (
         "| PowerOPD (α = 0.5) | 2 | **0.400 ± 0.141** | **0.800 ± 0.283** | **0.200 ± 0.141** | "
-        "**0.400 ± 0.283** | **0.300 ± 0.000** | **0.600 ± 0.000** | 0.200 ± 0.000 | -0.200 ± 0.000 |")
+        "**0.400 ± 0.283** | **0.300 ± 0.000** | **0.600 ± 0.000** | 0.200 ± 0.000 | -0.200 ± 0.000 | "
+        "– | 10.000 ± 0.000 |")  # the log-ratio runs' mean grad norm 2 ÷ this row's 0.2
     assert "Paper: PowerOPD (SPEC §5)" in text
     assert f"not averaged in): {root / '4'}" in text
 
@@ -74,6 +77,7 @@ def test_poweropd_alpha_table_numbers_layout_best_and_unfinished(tmp_path):
     assert float(power[2]) == 0.4 and abs(float(power[3]) - 0.1414213562) < 1e-9
     for png in ("grad_norm.png", "avg.png", "response_len.png"):
         assert (out / png).stat().st_size > 0
+    assert not (out / "overlap.png").exists()  # no token diagnostics were logged
     runs = json.loads((out / "runs.json").read_text())
     assert runs[str(root / "4")] == {"row": None, "finished": False}
 
@@ -98,3 +102,41 @@ def test_cli_names_the_allowed_tables_and_refuses_a_sweep_without_finished_runs(
     p = subprocess.run([sys.executable, "-m", "opd_exp", "tables", str(empty), "--table", "poweropd_alpha"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "no finished run" in p.stderr + p.stdout
+
+
+def test_paper_column_before_column_is_never_best_and_diagnostic_plots(tmp_path):
+    root = tmp_path / "sweep"
+    diag = {"diag/token/mass_teacher": 0.9, "diag/token/ratio": 0.5,
+            "diag/token/log_ratio_pos0_0_mean": -5.0, "diag/token/log_ratio_pos1_1_mean": -2.0}
+    make_run(root / "0", "log_ratio", 1.0, 0, l1=0.2, l2=0.1, extra=diag)
+    make_run(root / "1", "log_clip", 1.0, 0, l1=0.3, l2=0.1, extra=diag)
+    make_run(root / "2", "log_ratio", 1.0, 0, l1=0.1, l2=0.1, objective="full_vocab")
+    text = run_tables(root, "poweropd_main")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["row"][-1] == "paper |" and rows["row"][8] == "avg@k before"
+    assert rows["OPD (log-ratio)"][-1] == "vanilla OPD: the baseline |"
+    assert rows["OPD + clip"][-1] == "PowerOPD +3.01 / +3.54 over post-hoc |"
+    assert rows["full-vocabulary OPD"][-1] == "PowerOPD +2.59 / +8.90 over full-vocabulary |"
+    assert {rows[r][8] for r in ("OPD (log-ratio)", "OPD + clip")} == {"0.050"}  # equal, never bold
+    out = root / "tables" / "poweropd_main"
+    for png in ("overlap.png", "reward_by_position.png"):
+        assert (out / png).stat().st_size > 0
+    with open(out / "poweropd_main.csv") as f:
+        assert next(csv.reader(f))[-1] == "paper"
+
+
+def test_geometry_table_reads_the_last_param_diagnostics_and_the_first_locking_step(tmp_path):
+    root = tmp_path / "sweep"
+    for i, (objective, sparsity) in enumerate((("sft", 0.6), ("sft", 0.8), ("sampled_token", 0.7))):
+        make_run(root / str(i), "log_ratio", 1.0, i, 0.1, 0.1, objective=objective,
+                 extra={"diag/param/all/sparsity": sparsity, "diag/param/all/stable_rank": 3.0})
+        (root / str(i) / "diag").mkdir()
+        (root / str(i) / "diag" / "locking.json").write_text(json.dumps({"20": 0.9, "10": 0.5 + i / 10}))
+    text = run_tables(root, "geometry_sparsity")
+    head = next(line for line in text.splitlines() if line.startswith("| row")).split(" | ")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    col = {name: head.index(name) for name in ("bf16 sparsity", "stable rank", "Sim_K(first, end)")}
+    assert rows["SFT"][col["bf16 sparsity"]] == "0.700 ± 0.141"
+    assert rows["SFT"][col["stable rank"]] == "3.000 ± 0.000"
+    assert rows["SFT"][col["Sim_K(first, end)"]] == "0.550 ± 0.071"  # step 10 of runs 0, 1: 0.5, 0.6
+    assert rows["SFT"][-1] == "8.1 % |" and rows["OPD (log-ratio)"][-1] == "51.6 % |"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,12 @@ class Run:
 class Table:
     title: str
     row: Callable[[dict], str]  # the row a run belongs to, from its resolved config
-    # extra columns: name → value from a run's records and the eval's k
-    extra: dict[str, Callable[[list[dict], int], float]] = field(default_factory=dict)
-    paper: str = ""  # the paper's numbers, as SPEC §5 gives them
+    # extra columns: name → value from a finished run and the eval's k
+    extra: dict[str, Callable[[Run, int], float]] = field(default_factory=dict)
+    paper: str = ""  # the paper's setting and numbers, as SPEC §5 gives them
+    paper_row: Callable[[dict], str] | None = None  # the paper's number for a row, its own column
+    # runs whose mean gradient norm the column "baseline ÷ this grad norm" divides (PowerOPD's ratio)
+    baseline: Callable[[dict], bool] | None = None
 
 
 def find_runs(sweep_dir: Path) -> list[Run]:
@@ -58,9 +62,36 @@ def last(records: list[dict], key: str) -> float:
     return values[-1] if values else float("nan")
 
 
+def first(records: list[dict], key: str) -> float:
+    values = series(records, key)[1]
+    return values[0] if values else float("nan")
+
+
 def mean_of(records: list[dict], key: str) -> float:
     values = series(records, key)[1]
     return statistics.fmean(values) if values else float("nan")
+
+
+def early_locking(run: Run, k: int) -> float:
+    """Sim_K(first stored step, end) of the update subspaces, parameter-count weighted
+    (`diag/locking.json`, written at the end of a run with diag.param_every)."""
+    path = run.path / "diag" / "locking.json"
+    if not path.exists():
+        return float("nan")
+    by_step = json.loads(path.read_text())
+    return by_step[min(by_step, key=int)] if by_step else float("nan")
+
+
+# columns shared by several tables: name → value of a finished run
+AVG_BEFORE = {"avg@k before": lambda run, k: first(run.records, f"eval/avg@{k}")}
+GRAD = {"grad norm (mean)": lambda run, k: mean_of(run.records, "train/grad_norm")}
+TAIL = {"reward min (mean)": lambda run, k: mean_of(run.records, "reward/min"),
+        "reward early min (mean)": lambda run, k: mean_of(run.records, "reward/early_min")}
+GEOMETRY = {name: (lambda key: lambda run, k: last(run.records, f"diag/param/all/{key}"))(key)
+            for name, key in (("bf16 sparsity", "sparsity"), ("principal cos", "principal_cos_mean"),
+                              ("spectral shift", "spectral_shift"), ("stable rank", "stable_rank"),
+                              ("mask ∩ principal", "mask_principal"), ("mask ∩ low", "mask_low"),
+                              ("‖ΔW‖/‖W‖", "update_rel_norm"))}
 
 
 def method(cfg: dict) -> str:
@@ -81,34 +112,70 @@ def method(cfg: dict) -> str:
     return name + (" + mask" if o.get("special_mask") else "")
 
 
+def poweropd_paper(cfg: dict) -> str:
+    return {"log_ratio": "vanilla OPD: the baseline", "power": "best α: +6.37 / +5.71 over vanilla",
+            "log_clip": "PowerOPD +3.01 / +3.54 over post-hoc", "log_tanh": "PowerOPD +3.01 / +3.54 over post-hoc",
+            "zscore": "PowerOPD +3.01 / +3.54 over post-hoc"}.get(cfg["reward"]["name"], "") \
+        if cfg["objective"]["name"] != "full_vocab" else "PowerOPD +2.59 / +8.90 over full-vocabulary"
+
+
+def lsm_paper(cfg: dict) -> str:
+    if cfg["objective"]["name"] == "topk":
+        return "41.7"
+    if cfg["objective"]["name"] == "sampled_token" and cfg["reward"]["name"] == "log_ratio":
+        return "40.7" if cfg["objective"]["special_mask"] else "36.4"
+    return ""
+
+
+def rethinking_paper(cfg: dict) -> str:
+    pair = cfg["pair"]["name"]
+    if pair == "toy_same_data":
+        return "R1-Distill-1.5B ← 7B: 5.3 % of the gap"
+    if pair == "toy":
+        return "Qwen3-1.7B ← 4B-RL-Math: 58.6 % of the gap"
+    if cfg["schedule"]["name"] == "cold_start":
+        return "SFT then OPD: AIME24 0.075 → 0.125 (OPD alone 0.02 → 0.07)"
+    if cfg["prompts"]["name"] == "teacher_aligned":
+        return "template-aligned: ≈ 80 % → ≈ 85 % of the gap"
+    if pair == "toy_foreign":
+        return "Base ← Qwen3-4B: ≈ 0.05 → ≈ 0.15, teacher ≈ 0.37"
+    return ""
+
+
 TABLES: dict[str, Table] = {
     "poweropd_alpha": Table(
-        "PowerOPD: α sweep", method,
-        {"grad norm (mean)": lambda recs, k: mean_of(recs, "train/grad_norm"),
-         "reward min (mean)": lambda recs, k: mean_of(recs, "reward/min")},
-        "PowerOPD (SPEC §5): gradient norms > 3000× smaller than vanilla OPD; the authors' "
-        "script default α moved between 0.4 and 5 across versions"),
+        "PowerOPD: α sweep", method, {**GRAD, **TAIL},
+        "PowerOPD (SPEC §5): gradient norms > 3000× smaller than vanilla OPD; log-ratio rewards "
+        "plummet to ≈ −50 at early positions; the authors' script default α moved between 0.4 and 5",
+        baseline=lambda c: c["reward"]["name"] == "log_ratio"),
     "poweropd_main": Table(
-        "PowerOPD: main comparison", method,
-        {"grad norm (mean)": lambda recs, k: mean_of(recs, "train/grad_norm")},
-        "PowerOPD (SPEC §5), Avg@8 / Pass@8 gains of PowerOPD: up to +6.37 / +5.71 over vanilla "
-        "OPD, +3.01 / +3.54 over post-hoc stabilisation, +2.59 / +8.90 over full-vocabulary OPD"),
+        "PowerOPD: main comparison", method, {**AVG_BEFORE, **GRAD, **TAIL},
+        "PowerOPD (SPEC §5), Avg@8 / Pass@8 gains (points) over six math benchmarks",
+        poweropd_paper, baseline=lambda c: c["reward"]["name"] == "log_ratio"
+        and c["objective"]["name"] == "sampled_token"),
     "lsm_single_task": Table(
-        "Revisiting OPD: local support matching", method, {},
-        "LSM (SPEC §5), 5-benchmark math average: student 28.2, teacher 56.0, sampled-token OPD "
-        "36.4, + mask 40.7, LSM 41.7"),
+        "Revisiting OPD: local support matching", method, {**AVG_BEFORE, **GRAD},
+        "LSM (SPEC §5), 5-benchmark math average: student 28.2, teacher 56.0", lsm_paper),
     "rethinking_recovery": Table(
         "Rethinking OPD: failing pairs and recipes",
         lambda c: f"{c['pair']['name']} · {c['schedule']['name']} · {c['prompts']['name']} · {method(c)}",
-        {"gap recovered": lambda recs, k: last(recs, "eval/gap_recovery"),
-         "teacher avg": lambda recs, k: last(recs, f"teacher/eval/avg@{k}")},
+        {**AVG_BEFORE,
+         "gap recovered": lambda run, k: last(run.records, "eval/gap_recovery"),
+         "teacher avg": lambda run, k: last(run.records, f"teacher/eval/avg@{k}"),
+         "overlap mass (mean)": lambda run, k: mean_of(run.records, "diag/token/mass_teacher")},
         "Rethinking OPD (SPEC §2, §5): OPD fails from a teacher with another thinking pattern "
-        "or with nothing new; an off-policy cold start and teacher-aligned prompts recover it"),
+        "or with nothing new; an off-policy cold start and teacher-aligned prompts recover it",
+        rethinking_paper),
     "geometry_sparsity": Table(
         "Parameter geometry of SFT, OPD and RLVR", method,
-        {"bf16 sparsity": lambda recs, k: last(recs, "diag/param/all/sparsity"),
-         "stable rank": lambda recs, k: last(recs, "diag/param/all/stable_rank")},
-        "Parameter geometry (SPEC §5), bf16 update sparsity: SFT 8.1 %, OPD 51.6 %, RLVR 77.2 %"),
+        {**GEOMETRY, "Sim_K(first, end)": early_locking},
+        "Parameter geometry (SPEC §5): bf16 update sparsity of Qwen3-8B",
+        lambda c: {"SFT": "8.1 %", "RLVR": "77.2 %"}.get(method(c), "51.6 %")),
+    "geometry_constrained": Table(
+        "Subspace-constrained training", method,
+        {**AVG_BEFORE, "bf16 sparsity": GEOMETRY["bf16 sparsity"], "‖ΔW‖/‖W‖": GEOMETRY["‖ΔW‖/‖W‖"]},
+        "Parameter geometry (SPEC §5): OPD and RLVR keep their gains when updates are confined to "
+        "the principal subspace of W0; SFT loses them"),
 }
 
 
@@ -156,6 +223,9 @@ def row_labels(runs: list[Run], table: Table) -> dict[Path, str]:
     return labels
 
 
+RATIO = "baseline ÷ this grad norm"
+
+
 def build(runs: list[Run], table: Table) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """(column names, row → column → the values of its seed runs)."""
     done = [r for r in runs if r.finished]
@@ -163,16 +233,30 @@ def build(runs: list[Run], table: Table) -> tuple[list[str], dict[str, dict[str,
     benches, k = columns(done)
     cols = [f"{b} {m}@{k}" for b in benches for m in ("avg", "pass")]
     cols += [f"mean {m}@{k}" for m in ("avg", "pass")] + list(table.extra)
+    base = [mean_of(r.records, "train/grad_norm") for r in done if table.baseline and table.baseline(r.cfg)]
+    base_norm = mean_finite(base) if base else None
+    cols += [RATIO] if base_norm is not None else []
     rows: dict[str, dict[str, list[float]]] = {}
     for r in done:
         vals = {f"{b} {m}@{k}": last(r.records, f"eval/{b}/{m}@{k}") for b in benches for m in ("avg", "pass")}
         for m in ("avg", "pass"):
             vals[f"mean {m}@{k}"] = mean_finite([vals[f"{b} {m}@{k}"] for b in benches])
-        vals.update({name: fn(r.records, k) for name, fn in table.extra.items()})
+        vals.update({name: fn(r, k) for name, fn in table.extra.items()})
+        if base_norm is not None:  # the baseline's mean over the seeds ÷ this run's mean over its steps
+            vals[RATIO] = base_norm / mean_of(r.records, "train/grad_norm")
         row = rows.setdefault(labels[r.path], {c: [] for c in cols})
         for c in cols:
             row[c].append(vals[c])
     return cols, rows
+
+
+def paper_cells(runs: list[Run], table: Table) -> dict[str, str]:
+    """Row → the paper's number for it (the table's paper_row), when the table has one."""
+    if table.paper_row is None:
+        return {}
+    done = [r for r in runs if r.finished]
+    labels = row_labels(done, table)
+    return {labels[r.path]: table.paper_row(r.cfg) for r in done}
 
 
 def mean_finite(values: list[float]) -> float:
@@ -192,63 +276,115 @@ def cell(values: list[float]) -> tuple[float, str]:
 def markdown(name: str, table: Table, cols: list[str], rows: dict, runs: list[Run]) -> str:
     best = {}
     for c in cols:
-        if "@" in c:  # accuracy columns: higher is better
+        if "@" in c and "before" not in c:  # accuracy after training: higher is better
             means = [cell(rows[r][c])[0] for r in rows]
             finite = [m for m in means if not math.isnan(m)]
             best[c] = max(finite) if finite else None
-    lines = [f"## {table.title} (`{name}`)", "", "| row | seeds | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+    paper = paper_cells(runs, table)
+    head = cols + (["paper"] if paper else [])
+    lines = [f"## {table.title} (`{name}`)", "", "| row | seeds | " + " | ".join(head) + " |",
+             "|---|---|" + "---|" * len(head)]
     for r in sorted(rows):
         cells = []
         for c in cols:
             m, text = cell(rows[r][c])
             cells.append(f"**{text}**" if best.get(c) is not None and m == best[c] else text)
+        cells += [paper.get(r) or "–"] if paper else []
         lines.append(f"| {r} | {len(rows[r][cols[0]])} | " + " | ".join(cells) + " |")
     lines += ["", f"Paper: {table.paper}" if table.paper else "Paper: –"]
+    if RATIO in cols:
+        lines += ["", f"`{RATIO}`: the baseline row's mean `train/grad_norm` (before clipping, over "
+                  "steps and seeds) divided by each run's own."]
     unfinished = [str(r.path) for r in runs if not r.finished]
     lines += ["", "Unfinished or failed runs (not averaged in): " +
               (", ".join(unfinished) if unfinished else "none")]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, cols: list[str], rows: dict) -> None:
+def write_csv(path: Path, cols: list[str], rows: dict, paper: dict[str, str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "seeds"] + [x for c in cols for x in (f"{c} mean", f"{c} std")])
+        w.writerow(["row", "seeds"] + [x for c in cols for x in (f"{c} mean", f"{c} std")] +
+                   (["paper"] if paper else []))
         for r in sorted(rows):
             out = [r, len(rows[r][cols[0]])]
             for c in cols:
                 v = [x for x in rows[r][c] if not math.isnan(x)]
                 out += [statistics.fmean(v) if v else "", statistics.stdev(v) if len(v) > 1 else ""]
-            w.writerow(out)
+            w.writerow(out + ([paper.get(r, "")] if paper else []))
+
+
+POSITION = re.compile(r"diag/token/log_ratio_pos(\d+)_(\d+)_mean$")
+
+
+def by_row(runs: list[Run], table: Table) -> dict[str, list[Run]]:
+    done = [r for r in runs if r.finished]
+    labels = row_labels(done, table)
+    rows: dict[str, list[Run]] = {}
+    for r in done:
+        rows.setdefault(labels[r.path], []).append(r)
+    return dict(sorted(rows.items()))
+
+
+def curve(ax, rows: dict[str, list[Run]], key: str, style: str = "-", suffix: str = "") -> bool:
+    """Per row, the mean over its seed runs of `key` at the steps all of them logged; False when
+    no run logged it."""
+    drawn = False
+    for name, members in rows.items():
+        per = [dict(zip(*series(r.records, key))) for r in members]
+        steps = sorted(set.intersection(*(set(p) for p in per)))
+        if steps:
+            ax.plot(steps, [statistics.fmean(p[s] for p in per) for s in steps], style,
+                    label=name + suffix, marker="o" if len(steps) < 6 else None)
+            drawn = True
+    return drawn
 
 
 def write_plots(runs: list[Run], table: Table, out_dir: Path, k: int) -> list[Path]:
-    """Per row, the mean over its seeds by step: gradient norm (log scale), Avg@k, response length."""
+    """Per row, means over its seeds: gradient norm (log scale), Avg@k and response length by
+    step; the log-ratio by response position and the teacher/student top-K overlap by step when
+    the runs logged token diagnostics (diag.every)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = by_row(runs, table)
     written = []
-    for key, log, fname in (("train/grad_norm", True, "grad_norm"), (f"eval/avg@{k}", False, "avg"),
-                            ("rollout/response_len", False, "response_len")):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        by_row: dict[str, list[dict[int, float]]] = {}
-        done = [r for r in runs if r.finished]
-        labels = row_labels(done, table)
-        for r in done:
-            by_row.setdefault(labels[r.path], []).append(dict(zip(*series(r.records, key))))
-        for name, per in sorted(by_row.items()):
-            steps = sorted(set.intersection(*(set(p) for p in per)))
-            ax.plot(steps, [statistics.fmean(p[s] for p in per) for s in steps], label=name,
-                    marker="o" if fname == "avg" else None)
-        ax.set(xlabel="step", ylabel=key, yscale="log" if log else "linear", title=key)
+
+    def save(fig, ax, fname: str) -> None:
         ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out_dir / f"{fname}.png", dpi=100)
-        plt.close(fig)
         written.append(out_dir / f"{fname}.png")
+
+    for key, log, fname in (("train/grad_norm", True, "grad_norm"), (f"eval/avg@{k}", False, "avg"),
+                            ("rollout/response_len", False, "response_len")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        curve(ax, rows, key)
+        ax.set(xlabel="step", ylabel=key, yscale="log" if log else "linear", title=key)
+        save(fig, ax, fname)
+        plt.close(fig)
+
+    buckets = sorted({(int(m[1]), int(m[2])) for rs in rows.values() for r in rs for rec in r.records
+                      for key in rec if (m := POSITION.match(key))})
+    if buckets:  # mean over the diagnostic steps and the seeds, per position bucket
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, members in rows.items():
+            ys = [mean_finite([mean_of(r.records, f"diag/token/log_ratio_pos{a}_{b}_mean") for r in members])
+                  for a, b in buckets]
+            ax.plot(range(len(buckets)), ys, marker="o", label=name)
+        ax.set_xticks(range(len(buckets)), [f"{a}–{b}" for a, b in buckets], fontsize=7)
+        ax.set(xlabel="response position", ylabel="log p_teacher − log p_student (mean)",
+               title="sampled-token log-ratio by position")
+        save(fig, ax, "reward_by_position")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if curve(ax, rows, "diag/token/mass_teacher", "-", " · teacher mass on ∩"):
+        curve(ax, rows, "diag/token/ratio", "--", " · |∩|/K")
+        ax.set(xlabel="step", ylabel="top-K overlap", ylim=(0, 1.02), title="teacher/student top-K overlap")
+        save(fig, ax, "overlap")
+    plt.close(fig)
     return written
 
 
@@ -265,7 +401,7 @@ def run_tables(sweep_dir: Path, name: str, out_dir: Path | None = None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(name, table, cols, rows, runs)
     (out_dir / f"{name}.md").write_text(text)
-    write_csv(out_dir / f"{name}.csv", cols, rows)
+    write_csv(out_dir / f"{name}.csv", cols, rows, paper_cells(runs, table))
     write_plots(runs, table, out_dir, columns([r for r in runs if r.finished])[1])
     labels = row_labels([r for r in runs if r.finished], table)
     (out_dir / "runs.json").write_text(json.dumps(

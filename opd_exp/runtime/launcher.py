@@ -28,7 +28,8 @@ def torchrun_command(launcher_cfg, command: str, overrides: list[str], run_dir: 
             f"--nproc_per_node={c.nproc_per_node}", f"--nnodes={c.nnodes}",
             f"--node_rank={c.node_rank}", f"--master_addr={c.master_addr}",
             f"--master_port={c.master_port}",
-            "-m", "opd_exp", command, *overrides, f"hydra.run.dir={run_dir}"]
+            "-m", "opd_exp", command, *overrides, f"hydra.run.dir={run_dir}",
+            "hydra.mode=RUN"]  # a sweep's job: each rank runs this one job, never the sweep again
 
 
 def launch(launcher_cfg, command: str, overrides: list[str], run_dir: Path) -> int:
