@@ -20,6 +20,21 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USAGE = __doc__
 
 
+def hydra_options(group: str) -> list[str]:
+    """Options Hydra and its installed plugins register for one of its own groups (hydra/launcher:
+    basic, submitit_slurm, …); none for opd_exp's groups."""
+    if not group.startswith("hydra/"):
+        return []
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # plugins register their configs when discovered
+    try:
+        return [name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)]
+    except OSError:  # a group no plugin provides
+        return []
+
+
 def unknown_option(args: list[str]) -> str | None:
     """One line for a `group=option` override naming no file of conf/<group>/ (Hydra's own error
     is a page long), or None. Sweeps (a,b / choice(a,b)) are checked option by option; glob()
@@ -39,7 +54,7 @@ def unknown_option(args: list[str]) -> str | None:
         folder = Path(CONF_DIR) / o.key_or_group
         if not folder.is_dir() or o.value_type == ValueType.GLOB_CHOICE_SWEEP:
             continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        options = sorted({p.stem for p in folder.glob("*.yaml")} | set(hydra_options(o.key_or_group)))
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         for option in values:
             if option not in options:

@@ -104,3 +104,40 @@ def test_a_sweep_job_relaunched_under_torchrun_runs_that_job_not_the_sweep(tmp_p
     cfg = compose(child, return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.RUN" and cfg.hydra.run.dir == str(tmp_path)
     assert cfg.reward.alpha == 0.5
+
+
+@pytest.mark.parametrize("experiment", ["powerOPD_toy", "powerOPD_qwen3"])
+def test_slurm_launcher_config_composes_with_the_submitit_plugin(experiment):
+    cfg = compose(["+sweep=poweropd_alpha", f"+experiment={experiment}", "hydra/launcher=slurm",
+                   "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 8, 1)
+    assert launcher.max_num_timeout > 0  # a timed-out job is requeued and resumes its run
+
+
+def test_cli_accepts_the_plugins_launchers_and_names_them_on_a_typo():
+    from opd_exp.__main__ import unknown_option
+
+    assert unknown_option(["hydra/launcher=submitit_slurm", "hydra/launcher=slurm"]) is None
+    assert unknown_option(["hydra/launcher=slrum"]) == (
+        "hydra/launcher=slrum is not allowed: one of basic, slurm, submitit_local, submitit_slurm")
+
+
+@pytest.mark.slow
+def test_sweep_through_the_submitit_launcher_runs_each_job_in_its_own_process(tmp_path, use_tiny_world):
+    """hydra/launcher=submitit_local takes the Slurm launcher's path (the job pickled, run by
+    submitit in another process) without a cluster; a re-launch skips the finished runs."""
+    cmd = [sys.executable, "-m", "opd_exp", "train", "+sweep=poweropd_alpha", "+experiment=powerOPD_toy",
+           "hydra/launcher=submitit_local", *TINY_RUN, "reward.alpha=0.5,2", "trainer.seed=0",
+           "trainer.steps=1", "eval.every=0", "trainer.threads=1", f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "OPD_EXP_TOY_DIR": str(use_tiny_world)}
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted(p.parent.name for p in tmp_path.glob("*/final_metrics.json"))
+    assert runs == ["alpha0.5_seed0", "alpha2.0_seed0"]
+    assert list(tmp_path.glob(".submitit/*/*_result.pkl"))  # submitit ran the jobs
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*_log.out"))
+    assert logs.count("resumed from") == 2

@@ -101,8 +101,8 @@ def method(cfg: dict) -> str:
         return "SFT"
     if o["name"] == "full_vocab":
         return "full-vocabulary OPD"
-    if o["name"] == "topk":
-        return "LSM (top-K)"
+    if o["name"] == "topk":  # LSM masks the special tokens; the Rethinking authors' top-K does not
+        return f"LSM (top-{o['k']})" if o.get("special_mask") else f"top-{o['k']} OPD"
     if r["name"] == "verifiable":
         return "RLVR"
     if r["name"] == "power":
