@@ -141,3 +141,27 @@ def test_sweep_through_the_submitit_launcher_runs_each_job_in_its_own_process(tm
     assert again.returncode == 0, again.stderr[-2000:]
     logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*_log.out"))
     assert logs.count("resumed from") == 2
+
+
+def test_wandb_sweep_file_gives_each_grid_point_a_valid_run_in_its_own_dir():
+    """The agent's command for every point of sweeps/wandb_poweropd_alpha.yaml, built with W&B's
+    own argument formatter and its whole-item macro rule, composes and validates."""
+    import itertools
+
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load((ROOT / "sweeps" / "wandb_poweropd_alpha.yaml").read_text())
+    grid = {name: p["values"] for name, p in spec["parameters"].items()}
+    dirs = set()
+    for point in itertools.product(*grid.values()):
+        args = create_sweep_command_args({"args": {n: {"value": v} for n, v in zip(grid, point)}})
+        argv = []
+        for item in spec["command"]:  # the agent replaces items that are a whole ${macro} only
+            argv += args.get(item[2:-1], []) if item.startswith("${") and item.endswith("}") else [item]
+        assert argv[:4] == ["python", "-m", "opd_exp", "train"]
+        cfg = compose(argv[4:], return_hydra_config=True)
+        validate(cfg)
+        assert (cfg.reward.alpha, cfg.trainer.seed) == (float(point[0]), point[1])
+        dirs.add(cfg.hydra.run.dir)
+    assert len(dirs) == 18 and "multirun/powerOPD_toy/wandb_alpha/alpha0.5_seed1" in dirs

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The four papers' comparisons on the real pairs of SPEC §5 (the GPU/Slurm variant of
+# scripts/reproduce_{poweropd,lsm,rethinking,geometry}.sh): the same sweeps on the real experiment
+# files, each run a Slurm job of one GPU node (hydra/launcher=slurm, conf/hydra/launcher/slurm.yaml),
+# then the same tables. Hydra's submitit launcher waits for a sweep's jobs before the next line.
+#   PARTITION=gpu bash scripts/reproduce_slurm.sh poweropd [more overrides]
+#   PARTITION=gpu GPUS=4 bash scripts/reproduce_slurm.sh geometry hydra.launcher.account=myproj
+# Needs `pip install -e ".[slurm,vllm-gpu,deepspeed]"`, the hub models and datasets, and a shared
+# filesystem. NEVER RUN HERE (no GPU, no Slurm): only its configs are tested (they compose).
+set -euo pipefail
+paper=${1:?which paper: poweropd, lsm, rethinking or geometry}; shift
+out=${OUT:-multirun/reproduce_slurm/$paper}
+slurm=(hydra/launcher=slurm "hydra.launcher.partition=${PARTITION:?set PARTITION to your GPU partition}"
+       "hydra.launcher.gpus_per_node=${GPUS:-8}" "launcher.nproc_per_node=${GPUS:-8}")
+train() { python -m opd_exp train "${slurm[@]}" "$@"; }
+case $paper in
+  poweropd)
+    train +sweep=reward_families +experiment=powerOPD_qwen3 "hydra.sweep.dir=$out/main/sampled_token" "$@"
+    train +sweep=seeds +experiment=powerOPD_qwen3 objective=full_vocab "hydra.sweep.dir=$out/main/full_vocab" "$@"
+    train +sweep=poweropd_alpha +experiment=powerOPD_qwen3 "hydra.sweep.dir=$out/alpha/power" "$@"
+    train +sweep=seeds +experiment=powerOPD_qwen3 reward=log_ratio "hydra.sweep.dir=$out/alpha/log_ratio" "$@"
+    python -m opd_exp tables "$out/main" --table poweropd_main
+    python -m opd_exp tables "$out/alpha" --table poweropd_alpha ;;
+  lsm)
+    lsm=(+sweep=seeds +experiment=lsm_qwen25 learner=deepspeed)  # the file's torch learner is one rank
+    train "${lsm[@]}" objective=sampled_token objective.special_mask=false,true "hydra.sweep.dir=$out/sampled_token" "$@"
+    train "${lsm[@]}" "hydra.sweep.dir=$out/lsm" "$@"
+    python -m opd_exp tables "$out" --table lsm_single_task ;;
+  rethinking)  # pair 1 (Qwen3, condition (i)) with and without each recipe; pair 2 (R1-Distill, condition (ii))
+    train +sweep=seeds +experiment=rethinking_qwen3 "hydra.sweep.dir=$out/plain" "$@"
+    # the cold start runs on the torch learner, one rank (DeepSpeed refuses it): the last word wins
+    train +sweep=seeds +experiment=rethinking_qwen3 schedule=cold_start learner=torch launcher.nproc_per_node=1 \
+      hydra.launcher.gpus_per_node=1 "hydra.sweep.dir=$out/coldstart" "$@"
+    train +sweep=seeds +experiment=rethinking_qwen3 prompts=teacher_aligned "hydra.sweep.dir=$out/aligned_prompts" "$@"
+    train +sweep=seeds +experiment=rethinking_r1distill "hydra.sweep.dir=$out/no_new_capability" "$@"
+    python -m opd_exp tables "$out" --table rethinking_recovery ;;
+  geometry)
+    train +sweep=geometry_trio +experiment=geometry_qwen3 "hydra.sweep.dir=$out/trio" "$@"
+    python -m opd_exp tables "$out/trio" --table geometry_sparsity ;;
+  *) echo "unknown paper '$paper': one of poweropd, lsm, rethinking, geometry" >&2; exit 2 ;;
+esac

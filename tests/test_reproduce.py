@@ -1,0 +1,72 @@
+"""scripts/reproduce_*.sh: every run they would launch composes and validates (toy scripts as they
+are, the Slurm variant with its launcher) and every table they ask for exists — checked by running
+the scripts with `python` replaced by a recorder, then expanding each command line's grid."""
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from opd_exp.analysis.tables import TABLES
+from opd_exp.config import validate
+
+from .conftest import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {"poweropd": [], "lsm": [], "rethinking": [], "geometry": []}
+
+
+def recorded_calls(tmp_path, script: str, *args: str, env: dict | None = None) -> list[list[str]]:
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    log = tmp_path / "calls"
+    (shim / "python").write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
+    (shim / "python").chmod(0o755)
+    p = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, **(env or {}), "PATH": f"{shim}:{os.environ['PATH']}"})
+    assert p.returncode == 0, p.stderr
+    return [shlex.split(line) for line in log.read_text().splitlines()]
+
+
+def jobs(argv: list[str]) -> list[list[str]]:
+    """The runs of one `python -m opd_exp train …` command line (its own grid; the sweep file's
+    grid is tested in test_sweeps.py)."""
+    overrides = [a for a in argv if a != "--multirun"]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check(calls: list[list[str]], slurm: bool) -> tuple[int, set[str]]:
+    runs, tables = 0, set()
+    for call in calls:
+        assert call[:2] == ["-m", "opd_exp"], call
+        if call[2] == "tables":
+            tables.add(call[call.index("--table") + 1])
+            continue
+        assert call[2] == "train"
+        for job in jobs(call[3:]):
+            cfg = compose(job, return_hydra_config=True)
+            validate(cfg)
+            assert cfg.trainer.resume  # a re-run script skips what it finished
+            assert ("SlurmLauncher" in cfg.hydra.launcher._target_) == slurm
+            runs += 1
+    return runs, tables
+
+
+@pytest.mark.parametrize("paper", SCRIPTS)
+def test_toy_reproduction_scripts_launch_valid_runs_and_known_tables(tmp_path, paper):
+    runs, tables = check(recorded_calls(tmp_path, f"reproduce_{paper}.sh", "trainer.threads=1"), slurm=False)
+    assert runs and tables and tables <= set(TABLES)
+
+
+@pytest.mark.parametrize("paper", SCRIPTS)
+def test_slurm_reproduction_composes_on_the_real_experiments(tmp_path, paper):
+    calls = recorded_calls(tmp_path, "reproduce_slurm.sh", paper, env={"PARTITION": "gpu"})
+    runs, tables = check(calls, slurm=True)
+    assert runs and tables and tables <= set(TABLES)
+    experiments = {a for c in calls for a in c if a.startswith("+experiment=")}
+    assert all("toy" not in e for e in experiments), experiments
