@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_exp.config import validate
 from opd_exp.data import make_encoder, student_encoder
-from opd_exp.engines.hf_models import load_model, load_tokenizer, stop_token_ids
+from opd_exp.engines.hf_models import load_model, load_tokenizer, model_shape, resolve_path, stop_token_ids
 from opd_exp.engines.rollout_hf import HFRollout
 from opd_exp.engines.rollout_vllm import save_untied
 from opd_exp.engines.rollout_vllm_server import serve_command
@@ -46,12 +46,24 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def run_serve(cfg: DictConfig, run_dir: Path) -> int:
-    """Write the untied student (opd_exp/engines/rollout_vllm_server.py), then run the server
-    (blocks); its exit code."""
+    """A vLLM server (blocks; its exit code). serve.role=student: on an untied copy of the student
+    that the run's weight pushes replace (opd_exp/engines/rollout_vllm_server.py);
+    serve.role=teacher: on pair.teacher as it is (opd_exp/engines/teacher_vllm_server.py), allowed
+    enough log-probs per position for every top-K the run asks (plus padded rows)."""
     validate(cfg)
-    weights = run_dir / "server_weights"
-    save_untied(load_model(cfg.pair.student, "pair.student"), weights)
-    load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
-    cmd = serve_command(cfg, weights)
+    if cfg.serve.role == "teacher":
+        t, p = cfg.teacher, cfg.pair.teacher
+        rows, _ = model_shape(p, "pair.teacher")
+        padded = max(0, rows - len(load_tokenizer(p, "pair.teacher")))
+        most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
+        cmd = serve_command(cfg.serve.url or t.server_urls[0], resolve_path(p.path), p.dtype,
+                            cfg.trainer.seed, t.gpu_memory_utilization, t.max_model_len, most)
+    else:
+        weights = run_dir / "server_weights"
+        save_untied(load_model(cfg.pair.student, "pair.student"), weights)
+        load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
+        r = cfg.rollout
+        cmd = serve_command(cfg.serve.url or r.server_url, weights, cfg.pair.student.dtype,
+                            cfg.trainer.seed, r.gpu_memory_utilization, r.max_model_len)
     print("serving: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}).returncode

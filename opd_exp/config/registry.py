@@ -24,6 +24,7 @@ ROLLOUTS = {  # rollout.backend → make(cfg, model, tokenizer, stop_ids, work_d
 TEACHERS = {  # teacher.backend → make(cfg, tokenizer, stop_ids, device) → (scorer, sampler)
     "hf": "opd_exp.engines.teacher_hf:make",
     "vllm": "opd_exp.engines.teacher_vllm:make",
+    "vllm_server": "opd_exp.engines.teacher_vllm_server:make",
 }
 LEARNERS = {  # learner.backend → make(cfg, model, dist, run_dir, vocab_size)
     "torch": "opd_exp.engines.learner_torch:make",
@@ -35,7 +36,8 @@ REWARDS = ("log_ratio", "power", "log_clip", "log_tanh", "zscore", "verifiable",
 # what an objective asks of the teacher (opd_exp/core/types.py TeacherScores), and what each
 # teacher backend can give: hidden states (+ LM head) only come from the HF forward
 TEACHER_NEEDS = ("none", "sampled", "topk", "hidden")
-NEEDS_BY_TEACHER = {"hf": TEACHER_NEEDS, "vllm": ("none", "sampled", "topk")}
+NEEDS_BY_TEACHER = {"hf": TEACHER_NEEDS, "vllm": ("none", "sampled", "topk"),
+                    "vllm_server": ("none", "sampled", "topk")}
 # objectives that apply the student's LM head weight outside the model's forward (not ZeRO-3)
 READS_LM_HEAD = ("full_vocab", "topk")
 

@@ -96,9 +96,21 @@ class RolloutConfig:
 @dataclass
 class TeacherConfig:
     """How the teacher scores rollouts (opd_exp/engines/teacher_*.py); the model is pair.teacher."""
-    backend: str = "hf"  # hf (forward pass; every objective) | vllm (prompt log-probs: sampled, topk)
+    # hf (forward pass; every objective) | vllm (prompt log-probs: sampled, topk) | vllm_server
+    # (the same from separately started servers: `python -m opd_exp serve serve.role=teacher`)
+    backend: str = "hf"
     max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+    server_urls: list[str] = field(default_factory=list)  # vllm_server: replicas of the teacher
+    timeout_s: float = 600.0  # vllm_server: per request
+    retries: int = 3  # vllm_server: per request and replica, before its share goes to the next
+
+
+@dataclass
+class ServeConfig:
+    """`python -m opd_exp serve`: which model a vLLM server holds, and where it listens."""
+    role: str = "student"  # student (rollout=vllm_server; weights pushed by the run) | teacher
+    url: str = ""  # "" = rollout.server_url (student) or teacher.server_urls[0] (teacher)
 
 
 @dataclass
@@ -279,6 +291,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 

@@ -109,6 +109,13 @@ def validate(cfg: DictConfig) -> None:
     _require(tc.max_model_len >= 0, "teacher.max_model_len", tc.max_model_len, "an integer >= 0")
     _require(0 < tc.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization",
              tc.gpu_memory_utilization, "0 < x <= 1")
+    _require(tc.backend != "vllm_server" or len(tc.server_urls) > 0, "teacher.server_urls",
+             list(tc.server_urls), "one http(s):// address or more with teacher.backend=vllm_server")
+    for url in tc.server_urls:
+        _require(url.startswith(("http://", "https://")), "teacher.server_urls", url, "http(s):// addresses")
+    _require(tc.timeout_s > 0, "teacher.timeout_s", tc.timeout_s, "a number > 0")
+    _require(tc.retries >= 0, "teacher.retries", tc.retries, "an integer >= 0")
+    _choice("serve.role", cfg.serve.role, ("student", "teacher"))
     lc = cfg.learner
     _choice("learner.backend", lc.backend, registry.LEARNERS)
     _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")

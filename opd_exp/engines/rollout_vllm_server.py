@@ -15,6 +15,8 @@ One training process per server (the launcher's ranks would push over each other
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -25,35 +27,45 @@ from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
 from opd_exp.engines.rollout_vllm import save_untied
 
 
-class VLLMServerRollout:
-    def __init__(self, model: torch.nn.Module, url: str, tokenizer, stop_ids: set[int],
-                 work_dir: Path, sync_every: int, timeout_s: float = 3600.0):
+def request_json(url: str, path: str, body: dict | None = None, timeout_s: float = 3600.0,
+                 retries: int = 0, backoff_s: float = 1.0) -> dict:
+    """GET (no body) or POST JSON to a vLLM server; the decoded answer. Connection errors,
+    timeouts and 5xx answers are retried `retries` times (backoff doubling); a 4xx answer — a bad
+    request — is raised at once with the server's message."""
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(retries + 1):
+        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                text = resp.read().decode()
+            return json.loads(text) if text.strip() else {}
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or attempt == retries:
+                raise RuntimeError(f"{url}{path}: HTTP {e.code}: {e.read().decode()[:500]}") from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            if attempt == retries:
+                raise RuntimeError(f"{url}{path}: {e} (after {retries + 1} attempts)") from e
+        time.sleep(backoff_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+class ServerSampler:
+    """Sampling from a vLLM OpenAI server (POST /v1/completions), its weights left as they are:
+    the teacher server's sampler (teacher eval, cold-start traces) and the base of the student's."""
+
+    def __init__(self, url: str, tokenizer, stop_ids: set[int], rows: int, timeout_s: float = 3600.0,
+                 retries: int = 0):
         self.url, self.tokenizer, self.stop_ids = url.rstrip("/"), tokenizer, sorted(stop_ids)
-        self.weights_dir = Path(work_dir) / "vllm_weights"
-        self.sync_every, self.calls, self.timeout = sync_every, 0, timeout_s
-        rows, V = model.get_output_embeddings().weight.shape[0], len(tokenizer)
+        self.timeout, self.retries = timeout_s, retries
+        V = len(tokenizer)
         self.allowed = list(range(V)) if rows > V else None  # padded rows: never sampled
         self.model_name = self._request("/v1/models")["data"][0]["id"]
-        self._push(model)
 
     def _request(self, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            text = resp.read().decode()
-        return json.loads(text) if text.strip() else {}
-
-    def _push(self, model: torch.nn.Module) -> None:
-        save_untied(model, self.weights_dir)
-        self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
-            "weights_path": str(self.weights_dir.resolve()), "is_checkpoint_format": True}})
-        self._request("/reset_prefix_cache", {})  # cached prompt KV used the old weights
+        return request_json(self.url, path, body, self.timeout, self.retries)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        self.calls += 1
-        if self.calls % self.sync_every == 0:
-            self._push(model)
+        pass
 
     def generate(self, prompts: list[list[int]], s: Sampling) -> Rollouts:
         want_logp = s.temperature == 1.0
@@ -69,20 +81,44 @@ class VLLMServerRollout:
         return rollouts_from_samples(prompts, samples, self.tokenizer.pad_token_id, self.stop_ids)
 
 
-def serve_command(cfg, weights_dir: Path) -> list[str]:
+class VLLMServerRollout(ServerSampler):
+    """The student's sampler: the server's weights follow the learner's (see the module doc)."""
+
+    def __init__(self, model: torch.nn.Module, url: str, tokenizer, stop_ids: set[int],
+                 work_dir: Path, sync_every: int, timeout_s: float = 3600.0):
+        super().__init__(url, tokenizer, stop_ids, model.get_output_embeddings().weight.shape[0], timeout_s)
+        self.weights_dir = Path(work_dir) / "vllm_weights"
+        self.sync_every, self.calls = sync_every, 0
+        self._push(model)
+
+    def _push(self, model: torch.nn.Module) -> None:
+        save_untied(model, self.weights_dir)
+        self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
+            "weights_path": str(self.weights_dir.resolve()), "is_checkpoint_format": True}})
+        self._request("/reset_prefix_cache", {})  # cached prompt KV used the old weights
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.calls += 1
+        if self.calls % self.sync_every == 0:
+            self._push(model)
+
+def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_memory_utilization: float,
+                  max_model_len: int = 0, max_logprobs: int = 0) -> list[str]:
     """vLLM's OpenAI-compatible server (`vllm serve`, run as its module: the CPU build's `vllm`
-    script looks for a package named vllm) on the untied student, at rollout.server_url."""
+    script looks for a package named vllm) on `model_dir`, at `url`; `max_logprobs`: the most
+    log-probs per position a request may ask (a teacher's top-K), 0 = vLLM's default."""
     import sys
     from urllib.parse import urlparse
 
-    u = urlparse(cfg.rollout.server_url)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights_dir),
-           "--host", u.hostname or "127.0.0.1",
-           "--port", str(u.port or 8000), "--dtype", cfg.pair.student.dtype,
-           "--generation-config", "vllm", "--seed", str(cfg.trainer.seed),
-           "--gpu-memory-utilization", str(cfg.rollout.gpu_memory_utilization)]
-    if cfg.rollout.max_model_len:
-        cmd += ["--max-model-len", str(cfg.rollout.max_model_len)]
+    u = urlparse(url)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", u.hostname or "127.0.0.1", "--port", str(u.port or 8000), "--dtype", dtype,
+           "--generation-config", "vllm", "--seed", str(seed),
+           "--gpu-memory-utilization", str(gpu_memory_utilization)]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if max_logprobs:
+        cmd += ["--max-logprobs", str(max_logprobs)]
     if not torch.cuda.is_available():
         cmd += ["--enforce-eager"]
     return cmd

@@ -9,6 +9,8 @@ HF teacher. Log-probs are vLLM's raw ones: log softmax of the teacher's logits, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from opd_exp.core.protocols import RolloutBackend, Teacher
@@ -41,42 +43,73 @@ class VLLMTeacher:
 
         if needs == "none":
             return TeacherScores()
-        if needs not in ("sampled", "topk"):
-            raise ValueError(f"teacher=vllm scores needs sampled|topk, not {needs!r}")
-        B, T = rollouts.response_ids_B_T.shape
-        # each row up to its last trained position (the mask may have holes: special-token
-        # masking); later positions are left at 0 and are masked out
+        check_needs(needs, "vllm")
+        req = ScoreRequest.of(rollouts)
+        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k + self.padded if needs == "topk" else 0,
+                                detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in req.seqs], params,
+                                 use_tqdm=False)
+        positions = [[{tok: (lp.rank, lp.logprob) for tok, lp in p.items()}
+                      for p in out.prompt_logprobs[start:start + n]]
+                     for out, start, n in zip(outs, req.starts, req.lengths)]
+        return req.scores(positions, needs, k, self.padded, self.vocab_size)
+
+
+def check_needs(needs: str, backend: str) -> None:
+    if needs not in ("sampled", "topk"):
+        raise ValueError(f"teacher={backend} scores needs sampled|topk, not {needs!r}")
+
+
+@dataclass
+class ScoreRequest:
+    """What a prompt-log-prob teacher (in-process engine or server) is asked: each row's prompt +
+    response up to its last trained position (the mask may have holes: special-token masking;
+    later positions stay 0 and are masked out), and how its answer becomes TeacherScores."""
+    seqs: list[list[int]]  # prompt + response tokens, one per row
+    starts: list[int]  # where each row's response starts in its sequence
+    lengths: list[int]  # response positions scored per row
+    mask_B_T: torch.Tensor  # on the CPU
+    shape: tuple[int, int]
+    device: torch.device
+
+    @classmethod
+    def of(cls, rollouts: Rollouts) -> "ScoreRequest":
         device, rollouts = rollouts.response_mask_B_T.device, rollouts.to("cpu")
         mask = rollouts.response_mask_B_T
-        pos_T = torch.arange(1, T + 1)
-        lengths = (mask.bool() * pos_T).max(-1).values.tolist()
+        B, T = rollouts.response_ids_B_T.shape
+        lengths = (mask.bool() * torch.arange(1, T + 1)).max(-1).values.tolist()
         seqs, starts = [], []
         for b in range(B):
             prompt = rollouts.prompt_ids_B_P[b][rollouts.prompt_mask_B_P[b].bool()].tolist()
             seqs.append(prompt + rollouts.response_ids_B_T[b, :lengths[b]].tolist())
             starts.append(len(prompt))
-        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k + self.padded if needs == "topk" else 0,
-                                detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params,
-                                 use_tqdm=False)
+        return cls(seqs, starts, lengths, mask, (B, T), device)
+
+    def scores(self, positions: list[list[dict[int, tuple[int | None, float]]]], needs: str, k: int,
+               padded: int = 0, vocab_size: int | None = None) -> TeacherScores:
+        """`positions[b][t]`: {token id: (rank, log q)} at response position t of row b — the
+        sampled token always among them, the teacher's top-(k + padded) by rank for needs=topk;
+        padded ids (≥ vocab_size) are dropped from the top-K."""
+        B, T = self.shape
         logp_B_T = torch.zeros(B, T)
         topv_B_T_K = torch.full((B, T, max(k, 1)), -float("inf"))
         topi_B_T_K = torch.zeros((B, T, max(k, 1)), dtype=torch.long)
-        for b, out in enumerate(outs):
-            for t in range(lengths[b]):
-                pos = out.prompt_logprobs[starts[b] + t]  # {token id: Logprob} at this position
-                logp_B_T[b, t] = pos[seqs[b][starts[b] + t]].logprob
+        for b, row in enumerate(positions):
+            for t, pos in enumerate(row):
+                logp_B_T[b, t] = pos[self.seqs[b][self.starts[b] + t]][1]
                 if needs == "topk":
-                    top = sorted((lp.rank, tok, lp.logprob) for tok, lp in pos.items()
-                                 if lp.rank is not None and lp.rank <= k + self.padded
-                                 and (self.vocab_size is None or tok < self.vocab_size))[:k]
+                    top = sorted((rank, tok, lp) for tok, (rank, lp) in pos.items()
+                                 if rank is not None and rank <= k + padded
+                                 and (vocab_size is None or tok < vocab_size))[:k]
                     topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
                     topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
+        mask = self.mask_B_T
         if needs == "sampled":
-            return TeacherScores(logp_B_T=(logp_B_T * mask).to(device))
+            return TeacherScores(logp_B_T=(logp_B_T * mask).to(self.device))
         topv_B_T_K = topv_B_T_K.masked_fill(mask[..., None] == 0, 0.0)
-        return TeacherScores(topk_logq_B_T_K=topv_B_T_K.to(device), topk_idx_B_T_K=topi_B_T_K.to(device))
+        return TeacherScores(topk_logq_B_T_K=topv_B_T_K.to(self.device),
+                             topk_idx_B_T_K=topi_B_T_K.to(self.device))
 
 
 def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend]:

@@ -1,0 +1,82 @@
+"""vLLM teacher server backend (`teacher=vllm_server`): the teacher off the training GPUs.
+
+The teacher runs as vLLM OpenAI-compatible servers started apart from training, on their own
+GPUs or nodes (`python -m opd_exp serve serve.role=teacher`, one per replica), and the run scores
+its rollouts against them: POST /v1/completions with each row's prompt + response as token ids,
+`max_tokens` 1 and vLLM's `prompt_logprobs` — the same request the in-process `teacher=vllm`
+engine makes (opd_exp/engines/teacher_vllm.py: `ScoreRequest`), so the same numbers come back:
+log q(y_t | y_<t) of the sampled token, or the teacher's top-K at each response position.
+
+A pool: `teacher.server_urls` lists replicas of one teacher; a batch is split into one contiguous
+share per replica, sent at once. A request that fails (connection, timeout, 5xx) is retried
+`teacher.retries` times, then its share goes to the next replica; the step fails with the
+servers' messages only when every replica has failed it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from opd_exp.core.protocols import RolloutBackend, Teacher
+from opd_exp.core.types import Rollouts, TeacherScores
+from opd_exp.engines.hf_models import model_shape
+from opd_exp.engines.rollout_vllm_server import ServerSampler, request_json
+from opd_exp.engines.teacher_vllm import ScoreRequest, check_needs
+
+
+class VLLMServerTeacher:
+    def __init__(self, urls: list[str], timeout_s: float, retries: int, vocab_size: int, rows: int):
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout, self.retries = timeout_s, retries
+        self.vocab_size, self.padded = vocab_size, max(0, rows - vocab_size)
+        self.models = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0]["id"]
+                       for u in self.urls]
+
+    def _positions(self, replica: int, seqs: list[list[int]], starts: list[int], lengths: list[int],
+                   logprobs: int) -> list[list[dict[int, tuple[int | None, float]]]]:
+        """{token id: (rank, log q)} at each scored response position of each sequence, from one
+        replica (the next ones if it fails)."""
+        if not seqs:
+            return []
+        errors = []
+        for r in [*range(replica, len(self.urls)), *range(replica)]:
+            try:
+                out = request_json(self.urls[r], "/v1/completions", {
+                    "model": self.models[r], "prompt": seqs, "max_tokens": 1,
+                    "prompt_logprobs": logprobs, "temperature": 1.0}, self.timeout, self.retries)
+                break
+            except RuntimeError as e:
+                errors.append(str(e))
+        else:
+            raise RuntimeError("every teacher server failed: " + " | ".join(errors))
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        return [[{int(tok): (lp.get("rank"), lp["logprob"]) for tok, lp in pos.items()}
+                 for pos in c["prompt_logprobs"][start:start + n]]
+                for c, start, n in zip(choices, starts, lengths)]
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        if needs == "none":
+            return TeacherScores()
+        check_needs(needs, "vllm_server")
+        req = ScoreRequest.of(rollouts)
+        B, n = len(req.seqs), len(self.urls)
+        shares = [range(B * i // n, B * (i + 1) // n) for i in range(n)]  # contiguous, in row order
+        logprobs = k + self.padded if needs == "topk" else 0
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            parts = pool.map(lambda i: self._positions(
+                i, *([x[j] for j in shares[i]] for x in (req.seqs, req.starts, req.lengths)), logprobs),
+                range(n))
+            positions = [p for part in parts for p in part]
+        return req.scores(positions, needs, k, self.padded, self.vocab_size)
+
+
+def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend]:
+    """(scorer, sampler) against the servers of teacher.server_urls; the sampler (teacher eval,
+    cold-start traces) uses the first replica."""
+    t = cfg.teacher
+    rows = model_shape(cfg.pair.teacher, "pair.teacher")[0]
+    teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows)
+    return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, t.timeout_s, t.retries)

@@ -1,0 +1,141 @@
+"""`teacher=vllm_server` against stand-in OpenAI servers (no vLLM): each answers /v1/completions
+with the prompt log-probs the HF toy teacher gives, in vLLM's JSON shape — so the pool's split,
+order, fall-over and retries are checked against the HF teacher itself. The same backend against
+a real vLLM server: tests/test_vllm_server.py."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd_exp.core.types import Sampling
+from opd_exp.engines.rollout_hf import HFRollout
+from opd_exp.engines.rollout_vllm_server import request_json
+from opd_exp.engines.teacher_hf import HFTeacher
+from opd_exp.engines.teacher_vllm_server import VLLMServerTeacher
+
+K = 5
+
+
+class Stub:
+    """An OpenAI-compatible server in a thread; `fail_first` requests answer 503 before it works,
+    `dead=True` answers 503 always. `seen` counts the sequences each completion request carried."""
+
+    def __init__(self, model, fail_first: int = 0, dead: bool = False):
+        self.model, self.fail_left, self.dead, self.seen = model, fail_first, dead, []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.answer(200, {"data": [{"id": "teacher"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if stub.dead or stub.fail_left > 0:
+                    stub.fail_left -= 1
+                    return self.answer(503, {"error": "overloaded"})
+                if "prompt_logprobs" not in body:
+                    return self.answer(400, {"error": "bad request"})
+                stub.seen.append(len(body["prompt"]))
+                self.answer(200, {"choices": [stub.choice(i, seq, body["prompt_logprobs"])
+                                              for i, seq in enumerate(body["prompt"])][::-1]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @torch.no_grad()
+    def choice(self, index: int, seq: list[int], k: int) -> dict:
+        """vLLM's answer: prompt_logprobs[i] = {token id: {logprob, rank}} for token i (None at
+        0): the token itself with its rank, and the top-k ranks 1..k."""
+        logq = torch.log_softmax(self.model(torch.tensor([seq])).logits[0].float(), -1)
+        out = [None]
+        for i in range(1, len(seq)):
+            row = logq[i - 1]
+            order = row.argsort(descending=True)
+            rank = {int(t): r + 1 for r, t in enumerate(order.tolist())}
+            pos = {str(seq[i]): {"logprob": row[seq[i]].item(), "rank": rank[seq[i]]}}
+            pos.update({str(int(t)): {"logprob": row[t].item(), "rank": r + 1}
+                        for r, t in enumerate(order[:k])})
+            out.append(pos)
+        return {"index": index, "text": "", "prompt_logprobs": out}
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_world):
+    tok = AutoTokenizer.from_pretrained(tiny_world / "student", padding_side="left")
+    student = AutoModelForCausalLM.from_pretrained(tiny_world / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world / "teacher").eval()
+    prompts = [tok(f"<|im_start|>user\nCompute {a}+{b}.<|im_end|>\n<|im_start|>assistant\n",
+                   add_special_tokens=False).input_ids for a, b in ((3, 4), (10, 20), (7, 1))]
+    torch.manual_seed(0)
+    rollouts = HFRollout(student, tok, {tok.eos_token_id}).generate(prompts, Sampling(n=3, max_new_tokens=16))
+    rollouts.response_mask_B_T[0, 2] = 0  # a hole (special-token masking): still scored in order
+    return tok, teacher, rollouts
+
+
+def test_pool_scores_equal_the_hf_teacher_in_row_order(pair):
+    tok, teacher, r = pair
+    stubs = [Stub(teacher), Stub(teacher)]
+    try:
+        server = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok))
+        hf = HFTeacher(teacher, micro_batch_size=4, chunk_size=7)
+        m = r.response_mask_B_T.bool()
+        got, want = server.score(r, "sampled"), hf.score(r, "sampled")
+        assert (got.logp_B_T - want.logp_B_T)[m].abs().max() <= 1e-5
+        assert [s.seen for s in stubs] == [[4], [5]]  # 9 rows: one contiguous share per replica
+        got, want = server.score(r, "topk", K), hf.score(r, "topk", K)
+        assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
+        assert (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m].abs().max() <= 1e-5
+        assert (got.topk_logq_B_T_K[~m] == 0).all()
+    finally:
+        for s in stubs:
+            s.close()
+
+
+def test_a_failing_replica_is_retried_then_its_share_moves_on(pair):
+    tok, teacher, r = pair
+    flaky, dead, good = Stub(teacher, fail_first=1), Stub(teacher), Stub(teacher)
+    try:
+        ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
+        good.seen.clear()
+        got = VLLMServerTeacher([flaky.url], 30, 1, len(tok), len(tok)).score(r, "sampled").logp_B_T
+        assert torch.equal(got, ref) and flaky.seen == [9]  # one 503, retried once
+        pool = VLLMServerTeacher([dead.url, good.url], 30, 0, len(tok), len(tok))
+        dead.dead = True  # dies after start-up
+        assert torch.equal(pool.score(r, "sampled").logp_B_T, ref)
+        assert dead.seen == [] and sorted(good.seen) == [4, 5]  # its own share and the dead one's
+        good.dead = True
+        with pytest.raises(RuntimeError, match="every teacher server failed"):
+            pool.score(r, "sampled")
+    finally:
+        for s in (flaky, dead, good):
+            s.close()
+
+
+def test_a_bad_request_is_never_retried(pair):
+    _, teacher, _ = pair
+    stub = Stub(teacher, fail_first=0)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 400"):
+            request_json(stub.url, "/v1/completions", {"prompt": [[1, 2]]}, 30, retries=5)
+        assert stub.seen == []
+    finally:
+        stub.close()
