@@ -21,16 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tiny_world, tmp_path_factory):
-    url = f"http://127.0.0.1:{free_port()}"
-    run_dir = tmp_path_factory.mktemp("server")
+def start_server(tiny_world, run_dir: Path, url: str, overrides: list[str]):
+    """`python -m opd_exp serve OVERRIDES serve.url=URL` as a user starts it; yields the URL once
+    /health answers."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(OPD_EXP_TOY_DIR=str(tiny_world), VLLM_CPU_KVCACHE_SPACE="1")
     log = open(run_dir / "server.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "opd_exp", "serve", "rollout=vllm_server",
-                          f"rollout.server_url={url}", "rollout.max_model_len=256",
-                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=log,
+    p = subprocess.Popen([sys.executable, "-m", "opd_exp", "serve", *overrides,
+                          f"serve.url={url}", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -48,6 +46,42 @@ def server(tiny_world, tmp_path_factory):
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=60)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_world, tmp_path_factory):
+    url = f"http://127.0.0.1:{free_port()}"
+    yield from start_server(tiny_world, tmp_path_factory.mktemp("server"), url, [
+        "rollout=vllm_server", f"rollout.server_url={url}", "rollout.max_model_len=256"])
+
+
+@pytest.fixture(scope="module")
+def teacher_server(tiny_world, tmp_path_factory):
+    url = f"http://127.0.0.1:{free_port()}"
+    yield from start_server(tiny_world, tmp_path_factory.mktemp("teacher_server"), url, [
+        "teacher=vllm_server", "serve.role=teacher", f"teacher.server_urls=[{url}]",
+        "teacher.max_model_len=256"])
+
+
+def test_teacher_server_scores_equal_the_in_process_vllm_teacher(teacher_server, tiny_world):
+    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_server_teacher_probe", str(tiny_world),
+                        teacher_server], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["positions"] > 100
+    assert out["sampled_max_diff"] <= 1e-4 and out["topk_value_max_diff"] <= 1e-4 and out["topk_same_idx"]
+
+
+def test_train_lsm_with_a_teacher_server(teacher_server, tiny_world, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "+experiment=lsm_toy", "teacher=vllm_server",
+                        f"teacher.server_urls=[{teacher_server}]", "objective.k=8", *TINY_RUN,
+                        "trainer.steps=2", "eval.every=2", f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "OPD_EXP_TOY_DIR": str(tiny_world)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "teacher/eval/avg@2" in recs[1]  # the teacher evaluated by sampling from its server
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] >= 0 for r in recs if r["step"] > 0)
 
 
 def test_server_logprobs_match_hf_and_follow_weight_push(server, tiny_world, tmp_path):
