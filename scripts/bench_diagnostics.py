@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opd_exp.runtime.plots import read_metrics
+from opd_exp.runtime.loggers import read_records
 
 ARMS = {"off": [], "token every step": ["diag.every=1"],
         "token every step + gradient split (4 sequences)": ["diag.every=1", "diag.grad_sequences=4"],
@@ -52,7 +52,7 @@ def main() -> None:
             t0 = time.time()
             train(compose(base + extra), Path(d))
             wall = time.time() - t0
-            recs = [r for r in read_metrics(Path(d) / "metrics.jsonl") if r["step"] > 0]
+            recs = [r for r in read_records(Path(d) / "metrics.jsonl") if r["step"] > 0]
         per_step = [sum(r.get(k, 0.0) for k in ("rollout/seconds", "teacher/seconds",
                                                 "train/seconds", "diag/seconds",
                                                 "diag/param_seconds")) for r in recs]

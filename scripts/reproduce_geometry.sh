@@ -7,7 +7,8 @@
 # A killed script is re-run as it is: finished runs are skipped. GPU/Slurm: reproduce_slurm.sh.
 set -euo pipefail
 out=${OUT:-multirun/reproduce/geometry}
-python -m opd_exp train +sweep=geometry_trio +experiment=geometry_toy "hydra.sweep.dir=$out/trio" "$@"
+python -m opd_exp train +sweep=geometry_trio +experiment=geometry_toy +method=opd,sft,rlvr \
+  "hydra.sweep.dir=$out/trio" "$@"
 python -m opd_exp train +sweep=geometry_trio +experiment=geometry_constrained_toy +method=opd,sft \
   learner.subspace_constraint=false,true "hydra.sweep.dir=$out/constrained" "$@"
 python -m opd_exp tables "$out/trio" --table geometry_sparsity

@@ -10,7 +10,7 @@
 set -euo pipefail
 out=${OUT:-multirun/reproduce/poweropd}
 main=(trainer.steps=40 eval.every=40 eval.max_problems=32)
-python -m opd_exp train +sweep=reward_families +experiment=vanillaOPD_toy "${main[@]}" \
+python -m opd_exp train +sweep=reward_families +experiment=vanillaOPD_toy reward.alpha=0.5 "${main[@]}" \
   "hydra.sweep.dir=$out/main/sampled_token" "$@"
 python -m opd_exp train +sweep=seeds +experiment=full_vocab_toy "${main[@]}" \
   "hydra.sweep.dir=$out/main/full_vocab" "$@"

@@ -9,15 +9,16 @@
 # A killed script is re-run as it is: finished runs are skipped. GPU/Slurm: reproduce_slurm.sh.
 set -euo pipefail
 out=${OUT:-multirun/reproduce/rethinking}
+extra=("$@")
 run() {  # run ROW OVERRIDES…: one Hydra multirun over the seeds into $out/ROW/seed<N>
-  local row=$1; shift
+  local row=$1; shift  # the script's own settings first: the caller's overrides come last and win
   python -m opd_exp train +sweep=seeds "$@" eval.max_problems=32 diag.every=5 \
-    "hydra.sweep.dir=$out/$row" 'hydra.sweep.subdir=seed${trainer.seed}'
+    "hydra.sweep.dir=$out/$row" 'hydra.sweep.subdir=seed${trainer.seed}' ${extra[@]+"${extra[@]}"}
 }
 opd=(trainer.steps=50 eval.every=50)
-run reference +experiment=rethinking_mismatch_toy pair=toy "${opd[@]}" "$@"
-run mismatch +experiment=rethinking_mismatch_toy "${opd[@]}" "$@"
-run coldstart +experiment=rethinking_coldstart_toy trainer.steps=110 eval.every=60 "$@"
-run aligned_prompts +experiment=rethinking_aligned_prompts_toy "${opd[@]}" "$@"
-run no_new_capability +experiment=rethinking_no_new_capability_toy "${opd[@]}" "$@"
+run reference +experiment=rethinking_mismatch_toy pair=toy "${opd[@]}"
+run mismatch +experiment=rethinking_mismatch_toy "${opd[@]}"
+run coldstart +experiment=rethinking_coldstart_toy trainer.steps=110 eval.every=60
+run aligned_prompts +experiment=rethinking_aligned_prompts_toy "${opd[@]}"
+run no_new_capability +experiment=rethinking_no_new_capability_toy "${opd[@]}"
 python -m opd_exp tables "$out" --table rethinking_recovery

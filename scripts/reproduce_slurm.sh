@@ -15,12 +15,13 @@ slurm=(hydra/launcher=slurm "hydra.launcher.partition=${PARTITION:?set PARTITION
 train() { python -m opd_exp train "${slurm[@]}" "$@"; }
 case $paper in
   poweropd)
+    # main: every reward family (PowerOPD at the file's α = 0.5) and full-vocabulary OPD; the α grid
+    # adds the other α values. The α table reads the log-ratio and power runs of both dirs.
     train +sweep=reward_families +experiment=powerOPD_qwen3 "hydra.sweep.dir=$out/main/sampled_token" "$@"
     train +sweep=seeds +experiment=powerOPD_qwen3 objective=full_vocab "hydra.sweep.dir=$out/main/full_vocab" "$@"
-    train +sweep=poweropd_alpha +experiment=powerOPD_qwen3 "hydra.sweep.dir=$out/alpha/power" "$@"
-    train +sweep=seeds +experiment=powerOPD_qwen3 reward=log_ratio "hydra.sweep.dir=$out/alpha/log_ratio" "$@"
+    train +sweep=poweropd_alpha +experiment=powerOPD_qwen3 reward.alpha=0.1,0.25,1,2,5 "hydra.sweep.dir=$out/alpha" "$@"
     python -m opd_exp tables "$out/main" --table poweropd_main
-    python -m opd_exp tables "$out/alpha" --table poweropd_alpha ;;
+    python -m opd_exp tables "$out" --table poweropd_alpha ;;
   lsm)
     lsm=(+sweep=seeds +experiment=lsm_qwen25 learner=deepspeed)  # the file's torch learner is one rank
     train "${lsm[@]}" objective=sampled_token objective.special_mask=false,true "hydra.sweep.dir=$out/sampled_token" "$@"
@@ -29,13 +30,18 @@ case $paper in
   rethinking)  # pair 1 (Qwen3, condition (i)) with and without each recipe; pair 2 (R1-Distill, condition (ii))
     train +sweep=seeds +experiment=rethinking_qwen3 "hydra.sweep.dir=$out/plain" "$@"
     # the cold start runs on the torch learner, one rank (DeepSpeed refuses it): the last word wins
-    train +sweep=seeds +experiment=rethinking_qwen3 schedule=cold_start learner=torch launcher.nproc_per_node=1 \
-      hydra.launcher.gpus_per_node=1 "hydra.sweep.dir=$out/coldstart" "$@"
+    # ... with the cold-start steps added, so it trains as many OPD steps as the plain row
+    train +sweep=seeds +experiment=rethinking_qwen3 schedule=cold_start schedule.cold_start_steps=50 \
+      trainer.steps=250 learner=torch launcher.nproc_per_node=1 hydra.launcher.gpus_per_node=1 \
+      "hydra.sweep.dir=$out/coldstart" "$@"
     train +sweep=seeds +experiment=rethinking_qwen3 prompts=teacher_aligned "hydra.sweep.dir=$out/aligned_prompts" "$@"
     train +sweep=seeds +experiment=rethinking_r1distill "hydra.sweep.dir=$out/no_new_capability" "$@"
     python -m opd_exp tables "$out" --table rethinking_recovery ;;
   geometry)
-    train +sweep=geometry_trio +experiment=geometry_qwen3 "hydra.sweep.dir=$out/trio" "$@"
-    python -m opd_exp tables "$out/trio" --table geometry_sparsity ;;
+    train +sweep=geometry_trio +experiment=geometry_qwen3 +method=opd,sft,rlvr "hydra.sweep.dir=$out/trio" "$@"
+    train +sweep=geometry_trio +experiment=geometry_qwen3 +method=opd,sft learner.subspace_constraint=false,true \
+      "hydra.sweep.dir=$out/constrained" "$@"  # constrained from 20 % of training (learner.subspace_from)
+    python -m opd_exp tables "$out/trio" --table geometry_sparsity
+    python -m opd_exp tables "$out/constrained" --table geometry_constrained ;;
   *) echo "unknown paper '$paper': one of poweropd, lsm, rethinking, geometry" >&2; exit 2 ;;
 esac

@@ -35,6 +35,21 @@ def compose(overrides: list[str] = (), return_hydra_config: bool = False):
                              return_hydra_config=return_hydra_config)
 
 
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The jobs of `python -m opd_exp train --multirun ARGS`, each an override list in the order
+    Hydra's basic sweeper composes it: the sweep file's hydra.sweeper.params first, then the
+    command line (a key given in both keeps the params' place and the command line's value)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in args if a != "--multirun"]
+    parser = OverridesParser.create()
+    plain = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    params = compose(plain, return_hydra_config=True).hydra.sweeper.params or {}
+    overrides = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + args)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
 # tiny, fast overrides for end-to-end runs on the tiny world
 TINY_RUN = [
     "logger.mode=disabled", "logger.plots=false", "data.prompts_per_step=4", "rollout.n=2",

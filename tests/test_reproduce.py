@@ -8,16 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from opd_exp.analysis.tables import TABLES
 from opd_exp.config import validate
 
-from .conftest import compose
+from .conftest import compose, sweep_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"poweropd": [], "lsm": [], "rethinking": [], "geometry": []}
+SCRIPTS = {"poweropd": 39, "lsm": 9, "rethinking": 15, "geometry": 21}  # runs each script promises
 
 
 def recorded_calls(tmp_path, script: str, *args: str, env: dict | None = None) -> list[list[str]]:
@@ -32,14 +30,6 @@ def recorded_calls(tmp_path, script: str, *args: str, env: dict | None = None) -
     return [shlex.split(line) for line in log.read_text().splitlines()]
 
 
-def jobs(argv: list[str]) -> list[list[str]]:
-    """The runs of one `python -m opd_exp train …` command line (its own grid; the sweep file's
-    grid is tested in test_sweeps.py)."""
-    overrides = [a for a in argv if a != "--multirun"]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
 def check(calls: list[list[str]], slurm: bool) -> tuple[int, set[str]]:
     runs, tables = 0, set()
     for call in calls:
@@ -48,7 +38,7 @@ def check(calls: list[list[str]], slurm: bool) -> tuple[int, set[str]]:
             tables.add(call[call.index("--table") + 1])
             continue
         assert call[2] == "train"
-        for job in jobs(call[3:]):
+        for job in sweep_jobs(call[3:]):  # the sweep file's grid and the command line's
             cfg = compose(job, return_hydra_config=True)
             validate(cfg)
             assert cfg.trainer.resume  # a re-run script skips what it finished
@@ -60,7 +50,7 @@ def check(calls: list[list[str]], slurm: bool) -> tuple[int, set[str]]:
 @pytest.mark.parametrize("paper", SCRIPTS)
 def test_toy_reproduction_scripts_launch_valid_runs_and_known_tables(tmp_path, paper):
     runs, tables = check(recorded_calls(tmp_path, f"reproduce_{paper}.sh", "trainer.threads=1"), slurm=False)
-    assert runs and tables and tables <= set(TABLES)
+    assert runs == SCRIPTS[paper] and tables and tables <= set(TABLES)
 
 
 @pytest.mark.parametrize("paper", SCRIPTS)

@@ -12,7 +12,7 @@ import pytest
 from opd_exp.__main__ import CONF_DIR
 from opd_exp.config import validate
 
-from .conftest import TINY_RUN, compose
+from .conftest import TINY_RUN, compose, sweep_jobs
 
 SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "sweep").glob("*.yaml"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +24,21 @@ def test_every_sweep_file_composes_with_toy_and_real_experiments(sweep, experime
     cfg = compose([f"+sweep={sweep}", f"+experiment={experiment}"])
     validate(cfg)
     assert cfg.trainer.resume  # re-launching a sweep continues it
+
+
+@pytest.mark.parametrize("experiment", ["vanillaOPD_toy", "lsm_toy", "powerOPD_qwen3"])
+def test_method_arms_keep_their_objective_and_reward_in_a_sweep(experiment):
+    """Each job composed as Hydra's sweeper composes it: +method after +experiment, so the arm's
+    objective and reward win over the experiment's (an arm in the sweep file's grid would lose)."""
+    got = {}
+    for job in sweep_jobs(["+sweep=geometry_trio", f"+experiment={experiment}", "+method=opd,sft,rlvr"]):
+        cfg = compose(job)
+        method = next(a.split("=")[1] for a in job if a.startswith("+method="))
+        got.setdefault(method, set()).add((cfg.objective.name, cfg.reward.name, cfg.rollout.n))
+    base = compose([f"+experiment={experiment}"])
+    assert got["opd"] == {(base.objective.name, base.reward.name, base.rollout.n)}
+    assert got["sft"] == {("sft", base.reward.name, base.rollout.n)}
+    assert got["rlvr"] == {(base.objective.name, "verifiable", 8)}
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)

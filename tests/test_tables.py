@@ -60,12 +60,12 @@ def test_poweropd_alpha_table_numbers_layout_best_and_unfinished(tmp_path):
     # log-ratio: toy_L1 0.2, 0.4 → 0.300 ± 0.141; mean avg per run (0.15, 0.25) → 0.200 ± 0.071
     assert rows["OPD (log-ratio)"] == (
         "| OPD (log-ratio) | 2 | 0.300 ± 0.141 | 0.600 ± 0.283 | 0.100 ± 0.000 | 0.200 ± 0.000 | "
-        "0.200 ± 0.071 | 0.400 ± 0.141 | 2.000 ± 0.000 | -2.000 ± 0.000 | – | 1.000 ± 0.000 |")
+        "0.200 ± 0.071 | 0.400 ± 0.141 | 2 ± 0 | -2 ± 0 | – | 1 ± 0 |")
     # power 0.5: toy_L1 0.3, 0.5 → 0.400 (best); toy_L2 0.3, 0.1 → 0.200 (best); means 0.3, 0.3
     assert rows["PowerOPD (α = 0.5)"] == (
         "| PowerOPD (α = 0.5) | 2 | **0.400 ± 0.141** | **0.800 ± 0.283** | **0.200 ± 0.141** | "
-        "**0.400 ± 0.283** | **0.300 ± 0.000** | **0.600 ± 0.000** | 0.200 ± 0.000 | -0.200 ± 0.000 | "
-        "– | 10.000 ± 0.000 |")  # the log-ratio runs' mean grad norm 2 ÷ this row's 0.2
+        "**0.400 ± 0.283** | **0.300 ± 0.000** | **0.600 ± 0.000** | 0.2 ± 0 | -0.2 ± 0 | "
+        "– | 10 ± 0 |")  # the log-ratio runs' mean grad norm 2 ÷ this row's 0.2
     assert "Paper: PowerOPD (SPEC §5)" in text
     assert f"not averaged in): {root / '4'}" in text
 
@@ -123,6 +123,9 @@ def test_paper_column_before_column_is_never_best_and_diagnostic_plots(tmp_path)
         assert (out / png).stat().st_size > 0
     with open(out / "poweropd_main.csv") as f:
         assert next(csv.reader(f))[-1] == "paper"
+    # the α table keeps the sampled-token log-ratio and power runs only
+    alpha = run_tables(root, "poweropd_alpha")
+    assert "| OPD (log-ratio) | 1 |" in alpha and "OPD + clip" not in alpha and "full-vocabulary" not in alpha
 
 
 def test_geometry_table_reads_the_last_param_diagnostics_and_the_first_locking_step(tmp_path):
@@ -131,12 +134,12 @@ def test_geometry_table_reads_the_last_param_diagnostics_and_the_first_locking_s
         make_run(root / str(i), "log_ratio", 1.0, i, 0.1, 0.1, objective=objective,
                  extra={"diag/param/all/sparsity": sparsity, "diag/param/all/stable_rank": 3.0})
         (root / str(i) / "diag").mkdir()
-        (root / str(i) / "diag" / "locking.json").write_text(json.dumps({"20": 0.9, "10": 0.5 + i / 10}))
+        (root / str(i) / "diag" / "locking.json").write_text(json.dumps({"25": 0.9, "100": 1.0, "5": 0.5 + i / 10}))
     text = run_tables(root, "geometry_sparsity")
     head = next(line for line in text.splitlines() if line.startswith("| row")).split(" | ")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     col = {name: head.index(name) for name in ("bf16 sparsity", "stable rank", "Sim_K(first, end)")}
-    assert rows["SFT"][col["bf16 sparsity"]] == "0.700 ± 0.141"
-    assert rows["SFT"][col["stable rank"]] == "3.000 ± 0.000"
-    assert rows["SFT"][col["Sim_K(first, end)"]] == "0.550 ± 0.071"  # step 10 of runs 0, 1: 0.5, 0.6
+    assert rows["SFT"][col["bf16 sparsity"]] == "0.7 ± 0.1414"
+    assert rows["SFT"][col["stable rank"]] == "3 ± 0"
+    assert rows["SFT"][col["Sim_K(first, end)"]] == "0.55 ± 0.07071"  # step 5 of runs 0, 1: 0.5, 0.6
     assert rows["SFT"][-1] == "8.1 % |" and rows["OPD (log-ratio)"][-1] == "51.6 % |"

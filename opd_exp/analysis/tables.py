@@ -21,7 +21,8 @@ from typing import Callable
 
 from omegaconf import OmegaConf
 
-from opd_exp.runtime.plots import read_metrics, series
+from opd_exp.runtime.loggers import read_records
+from opd_exp.runtime.plots import series
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Table:
     paper_row: Callable[[dict], str] | None = None  # the paper's number for a row, its own column
     # runs whose mean gradient norm the column "baseline ÷ this grad norm" divides (PowerOPD's ratio)
     baseline: Callable[[dict], bool] | None = None
+    keep: Callable[[dict], bool] = lambda cfg: True  # the runs of SWEEP_DIR this table is about
 
 
 def find_runs(sweep_dir: Path) -> list[Run]:
@@ -52,7 +54,7 @@ def find_runs(sweep_dir: Path) -> list[Run]:
             continue
         metrics = d / "metrics.jsonl"
         runs.append(Run(d, OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True),
-                        read_metrics(metrics) if metrics.exists() else [],
+                        read_records(metrics),
                         (d / "final_metrics.json").exists()))
     return runs
 
@@ -147,7 +149,8 @@ TABLES: dict[str, Table] = {
         "PowerOPD: α sweep", method, {**GRAD, **TAIL},
         "PowerOPD (SPEC §5): gradient norms > 3000× smaller than vanilla OPD; log-ratio rewards "
         "plummet to ≈ −50 at early positions; the authors' script default α moved between 0.4 and 5",
-        baseline=lambda c: c["reward"]["name"] == "log_ratio"),
+        baseline=lambda c: c["reward"]["name"] == "log_ratio",
+        keep=lambda c: c["reward"]["name"] in ("log_ratio", "power") and c["objective"]["name"] == "sampled_token"),
     "poweropd_main": Table(
         "PowerOPD: main comparison", method, {**AVG_BEFORE, **GRAD, **TAIL},
         "PowerOPD (SPEC §5), Avg@8 / Pass@8 gains (points) over six math benchmarks",
@@ -264,20 +267,27 @@ def mean_finite(values: list[float]) -> float:
     return statistics.fmean(v) if v else float("nan")
 
 
-def cell(values: list[float]) -> tuple[float, str]:
-    """(mean, "mean ± std" over the seeds; just the value for one run; "–" for none)."""
+def cell(values: list[float], spec: str = ".3f") -> tuple[float, str]:
+    """(mean, "mean ± std" over the seeds; just the value for one run; "–" for none), numbers
+    in format `spec`."""
     v = [x for x in values if not math.isnan(x)]
     if not v:
         return float("nan"), "–"
     m = statistics.fmean(v)
-    return m, f"{m:.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{m:.3f}"
+    return m, f"{m:{spec}} ± {statistics.stdev(v):{spec}}" if len(v) > 1 else f"{m:{spec}}"
+
+
+def number_format(column: str) -> str:
+    """Accuracies with 3 decimals; every other column (gradient norms, geometry: 1 − 7e-6,
+    4e-4) with 4 significant digits, so small values never print as 0.000."""
+    return ".3f" if "@" in column else ".4g"
 
 
 def markdown(name: str, table: Table, cols: list[str], rows: dict, runs: list[Run]) -> str:
     best = {}
     for c in cols:
         if "@" in c and "before" not in c:  # accuracy after training: higher is better
-            means = [cell(rows[r][c])[0] for r in rows]
+            means = [cell(rows[r][c])[0] for r in rows]  # the mean does not depend on the format
             finite = [m for m in means if not math.isnan(m)]
             best[c] = max(finite) if finite else None
     paper = paper_cells(runs, table)
@@ -287,7 +297,7 @@ def markdown(name: str, table: Table, cols: list[str], rows: dict, runs: list[Ru
     for r in sorted(rows):
         cells = []
         for c in cols:
-            m, text = cell(rows[r][c])
+            m, text = cell(rows[r][c], number_format(c))
             cells.append(f"**{text}**" if best.get(c) is not None and m == best[c] else text)
         cells += [paper.get(r) or "–"] if paper else []
         lines.append(f"| {r} | {len(rows[r][cols[0]])} | " + " | ".join(cells) + " |")
@@ -391,11 +401,11 @@ def write_plots(runs: list[Run], table: Table, out_dir: Path, k: int) -> list[Pa
 def run_tables(sweep_dir: Path, name: str, out_dir: Path | None = None) -> str:
     if name not in TABLES:
         raise SystemExit(f"error: --table {name} is not allowed: one of {', '.join(TABLES)}")
-    runs = find_runs(sweep_dir)
+    table = TABLES[name]
+    runs = [r for r in find_runs(sweep_dir) if table.keep(r.cfg)]
     if not any(r.finished for r in runs):
         raise SystemExit(f"error: no finished run under {sweep_dir} (a run is finished when it "
                          "has written final_metrics.json)")
-    table = TABLES[name]
     cols, rows = build(runs, table)
     out_dir = out_dir or sweep_dir / "tables" / name
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from opd_exp.runtime.loggers import read_records
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -22,7 +20,7 @@ def write_plots(metrics_path: Path, out_dir: Path, k: int = 8) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = read_records(metrics_path)
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
