@@ -25,12 +25,14 @@ def toy_pool(d, seed: int, levels=None) -> list[Problem]:
     world_seed = toyworld.manifest()["seed"]  # its held-out benchmarks are never trained on
     problems = task.sample_problems(seed + 7_919, tuple(levels or d.levels), d.pool_size,
                                     exclude=build.heldout_prompts(world_seed))
-    return [Problem(p.prompt, p.answer) for p in problems]
+    return [Problem(p.prompt, p.answer, f"L{p.level}") for p in problems]
 
 
-def problems_from_rows(rows, prompt_field: str, answer_field: str) -> tuple[list[Problem], int]:
+def problems_from_rows(rows, prompt_field: str, answer_field: str,
+                       tag_field: str | None = None) -> tuple[list[Problem], int]:
     """(problems, rows skipped): a row without the prompt field, with an empty prompt or with no
-    answer is skipped and counted (hub data has such rows), never a KeyError mid-run."""
+    answer is skipped and counted (hub data has such rows), never a KeyError mid-run. The tag
+    (routing to a teacher) is the row's `tag_field` as text, "" where it has none."""
     out, skipped = [], 0
     for row in rows:
         prompt = row.get(prompt_field) if isinstance(row, dict) else None
@@ -40,7 +42,8 @@ def problems_from_rows(rows, prompt_field: str, answer_field: str) -> tuple[list
         if not isinstance(prompt, str) or not prompt.strip() or answer is None or not str(answer).strip():
             skipped += 1
             continue
-        out.append(Problem(prompt, str(answer)))
+        tag = row.get(tag_field) if tag_field else None
+        out.append(Problem(prompt, str(answer), "" if tag is None else str(tag)))
     return out, skipped
 
 
@@ -151,7 +154,7 @@ def make_prompts(data_cfg, seed: int, content: str = "data", teacher_data: str |
         rows = file_rows(teacher_data)
     else:
         rows = hub_rows(d) if d.source == "hub" else file_rows(d.path)
-    pool, skipped = problems_from_rows(rows, d.prompt_field, d.answer_field)
+    pool, skipped = problems_from_rows(rows, d.prompt_field, d.answer_field, d.tag_field)
     if not pool:
         raise ConfigError(f"data: no usable row in {d.name or d.path} ({skipped} skipped: no "
                           f"{d.prompt_field!r} / {d.answer_field!r}, or empty)")

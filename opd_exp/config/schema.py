@@ -36,6 +36,11 @@ class PairConfig:
     # (pair.teacher's chat template, chat_template_kwargs and system_prompt); the response
     # tokens are the same either way
     teacher_prompt: str = "student"  # student | own
+    # multi-teacher OPD: more teachers by name (each built like pair.teacher, same teacher.backend,
+    # its own template), and routes: a prompt's tag (toy: its level "L1".."L6"; data.tag_field)
+    # → the name of the teacher that scores it; an unrouted tag goes to pair.teacher, named "main"
+    teachers: dict[str, ModelConfig] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +167,7 @@ class DataConfig:
     split: str = "train"
     prompt_field: str = "problem"
     answer_field: str = "answer"
+    tag_field: Optional[str] = None  # a row's field that routes it to a teacher (pair.routes)
     prompt_suffix: str = ""  # appended to each prompt (e.g. a boxed-answer instruction)
     chat_template: bool = True  # wrap prompts in the student tokenizer's chat template
 

@@ -45,6 +45,32 @@ def validate_vocab(cfg: DictConfig, vocab_size: int) -> None:
                  f"an integer <= the vocabulary size {vocab_size}")
 
 
+def validate_teachers(cfg: DictConfig) -> None:
+    """Multi-teacher OPD (pair.teachers, pair.routes): what it supports today."""
+    p = cfg.pair
+    names = {"main", *p.teachers}
+    for name, m in p.teachers.items():
+        _require(name != "main" and name.isidentifier(), "pair.teachers", name,
+                 "names that are identifiers other than main (pair.teacher's name)")
+        _require(bool(m.path), f"pair.teachers.{name}.path", m.path, "a hub id, a folder or toy:<name>")
+        _choice(f"pair.teachers.{name}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
+    for tag, name in p.routes.items():
+        _choice(f"pair.routes.{tag}", name, names)
+    if not p.teachers:
+        return
+    why = "with pair.teachers (multi-teacher OPD supports "
+    _require(registry.teacher_needs(cfg.objective) in ("none", "sampled", "topk"), "objective.name",
+             cfg.objective.name, why + "the sampled-token and teacher top-K objectives: a "
+             "vocabulary-wide one needs one teacher's LM head)")
+    _require(cfg.teacher.backend in ("hf", "vllm"), "teacher.backend", cfg.teacher.backend,
+             why + "hf or vllm)")
+    _require(cfg.schedule.name == "none", "schedule.name", cfg.schedule.name, why + "none)")
+    _require(cfg.prompts.score == "none", "prompts.score", cfg.prompts.score, why + "none)")
+    _require(cfg.diag.every == 0, "diag.every", cfg.diag.every, why + "0)")
+    _require(cfg.objective.rollouts_from == "student", "objective.rollouts_from",
+             cfg.objective.rollouts_from, why + "student)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check ranges and names; raise ConfigError on the first bad field."""
     for who in ("student", "teacher"):
@@ -213,6 +239,7 @@ def validate(cfg: DictConfig) -> None:
     _require(sc.name == "none" or cfg.learner.backend == "torch", "schedule.name", sc.name,
              "none with learner.backend=deepspeed (a cold-start step holds one trace per prompt, "
              "DeepSpeed's accumulation is sized for rollout.n per prompt)")
+    validate_teachers(cfg)
     dg = cfg.diag
     for key in ("every", "param_every", "grad_sequences"):
         _require(dg[key] >= 0, f"diag.{key}", dg[key], "an integer >= 0 (0 = off)")

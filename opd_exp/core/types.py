@@ -18,6 +18,7 @@ import torch
 class Problem:
     prompt: str
     answer: str
+    tag: str = ""  # what routes it to a teacher (pair.routes): the toy level "L3", data.tag_field
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
+from opd_exp.loop.routing import Teachers
 from opd_exp.loop.seeds import step_seed
 from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
@@ -58,6 +59,7 @@ class Run:
     logger: Logger
     start: int  # optimizer steps already done (a resumed run)
     ckpt_meta: dict  # what a resume must match
+    teachers: Teachers | None = None  # pair.teachers: multi-teacher OPD, prompts routed by tag
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
@@ -114,6 +116,21 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
                         "skipped_too_long")
 
 
+def routed_teachers(cfg: DictConfig, main: Teacher, tokenizer, stop_ids: set[int], dist: Dist,
+                    others: dict) -> Teachers:
+    """pair.teachers, each built as pair.teacher is (teacher.backend), beside it ("main")."""
+    scorers, encoders = {"main": main}, {}
+    d = cfg.data
+    for name, (mc, tok) in {"main": (cfg.pair.teacher, None), **others}.items():
+        if name != "main":
+            one = OmegaConf.merge(cfg, {"pair": {"teacher": mc}})
+            scorers[name], _ = resolve(TEACHERS[cfg.teacher.backend])(one, tokenizer, stop_ids, dist.device)
+        if cfg.pair.teacher_prompt == "own":
+            tok = tok or load_tokenizer(mc, "pair.teacher")
+            encoders[name] = make_encoder(tok, d.chat_template, d.prompt_suffix, mc)
+    return Teachers(scorers, dict(cfg.pair.routes), encoders)
+
+
 def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -122,17 +139,22 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
     teacher_tok = load_tokenizer(cfg.pair.teacher, "pair.teacher")
     unshared = check_same_vocab(tokenizer, teacher_tok, cfg.objective.mask_unshared)
+    others = {name: (mc, load_tokenizer(mc, f"pair.teachers.{name}")) for name, mc in cfg.pair.teachers.items()}
+    for mc, tok in others.values():  # routed teachers share the student's vocabulary exactly
+        check_same_vocab(tokenizer, tok)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
     shapes = {"pair.student": model_shape(student_cfg, "pair.student"),
-              "pair.teacher": model_shape(cfg.pair.teacher, "pair.teacher")}
+              "pair.teacher": model_shape(cfg.pair.teacher, "pair.teacher"),
+              **{f"pair.teachers.{n}": model_shape(mc, f"pair.teachers.{n}") for n, (mc, _) in others.items()}}
     vocab, note = check_vocab_sizes(tokenizer, {k: rows for k, (rows, _) in shapes.items()})
     validate_vocab(cfg, vocab)
     if note and dist.is_main:
         print(note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
     stop_ids = stop_token_ids(student_cfg, tokenizer) | {  # the teacher's, where they are shared
-        i for i in stop_token_ids(cfg.pair.teacher, teacher_tok) if i < vocab and i not in unshared}
+        i for mc, tok in [(cfg.pair.teacher, teacher_tok), *others.values()]
+        for i in stop_token_ids(mc, tok) if i < vocab and i not in unshared}
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     diag = Diagnostics.make(cfg, run_dir, dist.is_main, learner.policy,
                             None if resume_from is None else checkpoint.load_step(resume_from))
@@ -141,6 +163,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                      work_dir, dist.rank)
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
                                                                       dist.device)
+    teachers = routed_teachers(cfg, teacher, tokenizer, stop_ids, dist, others) if others else None
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
     d, t, pc = cfg.data, cfg.pair.teacher, cfg.prompts
@@ -184,7 +207,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,
                objective, prompts, encode, teacher_encode, traces, sft, sampling,
-               evaluator, diag, logger, start, ckpt_meta)
+               evaluator, diag, logger, start, ckpt_meta, teachers)
 
 
 def save_checkpoint(run: Run, step: int) -> None:

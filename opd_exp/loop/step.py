@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from opd_exp.core.types import StepBatch, TeacherScores
+from opd_exp.core.types import StepBatch
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.loop.build import Run
 from opd_exp.loop.seeds import step_seed
@@ -26,7 +26,8 @@ def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, li
         return problems, rollouts, False, None, {"schedule/cold_start": 1.0, **m}
     m = {} if run.traces is None else {"schedule/cold_start": 0.0}
     student = [run.encode(p.prompt) for p in problems]
-    teacher = [run.teacher_encode(p.prompt) for p in problems] if run.teacher_encode else None
+    teacher = None if run.teacher_encode is None else [  # each prompt as its teacher renders it
+        run.teachers.prompt_ids(p) if run.teachers else run.teacher_encode(p.prompt) for p in problems]
     if run.cfg.objective.rollouts_from == "student":
         return problems, run.rollout.generate(student, run.sampling), True, teacher, m
     rollouts = run.teacher_rollout.generate(teacher or student, run.sampling)
@@ -65,7 +66,10 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t1 = time.time()
     scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
               else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
-    scores: TeacherScores = run.teacher.score(scored, objective.teacher_needs, cfg.objective.k)
+    if run.teachers is None:
+        scores, route_metrics = run.teacher.score(scored, objective.teacher_needs, cfg.objective.k), {}
+    else:  # multi-teacher OPD: each row scored by its prompt's teacher
+        scores, route_metrics = run.teachers.score(problems, scored, objective.teacher_needs, cfg.objective.k)
     t2 = time.time()
     batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
     if objective.needs_old_logp:
@@ -82,7 +86,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t3 = time.time()
 
     metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
-    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics)
+    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics, **route_metrics)
     if diag_metrics:
         metrics.update(diag_metrics, **{"diag/seconds": t_diag})
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
