@@ -127,6 +127,9 @@ class LearnerConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (<= 0: no clipping)
     micro_batch_size: int = 64  # sequences per forward/backward
+    # pack each micro-batch's real tokens into rows (no compute on padding; same numbers:
+    # opd_exp/engines/packing.py)
+    packing: bool = False
     minibatches: int = 1  # optimizer steps per rollout batch (> 1: PPO-clipped ratio)
     # deepspeed backend (opd_exp/engines/learner_deepspeed.py)
     zero_stage: int = 2  # ZeRO stage 1 | 2 | 3

@@ -10,22 +10,29 @@ from __future__ import annotations
 import torch
 
 from opd_exp.core.types import Rollouts, micro_slices
+from opd_exp.engines.packing import pack
 from opd_exp.methods.common import upcast
 
 
 def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0,
-                   vocab_size: int | None = None) -> torch.Tensor:
+                   vocab_size: int | None = None, packing: bool = False) -> torch.Tensor:
     """log softmax(logits / temperature) of each response token under `model`: [B, T], over the
     first `vocab_size` logits (the tokenizer's real tokens; None = all rows).
 
     Only the T + 1 last positions go through the LM head (HF `logits_to_keep`); the last is
     dropped because it predicts the token after the response. `model` may be a wrapper whose
-    forward takes the HF keywords (a DeepSpeed engine).
+    forward takes the HF keywords (a DeepSpeed engine). `packing`: the real tokens only
+    (opd_exp/engines/packing.py); every position of the packed rows goes through the LM head.
     """
     T = r.response_ids_B_T.shape[1]
-    logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
-                         position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
-                         use_cache=False).logits[:, :-1, :vocab_size]
+    if packing:
+        p = pack(r)
+        logits_B_T_V = p.unpack(model(input_ids=p.input_ids_R_N, position_ids=p.position_ids_R_N,
+                                      use_cache=False).logits[..., :vocab_size])
+    else:
+        logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                             position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
+                             use_cache=False).logits[:, :-1, :vocab_size]
     logits_B_T_V = upcast(logits_B_T_V)
     if temperature != 1.0:
         logits_B_T_V = logits_B_T_V / temperature
@@ -33,9 +40,13 @@ def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0
     return (picked_B_T - torch.logsumexp(logits_B_T_V, -1)) * r.response_mask_B_T
 
 
-def response_hidden(model: torch.nn.Module, r: Rollouts) -> torch.Tensor:
+def response_hidden(model: torch.nn.Module, r: Rollouts, packing: bool = False) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens: [B, T, H]
     (the LM head is applied later, a chunk of positions at a time)."""
+    if packing:
+        p = pack(r)
+        return p.unpack(model.base_model(input_ids=p.input_ids_R_N, position_ids=p.position_ids_R_N,
+                                         use_cache=False).last_hidden_state)
     out = model.base_model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
                            position_ids=r.position_ids_B_L, use_cache=False)
     return out.last_hidden_state[:, r.prompt_ids_B_P.shape[1] - 1:-1]
@@ -46,19 +57,19 @@ class HFPolicy:
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
 
     def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, packing: bool = False):
         self.model, self.forward = model, forward if forward is not None else model
-        self.vocab_size = vocab_size
+        self.vocab_size, self.packing = vocab_size, packing
 
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        return token_logprobs(self.forward, rollouts, temperature, self.vocab_size)
+        return token_logprobs(self.forward, rollouts, temperature, self.vocab_size, self.packing)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
-        return response_hidden(self.model, rollouts)
+        return response_hidden(self.model, rollouts, self.packing)
 
 
 @torch.no_grad()

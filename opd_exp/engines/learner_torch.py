@@ -96,7 +96,7 @@ class TorchLearner:
         """`vocab_size`: the tokenizer's real tokens (padded rows take part in no objective);
         `cold`: (optimizer steps, learning rate) of a cold start (`cold_start_lr`)."""
         self.model = self.policy = model
-        self.view = HFPolicy(model, vocab_size=vocab_size)
+        self.view = HFPolicy(model, vocab_size=vocab_size, packing=learner_cfg.packing)
         self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg, *cold)
