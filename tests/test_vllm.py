@@ -16,16 +16,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_vllm_logprobs_match_hf_and_follow_weight_sync(tiny_world, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_probe", str(tiny_world),
-                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=ENV,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["big_rows"] == 33 * 8
-    assert out["rows"] == 12 and out["groups"] == [0] * 4 + [1] * 4 + [2] * 4 and out["stop_ok"]
-    assert out["before"] <= 1e-3  # vLLM's sampled log-probs = HF forward of the same tokens
-    assert out["after_new"] <= 1e-3  # after a learner step + sync: the updated model ...
-    assert out["after_old"] > 1e-2  # ... not the old one
+    """rollout.weight_sync=memory (the default: no file) and =disk push the same weights: the
+    engine samples the same tokens with the same log-probs after the push."""
+    outs = {}
+    for sync in ("memory", "disk"):
+        p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_probe", str(tiny_world),
+                            str(tmp_path / sync)], capture_output=True, text=True, cwd=ROOT,
+                           env={**ENV, "OPD_PROBE_WEIGHT_SYNC": sync}, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = outs[sync] = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["big_rows"] == 33 * 8
+        assert out["rows"] == 12 and out["groups"] == [0] * 4 + [1] * 4 + [2] * 4 and out["stop_ok"]
+        assert out["before"] <= 1e-3  # vLLM's sampled log-probs = HF forward of the same tokens
+        assert out["after_new"] <= 1e-3  # after a learner step + sync: the updated model ...
+        assert out["after_old"] > 1e-2  # ... not the old one
+        assert out["rewritten"] == (sync == "disk")  # the memory push never writes the weights file
+    assert outs["memory"]["after_tokens"] == outs["disk"]["after_tokens"]
+    diff = max(abs(a - b) for ra, rb in zip(outs["memory"]["after_logp"], outs["disk"]["after_logp"])
+               for a, b in zip(ra, rb))
+    assert diff <= 1e-5
 
 
 def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path):

@@ -91,6 +91,9 @@ class RolloutConfig:
     max_new_tokens: int = 96
     batch_size: int = 256  # sequences generated at once (hf)
     sync_every: int = 1  # vllm: push learner weights to the engine every this many steps
+    # vllm: how they get there: memory (the tensors handed to the in-process engine's
+    # reload_weights, no file) | disk (written to <run>/vllm_weights/, then reloaded from there)
+    weight_sync: str = "memory"
     max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains

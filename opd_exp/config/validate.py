@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
                  "false on a machine without CUDA (vLLM sleep mode is GPU only)")
     _require(r.server_url.startswith(("http://", "https://")), "rollout.server_url", r.server_url,
              "an http(s):// address")
+    _choice("rollout.weight_sync", r.weight_sync, {"memory", "disk"})
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",

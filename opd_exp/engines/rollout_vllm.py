@@ -2,8 +2,11 @@
 
 The engine runs in this process (colocated with the learner). It starts from the learner's
 current weights, saved (`save_untied`) into `<run>/vllm_weights/`, and after every
-`rollout.sync_every` optimizer steps the learner's weights are written there again and loaded
-with vLLM's `reload_weights` (what works on the CPU build, ENGINES.md). Sampled-token log-probs
+`rollout.sync_every` optimizer steps vLLM's `reload_weights` loads the learner's weights in place:
+handed over in memory as (name, tensor) pairs (`rollout.weight_sync=memory`: the engine runs
+in-process, so nothing is serialised), or written to that folder again and read back
+(`rollout.weight_sync=disk`, the fallback). On GPU the memory path hands CUDA tensors to an engine
+in the same process; across processes (NCCL/IPC) it is not implemented. Sampled-token log-probs
 come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
 otherwise they are left to the learner.
 
@@ -73,7 +76,7 @@ class VLLMRollout(VLLMSampler):
 
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
-                 seed: int, sleep: bool = False):
+                 seed: int, sleep: bool = False, weight_sync: str = "memory"):
         self.weights_dir = Path(work_dir) / "vllm_weights"
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)
@@ -84,16 +87,19 @@ class VLLMRollout(VLLMSampler):
         super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
                                       seed=seed, **kw), tokenizer, stop_ids, sleep,
                          vocab_size=len(tokenizer) if rows > len(tokenizer) else None)
-        self.sync_every, self.calls = sync_every, 0
+        self.sync_every, self.calls, self.weight_sync = sync_every, 0, weight_sync
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.calls += 1
         if self.calls % self.sync_every:
             return
         self._wake()
-        save_untied(model, self.weights_dir)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir),
-                                                          "is_checkpoint_format": True})
+        if self.weight_sync == "memory":
+            source = {"weights_iterator": iter(untied_tensors(model).items())}
+        else:
+            save_untied(model, self.weights_dir)
+            source = {"weights_path": str(self.weights_dir)}
+        self.llm.collective_rpc("reload_weights", kwargs={**source, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
 
@@ -108,6 +114,18 @@ def start_engine(path: str, dtype: str, gpu_memory_utilization: float, **kw):
                gpu_memory_utilization=gpu_memory_utilization, **kw)
 
 
+def untied_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights on the CPU by name, a tied LM head as its own `lm_head.weight`."""
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        tensors[name] = t.clone() if t.data_ptr() in seen else t  # tied: its own copy
+        seen.add(t.data_ptr())
+    if "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().cpu().clone()
+    return tensors
+
+
 def save_untied(model: torch.nn.Module, out: Path) -> None:
     """The model's weights (one safetensors file) and config, with an explicit `lm_head.weight`
     and `tie_word_embeddings: false`.
@@ -119,14 +137,7 @@ def save_untied(model: torch.nn.Module, out: Path) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors, seen = {}, set()
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        tensors[name] = t.clone() if t.data_ptr() in seen else t  # tied: its own copy
-        seen.add(t.data_ptr())
-    if "lm_head.weight" not in tensors:
-        tensors["lm_head.weight"] = model.get_output_embeddings().weight.detach().cpu().clone()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(untied_tensors(model), out / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -139,4 +150,4 @@ def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBac
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                        sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank,
-                       sleep=r.sleep)
+                       sleep=r.sleep, weight_sync=r.weight_sync)

@@ -82,6 +82,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
                                            on_policy)
     t_diag = time.time() - t_diag
     train_metrics = run.learner.update(batch, objective)
+    t_sync = time.time()
     run.rollout.sync_weights(run.learner.policy)
     t3 = time.time()
 
@@ -90,7 +91,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     if diag_metrics:
         metrics.update(diag_metrics, **{"diag/seconds": t_diag})
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
-                    "train/seconds": t3 - t2 - t_diag})
+                    "train/seconds": t_sync - t2 - t_diag, "rollout/sync_seconds": t3 - t_sync})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
 
 

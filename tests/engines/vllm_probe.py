@@ -2,6 +2,7 @@
 
     python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR   → prints one JSON line of measurements
     python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR SERVER_URL     (rollout=vllm_server)
+    OPD_PROBE_WEIGHT_SYNC=disk python -m tests.engines.vllm_probe …      (rollout.weight_sync)
 """
 
 import copy
@@ -32,7 +33,8 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
 
         engine = VLLMServerRollout(student, url, tok, {tok.eos_token_id}, work, sync_every=1)
     else:
-        engine = VLLMRollout(student, tok, {tok.eos_token_id}, work, "float32", 256, 0.3, 1, seed=0)
+        engine = VLLMRollout(student, tok, {tok.eos_token_id}, work, "float32", 256, 0.3, 1, seed=0,
+                             weight_sync=os.environ.get("OPD_PROBE_WEIGHT_SYNC", "memory"))
     prompts = [tok(f"<|im_start|>user\nCompute {a}+{b}.<|im_end|>\n<|im_start|>assistant\n",
                    add_special_tokens=False).input_ids for a, b in ((3, 4), (10, 20), (7, 1))]
     torch.manual_seed(0)
@@ -55,7 +57,10 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
     batch.logp_old_B_T = learner.logprobs(batch, 1.0)
     batch, _ = obj.prepare(batch)
     learner.update(batch, obj)
+    weights_file = work / "vllm_weights" / "model.safetensors"
+    written = weights_file.stat().st_mtime_ns
     engine.sync_weights(student)
+    rewritten = weights_file.stat().st_mtime_ns != written
     r2 = engine.generate(prompts, Sampling(n=4, max_new_tokens=24))
     m2 = r2.response_mask_B_T
     with torch.no_grad():
@@ -66,7 +71,8 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
     # a batch that needs several scheduling steps (seeded requests used to crash here on CPU)
     big = engine.generate(prompts * 11, Sampling(n=8, max_new_tokens=24))
     return {"big_rows": big.size, "before": before, "after_new": after_new, "after_old": after_old,
-            "rows": r.size, "stop_ok": stop_ok, "groups": r.group_B.tolist()}
+            "rows": r.size, "stop_ok": stop_ok, "groups": r.group_B.tolist(), "rewritten": rewritten,
+            "after_tokens": r2.response_ids_B_T.tolist(), "after_logp": (r2.logp_B_T * m2).tolist()}
 
 
 if __name__ == "__main__":
