@@ -13,6 +13,42 @@ from opd_exp.methods.common import upcast
 from opd_exp.methods.full_vocab import plain_linear
 
 
+class FusedSupportLoss(torch.autograd.Function):
+    """Σ_chunks f(logits_S_C, *extra_C) where logits_S = W[idx] h are the student's logits on a
+    support of K token ids per position (the teacher's top-K), with the LM head fused in as
+    full_vocab's FusedHeadLoss: each chunk's gradient w.r.t. its [B, C, K] logits, g, is formed
+    in the forward pass; dL/dh_C = Σ_k g_k W[idx_k] is kept and dL/dW gets g_k h_C added to the
+    rows idx_k in place (index_add_ into one [V, H] buffer). No dense [V, H] temporary per chunk
+    (what indexing's backward builds) and nothing recomputed."""
+
+    @staticmethod
+    def forward(ctx, h_B_T_H, W_V_H, idx_B_T_K, fn, chunk, *extra_B_T):
+        grad_h = torch.zeros_like(h_B_T_H)
+        grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
+        total = h_B_T_H.new_zeros(())
+        for c in range(0, h_B_T_H.shape[1], chunk):
+            h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
+            W_S = W_V_H[idx_C]  # [B, C, K, H]
+            with torch.enable_grad():
+                logits = (W_S @ h_C[..., None])[..., 0].detach().requires_grad_()
+                loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
+                (g_C,) = torch.autograd.grad(loss_c, logits)
+            total += loss_c.detach()
+            g_C = g_C.to(W_V_H.dtype)
+            grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
+            if grad_W is not None:
+                grad_W.index_add_(0, idx_C.reshape(-1), (g_C[..., None] * h_C[:, :, None, :]).flatten(0, 2))
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.n_extra = len(extra_B_T)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
+        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
+                None, *([None] * ctx.n_extra))
+
+
 class TopKOPD:
     """Local support matching (SPEC §1.4): reverse KL restricted to a support S_t of top-K tokens.
 
@@ -98,7 +134,18 @@ class TopKOPD:
     def summed(self, head_s, head_t, h_s_B_T_H, mask_B_T, teacher_parts, vocab: int | None = None):
         """(Σ_t m_t loss_t, Σ_t m_t |S_t|), one chunk of positions at a time (recomputed in
         backward); `teacher_parts` = (top-K log q, top-K ids) or (teacher hidden states,); only
-        the first `vocab` rows of each head are tokens (the teacher's top-K ids are below it)."""
+        the first `vocab` rows of each head are tokens (the teacher's top-K ids are below it).
+        The teacher's support with renormalisation under a plain LM head, when a gradient is
+        wanted: fused (FusedSupportLoss), never a dense [V, H] temporary."""
+        if (torch.is_grad_enabled() and self.support == "teacher" and self.renorm
+                and plain_linear(head_s)):
+            logq_B_T_K, idx_B_T_K = teacher_parts
+            valid = torch.isfinite(logq_B_T_K)
+            fn = lambda logits_S, mask_C, logq_S: self._support_loss(  # noqa: E731
+                upcast(logits_S) / self.temperature, logq_S, torch.isfinite(logq_S), mask_C)[0]
+            total = FusedSupportLoss.apply(h_s_B_T_H, head_s.weight, idx_B_T_K, fn, self.chunk,
+                                           mask_B_T, logq_B_T_K)
+            return total, (valid.sum(-1) * mask_B_T).sum()
         total, support = 0.0, 0.0
         fn = lambda *a: self._chunk_loss(head_s, head_t, vocab, *a)  # noqa: E731
         for c in range(0, h_s_B_T_H.shape[1], self.chunk):
