@@ -188,8 +188,9 @@ def _tables(argv: list[str]) -> None:
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--table", required=True, help="one of " + ", ".join(TABLES))
     ap.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/tables/NAME")
+    ap.add_argument("--brief", action="store_true", help="the mean over benchmarks only")
     a = ap.parse_args(argv)
-    print(run_tables(a.sweep_dir, a.table, a.out))
+    print(run_tables(a.sweep_dir, a.table, a.out, a.brief))
 
 
 def _toy(argv: list[str]) -> None:

@@ -69,12 +69,14 @@ def row_labels(runs: list[Run], table: Table) -> dict[Path, str]:
 RATIO = "baseline ÷ this grad norm"
 
 
-def build(runs: list[Run], table: Table) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
-    """(column names, row → column → the values of its seed runs)."""
+def build(runs: list[Run], table: Table,
+          brief: bool = False) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """(column names, row → column → the values of its seed runs); `brief`: the mean over
+    benchmarks without the per-benchmark columns."""
     done = [r for r in runs if r.finished]
     labels = row_labels(done, table)
     benches, k = columns(done)
-    cols = [f"{b} {m}@{k}" for b in benches for m in ("avg", "pass")]
+    cols = [] if brief else [f"{b} {m}@{k}" for b in benches for m in ("avg", "pass")]
     cols += [f"mean {m}@{k}" for m in ("avg", "pass")] + list(table.extra)
     base = [mean_of(r.records, "train/grad_norm") for r in done if table.baseline and table.baseline(r.cfg)]
     base_norm = mean_finite(base) if base else None
@@ -108,13 +110,14 @@ def mean_finite(values: list[float]) -> float:
 
 
 def cell(values: list[float], spec: str = ".3f") -> tuple[float, str]:
-    """(mean, "mean ± std" over the seeds; just the value for one run; "–" for none), numbers
-    in format `spec`."""
+    """(mean, "mean ± std" over the seeds; just the value for one run; "–" for none), the mean in
+    format `spec`, the std in the same or (significant-digit formats) with 2 digits."""
     v = [x for x in values if not math.isnan(x)]
     if not v:
         return float("nan"), "–"
     m = statistics.fmean(v)
-    return m, f"{m:{spec}} ± {statistics.stdev(v):{spec}}" if len(v) > 1 else f"{m:{spec}}"
+    sd_spec = ".2g" if spec.endswith("g") else spec
+    return m, f"{m:{spec}} ± {statistics.stdev(v):{sd_spec}}" if len(v) > 1 else f"{m:{spec}}"
 
 
 def number_format(column: str) -> str:
@@ -238,7 +241,7 @@ def write_plots(runs: list[Run], table: Table, out_dir: Path, k: int) -> list[Pa
     return written
 
 
-def run_tables(sweep_dir: Path, name: str, out_dir: Path | None = None) -> str:
+def run_tables(sweep_dir: Path, name: str, out_dir: Path | None = None, brief: bool = False) -> str:
     if name not in TABLES:
         raise SystemExit(f"error: --table {name} is not allowed: one of {', '.join(TABLES)}")
     table = TABLES[name]
@@ -246,7 +249,7 @@ def run_tables(sweep_dir: Path, name: str, out_dir: Path | None = None) -> str:
     if not any(r.finished for r in runs):
         raise SystemExit(f"error: no finished run under {sweep_dir} (a run is finished when it "
                          "has written final_metrics.json)")
-    cols, rows = build(runs, table)
+    cols, rows = build(runs, table, brief)
     out_dir = out_dir or sweep_dir / "tables" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(name, table, cols, rows, runs)
