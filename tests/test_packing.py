@@ -104,3 +104,14 @@ def test_a_packed_run_trains_as_the_padded_one(tmp_path, use_tiny_world):
     for a, b in zip(recs[False], recs[True]):
         for key in ("train/loss", "train/grad_norm", "rollout/logprob_mismatch"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_packing_is_refused_where_rows_would_attend_across_sequences(tiny_world):
+    from opd_exp.config import ConfigError, validate
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_world / "student")
+    m.config._attn_implementation = "flash_attention_2"  # needs a single packed row
+    with pytest.raises(ConfigError, match="learner.packing=true is not allowed with attention 'flash_attention_2'"):
+        HFPolicy(m, packing=True)
+    with pytest.raises(ConfigError, match="learner.packing"):
+        validate(schema_cfg({"learner": {"backend": "deepspeed", "zero_stage": 3, "packing": True}}))

@@ -44,7 +44,12 @@ def test_each_prompts_rows_go_to_its_teacher_and_come_back_in_order():
     assert scores.logp_B_T[:, 0].tolist() == [-3, -3, -2, -2, -1, -1, -2, -2]
     assert torch.equal(scores.topk_idx_B_T_K[:, 0, 0], torch.arange(8))  # each row its own
     assert (m["teacher/math/share"], m["teacher/code/share"], m["teacher/main/share"]) == (0.5, 0.25, 0.25)
+    _, m = t.score(problems, rollouts(8), "sampled", 0)
     assert m["teacher/code/logq_mean"] == -3.0
+    # a rank whose prompts give a teacher no rows logs the same keys (the ranks' lists must match)
+    _, none = t.score([Problem("a", "1", "L1")] * 4, rollouts(8), "sampled", 0)
+    assert sorted(none) == sorted(m) and none["teacher/code/seconds"] == 0.0
+    assert none["teacher/code/share"] == 0.0 and none["teacher/code/logq_mean"] != none["teacher/code/logq_mean"]
     assert [t.prompt_ids(p) for p in problems] == [[3], [2], [1], [2]]  # each teacher's rendering
 
 

@@ -26,6 +26,7 @@ class Stub:
 
     def __init__(self, model, fail_first: int = 0, dead: bool = False):
         self.model, self.fail_left, self.dead, self.seen = model, fail_first, dead, []
+        self.bad = False  # answer 400 (a request the server refuses)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,7 +49,7 @@ class Stub:
                 if stub.dead or stub.fail_left > 0:
                     stub.fail_left -= 1
                     return self.answer(503, {"error": "overloaded"})
-                if "prompt_logprobs" not in body:
+                if "prompt_logprobs" not in body or stub.bad:
                     return self.answer(400, {"error": "bad request"})
                 stub.seen.append(len(body["prompt"]))
                 self.answer(200, {"choices": [stub.choice(i, seq, body["prompt_logprobs"])
@@ -139,3 +140,19 @@ def test_a_bad_request_is_never_retried(pair):
         assert stub.seen == []
     finally:
         stub.close()
+
+
+def test_a_request_one_replica_refuses_is_never_sent_to_the_others(pair):
+    from opd_exp.engines.rollout_vllm_server import BadRequest
+
+    tok, teacher, r = pair
+    refusing, good = Stub(teacher), Stub(teacher)
+    try:
+        pool = VLLMServerTeacher([refusing.url, good.url], 30, 3, len(tok), len(tok))
+        refusing.bad = True
+        with pytest.raises(BadRequest, match="HTTP 400"):
+            pool.score(r, "sampled")
+        assert good.seen == [5]  # its own share only: the refused one did not move on
+    finally:
+        for s in (refusing, good):
+            s.close()

@@ -49,3 +49,18 @@ def test_fused_support_loss_equals_the_dense_reference(gradient, weight):
     assert got[2][V:].abs().max() == 0  # padded rows: no gradient
     assert got[3] == (torch.isfinite(logq).sum(-1) * mask).sum().item()
     assert h2.grad.abs().max() > 1e-3
+
+
+def test_bf16_inputs_sum_the_loss_in_float32():
+    cfg = schema_cfg({"objective": {"name": "topk", "k": K, "chunk_size": 4}})
+    obj = TopKOPD(cfg.objective, cfg.reward, temperature=1.0)
+    h, head, idx, logq, mask = inputs()
+    head = head.to(torch.bfloat16)
+    h = h.to(torch.bfloat16).requires_grad_()
+    total, _ = obj.summed(head, None, h, mask, (logq.float(), idx), vocab=V)
+    assert total.dtype == torch.float32
+    with torch.no_grad():
+        ref, _ = obj.summed(head, None, h, mask, (logq.float(), idx), vocab=V)  # the unfused path
+    assert total.item() == pytest.approx(ref.item(), rel=1e-5)
+    total.backward()
+    assert head.weight.grad.dtype == torch.bfloat16 and torch.isfinite(head.weight.grad).all()

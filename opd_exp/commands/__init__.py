@@ -54,7 +54,8 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
     if cfg.serve.role == "teacher":
         t, p = cfg.teacher, cfg.pair.teacher
         rows, _ = model_shape(p, "pair.teacher")
-        padded = max(0, rows - len(load_tokenizer(p, "pair.teacher")))
+        vocab = min(len(load_tokenizer(p, "pair.teacher")), len(load_tokenizer(cfg.pair.student, "pair.student")))
+        padded = max(0, rows - vocab)  # as the run counts it (the student's vocabulary)
         most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
         cmd = serve_command(cfg.serve.url or t.server_urls[0], resolve_path(p.path), p.dtype,
                             cfg.trainer.seed, t.gpu_memory_utilization, t.max_model_len, most)
@@ -66,4 +67,5 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
         cmd = serve_command(cfg.serve.url or r.server_url, weights, cfg.pair.student.dtype,
                             cfg.trainer.seed, r.gpu_memory_utilization, r.max_model_len)
     print("serving: " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"}).returncode
+    dev = {"VLLM_SERVER_DEV_MODE": "1"} if cfg.serve.role == "student" else {}  # weight pushes only
+    return subprocess.run(cmd, env={**os.environ, **dev}).returncode

@@ -143,6 +143,10 @@ def validate(cfg: DictConfig) -> None:
     _require(tc.timeout_s > 0, "teacher.timeout_s", tc.timeout_s, "a number > 0")
     _require(tc.retries >= 0, "teacher.retries", tc.retries, "an integer >= 0")
     _choice("serve.role", cfg.serve.role, ("student", "teacher"))
+    _require(cfg.serve.role == "student" or bool(cfg.serve.url or tc.server_urls), "serve.url",
+             cfg.serve.url, "an http(s):// address (or teacher.server_urls) with serve.role=teacher")
+    _require(not cfg.serve.url or cfg.serve.url.startswith(("http://", "https://")), "serve.url",
+             cfg.serve.url, "an http(s):// address")
     lc = cfg.learner
     _choice("learner.backend", lc.backend, registry.LEARNERS)
     _require(lc.lr > 0, "learner.lr", lc.lr, "a number > 0")
@@ -168,6 +172,9 @@ def validate(cfg: DictConfig) -> None:
         _require(stage != 3 or not lc.subspace_constraint, "learner.subspace_constraint",
                  lc.subspace_constraint, "false with learner.zero_stage=3 (its gradients are "
                  "partitioned before a whole-matrix projection could see them)")
+    _require(not (lc.packing and lc.backend == "deepspeed" and zero_stage(lc) == 3), "learner.packing",
+             lc.packing, "false with ZeRO-3 (the packed forward calls the model's backbone and head "
+             "outside the engine's forward)")
     _require(not (lc.backend == "deepspeed" and zero_stage(lc) == 3 and cfg.rollout.backend != "hf")
              or not cfg.diag.every, "diag.every", cfg.diag.every,
              "0 with learner.zero_stage=3 and a vLLM rollout (the whole-weight copy the token "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from opd_exp.config import ConfigError
 from opd_exp.core.types import Rollouts, micro_slices
 from opd_exp.engines.packing import pack
 from opd_exp.methods.common import upcast
@@ -22,13 +23,12 @@ def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0
     Only the T + 1 last positions go through the LM head (HF `logits_to_keep`); the last is
     dropped because it predicts the token after the response. `model` may be a wrapper whose
     forward takes the HF keywords (a DeepSpeed engine). `packing`: the real tokens only
-    (opd_exp/engines/packing.py); every position of the packed rows goes through the LM head.
+    (opd_exp/engines/packing.py) through the backbone of the HF module `model`; the LM head on
+    the response positions, as unpacked.
     """
     T = r.response_ids_B_T.shape[1]
     if packing:
-        p = pack(r)
-        logits_B_T_V = p.unpack(model(input_ids=p.input_ids_R_N, position_ids=p.position_ids_R_N,
-                                      use_cache=False).logits[..., :vocab_size])
+        logits_B_T_V = model.get_output_embeddings()(response_hidden(model, r, packing=True))[..., :vocab_size]
     else:
         logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
                              position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
@@ -52,6 +52,11 @@ def response_hidden(model: torch.nn.Module, r: Rollouts, packing: bool = False) 
     return out.last_hidden_state[:, r.prompt_ids_B_P.shape[1] - 1:-1]
 
 
+# attention implementations that read packed sequences' boundaries from the position ids with
+# attention_mask=None (transformers' packed-sequence mask); flash-attention needs one row
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
 class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
@@ -60,13 +65,20 @@ class HFPolicy:
                  vocab_size: int | None = None, packing: bool = False):
         self.model, self.forward = model, forward if forward is not None else model
         self.vocab_size, self.packing = vocab_size, packing
+        attention = getattr(model.config, "_attn_implementation", None)
+        if packing and attention not in PACKED_ATTENTION:
+            raise ConfigError(f"learner.packing=true is not allowed with attention {attention!r}: "
+                              f"one of {', '.join(PACKED_ATTENTION)} (the packed rows' boundaries "
+                              "come from the position ids)")
 
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        return token_logprobs(self.forward, rollouts, temperature, self.vocab_size, self.packing)
+        # packed: the HF module itself (its backbone and head), as response_hidden
+        return token_logprobs(self.model if self.packing else self.forward, rollouts, temperature,
+                              self.vocab_size, self.packing)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
         return response_hidden(self.model, rollouts, self.packing)

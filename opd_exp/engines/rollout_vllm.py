@@ -3,10 +3,11 @@
 The engine runs in this process (colocated with the learner). It starts from the learner's
 current weights, saved (`save_untied`) into `<run>/vllm_weights/`, and after every
 `rollout.sync_every` optimizer steps vLLM's `reload_weights` loads the learner's weights in place:
-handed over in memory as (name, tensor) pairs (`rollout.weight_sync=memory`: the engine runs
-in-process, so nothing is serialised), or written to that folder again and read back
-(`rollout.weight_sync=disk`, the fallback). On GPU the memory path hands CUDA tensors to an engine
-in the same process; across processes (NCCL/IPC) it is not implemented. Sampled-token log-probs
+handed over in memory as (name, tensor) pairs on their own device (`rollout.weight_sync=memory`:
+the engine runs in this process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, so nothing is copied to a
+file or serialised), or written to that folder again and read back (`rollout.weight_sync=disk`,
+and always when vLLM was told to run its engine in another process). Across processes (NCCL/IPC
+on GPU) no memory path is implemented. Sampled-token log-probs
 come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
 otherwise they are left to the learner.
 
@@ -94,8 +95,8 @@ class VLLMRollout(VLLMSampler):
         if self.calls % self.sync_every:
             return
         self._wake()
-        if self.weight_sync == "memory":
-            source = {"weights_iterator": iter(untied_tensors(model).items())}
+        if self.weight_sync == "memory" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            source = {"weights_iterator": named_weights(model)}
         else:
             save_untied(model, self.weights_dir)
             source = {"weights_path": str(self.weights_dir)}
@@ -112,6 +113,17 @@ def start_engine(path: str, dtype: str, gpu_memory_utilization: float, **kw):
 
     return LLM(model=path, dtype=dtype, enforce_eager=True, generation_config="vllm",
                gpu_memory_utilization=gpu_memory_utilization, **kw)
+
+
+def named_weights(model: torch.nn.Module):
+    """(name, tensor) pairs of the model's weights on their own device, no copy; a tied LM head
+    once more as `lm_head.weight` (the engine's head is untied, see save_untied)."""
+    names = set()
+    for name, t in model.state_dict().items():
+        names.add(name)
+        yield name, t.detach()
+    if "lm_head.weight" not in names:
+        yield "lm_head.weight", model.get_output_embeddings().weight.detach()
 
 
 def untied_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ One training process per server (the launcher's ranks would push over each other
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -27,11 +28,16 @@ from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
 from opd_exp.engines.rollout_vllm import save_untied
 
 
+class BadRequest(RuntimeError):
+    """A 4xx answer: the request itself is wrong — no retry, no other replica."""
+
+
 def request_json(url: str, path: str, body: dict | None = None, timeout_s: float = 3600.0,
                  retries: int = 0, backoff_s: float = 1.0) -> dict:
     """GET (no body) or POST JSON to a vLLM server; the decoded answer. Connection errors,
-    timeouts and 5xx answers are retried `retries` times (backoff doubling); a 4xx answer — a bad
-    request — is raised at once with the server's message."""
+    timeouts, cut-off answers and 5xx answers are retried `retries` times (backoff doubling),
+    then raised as RuntimeError; a 4xx answer — a bad request — raises BadRequest at once with
+    the server's message."""
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(retries + 1):
         req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
@@ -40,9 +46,13 @@ def request_json(url: str, path: str, body: dict | None = None, timeout_s: float
                 text = resp.read().decode()
             return json.loads(text) if text.strip() else {}
         except urllib.error.HTTPError as e:
-            if e.code < 500 or attempt == retries:
-                raise RuntimeError(f"{url}{path}: HTTP {e.code}: {e.read().decode()[:500]}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            message = f"{url}{path}: HTTP {e.code}: {e.read().decode()[:500]}"
+            if e.code < 500:
+                raise BadRequest(message) from e
+            if attempt == retries:
+                raise RuntimeError(message) from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+                ValueError) as e:  # ValueError: a cut-off JSON body
             if attempt == retries:
                 raise RuntimeError(f"{url}{path}: {e} (after {retries + 1} attempts)") from e
         time.sleep(backoff_s * 2 ** attempt)

@@ -22,7 +22,7 @@ import torch
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
 from opd_exp.engines.hf_models import model_shape
-from opd_exp.engines.rollout_vllm_server import ServerSampler, request_json
+from opd_exp.engines.rollout_vllm_server import BadRequest, ServerSampler, request_json
 from opd_exp.engines.teacher_vllm import ScoreRequest, check_needs
 
 
@@ -47,11 +47,16 @@ class VLLMServerTeacher:
                     "model": self.models[r], "prompt": seqs, "max_tokens": 1,
                     "prompt_logprobs": logprobs, "temperature": 1.0}, self.timeout, self.retries)
                 break
+            except BadRequest:  # the request is wrong: every replica would refuse it
+                raise
             except RuntimeError as e:
                 errors.append(str(e))
         else:
             raise RuntimeError("every teacher server failed: " + " | ".join(errors))
         choices = sorted(out["choices"], key=lambda c: c["index"])
+        if len(choices) != len(seqs) or any(len(c["prompt_logprobs"] or []) < start + n
+                                            for c, start, n in zip(choices, starts, lengths)):
+            raise RuntimeError(f"{self.urls[r]}: an answer with fewer sequences or positions than asked")
         return [[{int(tok): (lp.get("rank"), lp["logprob"]) for tok, lp in pos.items()}
                  for pos in c["prompt_logprobs"][start:start + n]]
                 for c, start, n in zip(choices, starts, lengths)]
@@ -75,8 +80,9 @@ class VLLMServerTeacher:
 
 def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend]:
     """(scorer, sampler) against the servers of teacher.server_urls; the sampler (teacher eval,
-    cold-start traces) uses the first replica."""
+    cold-start traces) uses the first replica, with an hour per request and no retry (a whole
+    benchmark share is one generation request: never sampled twice)."""
     t = cfg.teacher
     rows = model_shape(cfg.pair.teacher, "pair.teacher")[0]
     teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows)
-    return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, t.timeout_s, t.retries)
+    return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, max(t.timeout_s, 3600.0))

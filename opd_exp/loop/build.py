@@ -170,7 +170,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     encode = student_encoder(cfg, tokenizer, teacher_tok, d.prompt_suffix)
     own = cfg.pair.teacher_prompt == "own"
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
-    prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode) if e],
+    routed = list(teachers.encoders.values()) if teachers else []  # each teacher's own rendering
+    prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode, *routed) if e],
                           [c for _, c in shapes.values()])
     cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,

@@ -44,7 +44,12 @@ class Teachers:
         metrics = {}
         for name, scorer in self.scorers.items():
             rows = [b for b, x in enumerate(names_B) if x == name]
+            # the same keys on every rank, whether or not this one had rows for the teacher (NaN
+            # is left out of the mean over ranks)
             metrics[f"teacher/{name}/share"] = len(rows) / B
+            metrics[f"teacher/{name}/seconds"] = 0.0
+            if needs == "sampled":
+                metrics[f"teacher/{name}/logq_mean"] = float("nan")
             if not rows:
                 continue
             idx = torch.tensor(rows, device=rollouts.response_ids_B_T.device)
@@ -57,7 +62,7 @@ class Teachers:
                     if f.name not in merged:
                         merged[f.name] = value.new_zeros((B, *value.shape[1:]))
                     merged[f.name][idx.to(value.device)] = value
-            if part.logp_B_T is not None:
+            if needs == "sampled":
                 mask = rollouts.response_mask_B_T[idx].to(part.logp_B_T.device)
                 metrics[f"teacher/{name}/logq_mean"] = ((part.logp_B_T * mask).sum()
                                                        / mask.sum().clamp(min=1)).item()

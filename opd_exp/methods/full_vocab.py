@@ -95,7 +95,7 @@ class FusedHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(h_B_T_H)
         grad_W_rows = torch.zeros_like(W_rows_H) if W_rows_H.requires_grad else None
         grad_W = None if grad_W_rows is None else grad_W_rows[:vocab]  # a view into it
-        total = h_B_T_H.new_zeros(())
+        total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C = h_B_T_H[:, c:c + chunk]
             with torch.enable_grad():

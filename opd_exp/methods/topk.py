@@ -25,7 +25,7 @@ class FusedSupportLoss(torch.autograd.Function):
     def forward(ctx, h_B_T_H, W_V_H, idx_B_T_K, fn, chunk, *extra_B_T):
         grad_h = torch.zeros_like(h_B_T_H)
         grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
-        total = h_B_T_H.new_zeros(())
+        total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
             W_S = W_V_H[idx_C]  # [B, C, K, H]
@@ -36,8 +36,12 @@ class FusedSupportLoss(torch.autograd.Function):
             total += loss_c.detach()
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
-            if grad_W is not None:
-                grad_W.index_add_(0, idx_C.reshape(-1), (g_C[..., None] * h_C[:, :, None, :]).flatten(0, 2))
+            if grad_W is not None:  # a chunk's rows summed in float32 first, then added once
+                rows, where = idx_C.reshape(-1).unique(return_inverse=True)
+                acc = torch.promote_types(W_V_H.dtype, torch.float32)
+                part = W_V_H.new_zeros(len(rows), W_V_H.shape[1], dtype=acc)
+                part.index_add_(0, where, (g_C[..., None] * h_C[:, :, None, :]).flatten(0, 2).to(acc))
+                grad_W.index_add_(0, rows, part.to(grad_W.dtype))
         ctx.save_for_backward(grad_h, grad_W)
         ctx.n_extra = len(extra_B_T)
         return total
