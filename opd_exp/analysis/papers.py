@@ -77,7 +77,8 @@ TABLES: dict[str, Table] = {
         poweropd_paper, baseline=lambda c: c["reward"]["name"] == "log_ratio"
         and c["objective"]["name"] == "sampled_token"),
     "lsm_single_task": Table(
-        "Revisiting OPD: local support matching", method, {**AVG_BEFORE, **GRAD},
+        "Revisiting OPD: local support matching", method,
+        {**AVG_BEFORE, **GRAD, "teacher avg": lambda run, k: last(run.records, f"teacher/eval/avg@{k}")},
         "LSM (SPEC §5), 5-benchmark math average: student 28.2, teacher 56.0", lsm_paper),
     "rethinking_recovery": Table(
         "Rethinking OPD: failing pairs and recipes",
