@@ -81,7 +81,28 @@ class FullVocabOPD:
                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
 
 
-class FusedHeadLoss(torch.autograd.Function):
+class GradientInForward(torch.autograd.Function):
+    """Base of the fused LM-head losses, whose forward(h, W, a, b, c, *extra) returns the loss
+    and saves the gradients it already formed, (dL/dh, dL/dW or None): backward only scales them
+    by the incoming gradient (in place: they are used once)."""
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors
+        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
+                None, *([None] * ctx.n_extra))
+
+
+def chunk_loss_and_grad(fn, logits: torch.Tensor, extra_B_T: tuple, c: int, chunk: int):
+    """(the chunk's loss, its gradient w.r.t. `logits`), `extra_B_T` cut to the chunk."""
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_()
+        loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
+        (g_C,) = torch.autograd.grad(loss_c, logits)
+    return loss_c.detach(), g_C
+
+
+class FusedHeadLoss(GradientInForward):
     """Σ_chunks f(h_C W^T, *extra_C) with the LM head fused into the loss (like fused linear
     cross-entropy): the forward computes each chunk's logits, its loss and the loss's gradient
     w.r.t. those logits, g_C, then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
@@ -98,11 +119,8 @@ class FusedHeadLoss(torch.autograd.Function):
         total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C = h_B_T_H[:, c:c + chunk]
-            with torch.enable_grad():
-                logits = (h_C @ W_V_H.T).detach().requires_grad_()
-                loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
-                (g_C,) = torch.autograd.grad(loss_c, logits)
-            total += loss_c.detach()
+            loss_c, g_C = chunk_loss_and_grad(fn, h_C @ W_V_H.T, extra_B_T, c, chunk)
+            total += loss_c
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = g_C @ W_V_H
             if grad_W is not None:  # in place: no second [V, H] buffer
@@ -110,12 +128,6 @@ class FusedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_W_rows)
         ctx.n_extra = len(extra_B_T)
         return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
-        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
-                None, *([None] * ctx.n_extra))
 
 
 def plain_linear(head) -> bool:

@@ -10,10 +10,10 @@ from opd_exp.config.registry import teacher_needs
 from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
-from opd_exp.methods.full_vocab import plain_linear
+from opd_exp.methods.full_vocab import GradientInForward, chunk_loss_and_grad, plain_linear
 
 
-class FusedSupportLoss(torch.autograd.Function):
+class FusedSupportLoss(GradientInForward):
     """Σ_chunks f(logits_S_C, *extra_C) where logits_S = W[idx] h are the student's logits on a
     support of K token ids per position (the teacher's top-K), with the LM head fused in as
     full_vocab's FusedHeadLoss: each chunk's gradient w.r.t. its [B, C, K] logits, g, is formed
@@ -29,11 +29,8 @@ class FusedSupportLoss(torch.autograd.Function):
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
             W_S = W_V_H[idx_C]  # [B, C, K, H]
-            with torch.enable_grad():
-                logits = (W_S @ h_C[..., None])[..., 0].detach().requires_grad_()
-                loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
-                (g_C,) = torch.autograd.grad(loss_c, logits)
-            total += loss_c.detach()
+            loss_c, g_C = chunk_loss_and_grad(fn, (W_S @ h_C[..., None])[..., 0], extra_B_T, c, chunk)
+            total += loss_c
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
             if grad_W is not None:  # a chunk's rows summed in float32 first, then added once
@@ -45,12 +42,6 @@ class FusedSupportLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_W)
         ctx.n_extra = len(extra_B_T)
         return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_W = ctx.saved_tensors  # used once: scale in place
-        return (grad_h.mul_(grad_out), None if grad_W is None else grad_W.mul_(grad_out), None, None,
-                None, *([None] * ctx.n_extra))
 
 
 class TopKOPD:
