@@ -206,7 +206,8 @@ def write_plots(runs: list[Run], table: Table, out_dir: Path, k: int) -> list[Pa
     written = []
 
     def save(fig, ax, fname: str) -> None:
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # nothing drawn (e.g. no evaluation): no legend
+            ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out_dir / f"{fname}.png", dpi=100)
         written.append(out_dir / f"{fname}.png")
