@@ -112,6 +112,9 @@ class TeacherConfig:
     server_urls: list[str] = field(default_factory=list)  # vllm_server: replicas of the teacher
     timeout_s: float = 600.0  # vllm_server: per request
     retries: int = 3  # vllm_server: per request and replica, before its share goes to the next
+    # a folder for teacher scores of sequences that do not change with training (prompt selection),
+    # content-addressed and shared by a sweep's runs (opd_exp/runtime/score_cache.py); None = off
+    cache_dir: Optional[str] = None
 
 
 @dataclass

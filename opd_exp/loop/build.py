@@ -22,7 +22,8 @@ from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts, student_encoder
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
-                                       load_tokenizer, model_shape, save_model, stop_token_ids)
+                                       load_tokenizer, model_shape, resolve_path, save_model,
+                                       stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
@@ -34,6 +35,7 @@ from opd_exp.recipes.cold_start import TeacherTraces
 from opd_exp.recipes.prompt_selection import overlaps, pass_rates, select_prompts
 from opd_exp.runtime import checkpoint
 from opd_exp.runtime.loggers import make_logger, read_records
+from opd_exp.runtime.score_cache import CachedTeacher, teacher_identity
 
 
 @dataclass
@@ -182,6 +184,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         if dist.is_main:
             checkpoint.clear(run_dir)
         dist.barrier()
+    scorer = teacher if cfg.teacher.cache_dir is None else CachedTeacher(
+        teacher, cfg.teacher.cache_dir, teacher_identity(cfg.pair.teacher, cfg.teacher.backend,
+                                                         resolve_path(cfg.pair.teacher.path)))
     if pc.score != "none":  # scored by the student before it trains (cached for a resume)
         def score(problems: list, chunk_no: int) -> list[float]:
             torch.manual_seed(step_seed(cfg.trainer.seed, chunk_no, purpose=2, rank=dist.rank))
@@ -189,10 +194,13 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                 return pass_rates(problems, teacher_rollout, teacher_encode or encode,
                                   replace(sampling, n=pc.samples), tokenizer)
             return overlaps(problems, rollout, encode, sampling,
-                            HFPolicy(learner.policy, vocab_size=vocab), teacher, pc.k, dist.device,
+                            HFPolicy(learner.policy, vocab_size=vocab), scorer, pc.k, dist.device,
                             cfg.learner.micro_batch_size, teacher_encode, tokenizer.pad_token_id)
         prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
                                  made_under(cfg, SCORES_DEPEND_ON), dist, score)
+        if scorer is not teacher:  # sequences scored by the teacher: read back / asked
+            prompts = replace(prompts, info={**prompts.info, "data/teacher_cache_hits": scorer.hits,
+                                             "data/teacher_cache_misses": scorer.misses})
     traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, TRACES_DEPEND_ON),
                            teacher_rollout, tokenizer, encode, teacher_encode or encode, sampling,
                            stop_ids, cfg.schedule) if cold else None
