@@ -198,9 +198,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                             cfg.learner.micro_batch_size, teacher_encode, tokenizer.pad_token_id)
         prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
                                  made_under(cfg, SCORES_DEPEND_ON), dist, score)
-        if scorer is not teacher:  # sequences scored by the teacher: read back / asked
-            prompts = replace(prompts, info={**prompts.info, "data/teacher_cache_hits": scorer.hits,
-                                             "data/teacher_cache_misses": scorer.misses})
+        if scorer is not teacher:  # sequences scored by the teacher: read back / asked (all ranks)
+            prompts = replace(prompts, info={**prompts.info, **dist.reduce_metrics(
+                {"data/teacher_cache_hits": scorer.hits, "data/teacher_cache_misses": scorer.misses})})
     traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, TRACES_DEPEND_ON),
                            teacher_rollout, tokenizer, encode, teacher_encode or encode, sampling,
                            stop_ids, cfg.schedule) if cold else None
