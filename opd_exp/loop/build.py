@@ -118,17 +118,17 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
                         "skipped_too_long")
 
 
-def routed_teachers(cfg: DictConfig, main: Teacher, tokenizer, stop_ids: set[int], dist: Dist,
-                    others: dict) -> Teachers:
-    """pair.teachers, each built as pair.teacher is (teacher.backend), beside it ("main")."""
+def routed_teachers(cfg: DictConfig, main: Teacher, main_tok, tokenizer, stop_ids: set[int],
+                    dist: Dist, others: dict) -> Teachers:
+    """pair.teachers, each built as pair.teacher is (teacher.backend), beside it ("main");
+    `others`: name → (model config, tokenizer), `main_tok` pair.teacher's tokenizer."""
     scorers, encoders = {"main": main}, {}
     d = cfg.data
-    for name, (mc, tok) in {"main": (cfg.pair.teacher, None), **others}.items():
+    for name, (mc, tok) in {"main": (cfg.pair.teacher, main_tok), **others}.items():
         if name != "main":
             one = OmegaConf.merge(cfg, {"pair": {"teacher": mc}})
             scorers[name], _ = resolve(TEACHERS[cfg.teacher.backend])(one, tokenizer, stop_ids, dist.device)
         if cfg.pair.teacher_prompt == "own":
-            tok = tok or load_tokenizer(mc, "pair.teacher")
             encoders[name] = make_encoder(tok, d.chat_template, d.prompt_suffix, mc)
     return Teachers(scorers, dict(cfg.pair.routes), encoders)
 
@@ -165,7 +165,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                      work_dir, dist.rank)
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
                                                                       dist.device)
-    teachers = routed_teachers(cfg, teacher, tokenizer, stop_ids, dist, others) if others else None
+    teachers = (routed_teachers(cfg, teacher, teacher_tok, tokenizer, stop_ids, dist, others)
+                if others else None)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
     d, t, pc = cfg.data, cfg.pair.teacher, cfg.prompts
