@@ -107,7 +107,7 @@ def main() -> None:
     if a.one:
         print(json.dumps(run_one(a.one[0], int(a.one[1]), a.vocab, a.hidden, a.chunk, a.k)))
         return
-    rows = []
+    rows, failed = [], []
     for T in a.lengths:
         for impl in a.impls:
             out = subprocess.run([sys.executable, __file__, "--one", impl, str(T), "--vocab",
@@ -115,6 +115,7 @@ def main() -> None:
                                   "--k", str(a.k)], capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
+                failed.append(f"{impl} T={T}")
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
@@ -123,6 +124,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['T']} | {r['impl']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} | {r['loss']:.6f} |")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

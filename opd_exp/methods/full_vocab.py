@@ -68,14 +68,19 @@ class FullVocabOPD:
                vocab: int | None = None) -> torch.Tensor:
         """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time, over the
         first `vocab` rows of each head (padded rows past the tokenizer's vocabulary: never)."""
+        def teacher_logq(h_t_C):
+            return torch.log_softmax(upcast(head_t(h_t_C)[..., :vocab]), -1)
+
         def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
             logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
             with torch.no_grad():
-                logq = torch.log_softmax(upcast(head_t(h_t_C)[..., :vocab]), -1)
+                logq = teacher_logq(h_t_C)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
         if plain_linear(head_s) and torch.is_grad_enabled():
-            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, chunk_loss, self.chunk, vocab,
+            fn = (with_autograd(chunk_loss) if self.kind != "reverse_kl" else
+                  lambda z, h_t_C, m_C: reverse_kl_and_grad(z, teacher_logq(h_t_C), m_C, self.temperature))
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, fn, self.chunk, vocab,
                                        h_t_B_T_H, mask_B_T)
         return chunked(lambda h, t, m: chunk_loss(head_s(h)[..., :vocab], t, m), self.chunk,
                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
@@ -93,13 +98,30 @@ class GradientInForward(torch.autograd.Function):
                 None, *([None] * ctx.n_extra))
 
 
-def chunk_loss_and_grad(fn, logits: torch.Tensor, extra_B_T: tuple, c: int, chunk: int):
-    """(the chunk's loss, its gradient w.r.t. `logits`), `extra_B_T` cut to the chunk."""
-    with torch.enable_grad():
-        logits = logits.detach().requires_grad_()
-        loss_c = fn(logits, *[x[:, c:c + chunk] for x in extra_B_T])
-        (g_C,) = torch.autograd.grad(loss_c, logits)
-    return loss_c.detach(), g_C
+def with_autograd(fn):
+    """fn(logits, *extra) → loss, made into (logits, *extra) → (loss, its gradient w.r.t. logits)."""
+    def loss_and_grad(logits: torch.Tensor, *extra):
+        with torch.enable_grad():
+            logits = logits.detach().requires_grad_()
+            loss_c = fn(logits, *extra)
+            (g_C,) = torch.autograd.grad(loss_c, logits)
+        return loss_c.detach(), g_C
+    return loss_and_grad
+
+
+def reverse_kl_and_grad(z_B_C_V: torch.Tensor, logq_B_C_V: torch.Tensor, mask_B_C: torch.Tensor,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ m_t KL(p_t ‖ q_t), p = softmax(z / T) the student's, q the teacher's, and its gradient
+    w.r.t. the student's logits z, in closed form:
+        ∂/∂z_v = (m_t / T) · p_v · (log p_v − log q_v − KL(p_t ‖ q_t)).
+    Works in place on `z` and `logq` (both consumed): two [B, C, V] buffers, no autograd graph."""
+    logp = upcast(z_B_C_V).div_(temperature)
+    logp -= torch.logsumexp(logp, -1, keepdim=True)
+    diff = logq_B_C_V.neg_().add_(logp)  # log p − log q, in the teacher's buffer
+    p = logp.exp_()
+    kl_B_C = (p[..., None, :] @ diff[..., :, None])[..., 0, 0]  # Σ_v p (log p − log q), no [C, V] product
+    g = diff.sub_(kl_B_C[..., None]).mul_(p).mul_((mask_B_C / temperature)[..., None])
+    return (kl_B_C * mask_B_C).sum(), g
 
 
 class FusedHeadLoss(GradientInForward):
@@ -119,7 +141,7 @@ class FusedHeadLoss(GradientInForward):
         total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C = h_B_T_H[:, c:c + chunk]
-            loss_c, g_C = chunk_loss_and_grad(fn, h_C @ W_V_H.T, extra_B_T, c, chunk)
+            loss_c, g_C = fn(h_C @ W_V_H.T, *[x[:, c:c + chunk] for x in extra_B_T])
             total += loss_c
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = g_C @ W_V_H

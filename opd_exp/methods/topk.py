@@ -10,7 +10,7 @@ from opd_exp.config.registry import teacher_needs
 from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
-from opd_exp.methods.full_vocab import GradientInForward, chunk_loss_and_grad, plain_linear
+from opd_exp.methods.full_vocab import GradientInForward, plain_linear, with_autograd
 
 
 class FusedSupportLoss(GradientInForward):
@@ -29,7 +29,7 @@ class FusedSupportLoss(GradientInForward):
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
             W_S = W_V_H[idx_C]  # [B, C, K, H]
-            loss_c, g_C = chunk_loss_and_grad(fn, (W_S @ h_C[..., None])[..., 0], extra_B_T, c, chunk)
+            loss_c, g_C = with_autograd(fn)((W_S @ h_C[..., None])[..., 0], *[x[:, c:c + chunk] for x in extra_B_T])
             total += loss_c
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
