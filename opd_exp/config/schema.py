@@ -98,6 +98,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
     is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
+    # 1: step t+1's rollouts are sampled (from the weights before update t) while step t trains —
+    # one-step-off-policy, loop/ahead.py; 0: every step samples from its own weights (exact resume)
+    max_staleness: int = 0
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
 
 

@@ -124,6 +124,18 @@ def validate(cfg: DictConfig) -> None:
              "an http(s):// address")
     _choice("rollout.weight_sync", r.weight_sync, {"memory", "disk"})
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
+    _require(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness,
+             "0 (each step samples from its own weights) or 1 (one step ahead, in the background)")
+    if r.max_staleness:
+        _require(cfg.learner.backend == "torch", "rollout.max_staleness", r.max_staleness,
+                 f"0 with learner.backend={cfg.learner.backend} (background sampling is built for "
+                 "the torch learner)")
+        _require(o.rollouts_from == "student", "rollout.max_staleness", r.max_staleness,
+                 "0 with objective.rollouts_from=teacher (only the student's rollouts run ahead)")
+        _require(r.sync_every == 1, "rollout.sync_every", r.sync_every, "1 with rollout.max_staleness=1")
+        _require(o.name != "sampled_token" or r.is_cap > 0, "rollout.is_cap", r.is_cap,
+                 "a number >= 1 (e.g. 2.0) with rollout.max_staleness=1: the sampled-token "
+                 "estimator must correct the one-step lag by importance weights")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
              r.gpu_memory_utilization, "0 < x <= 1")

@@ -54,6 +54,8 @@ class HFRollout:
     learner differentiates.
     """
 
+    shares_weights = True  # samples from the learner's own tensors (a background sampler copies them)
+
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stop_ids = sorted(stop_ids)

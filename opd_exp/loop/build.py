@@ -25,6 +25,7 @@ from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load
                                        load_tokenizer, model_shape, resolve_path, save_model,
                                        stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.loop.ahead import AheadSampler
 from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
 from opd_exp.loop.routing import Teachers
@@ -213,6 +214,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         start = checkpoint.load_step(resume_from)
         evaluator.recall(read_records(run_dir / "metrics.jsonl"))
         print(f"resumed from {resume_from} at step {start}")
+    if cfg.rollout.max_staleness:  # sampled one step ahead, in the background (loop/ahead.py)
+        rollout = AheadSampler(rollout, learner.policy, getattr(rollout, "shares_weights", False))
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,

@@ -154,6 +154,10 @@ class Diagnostics:
                                             lc.subspace_k)
         return cls(cfg, run_dir, is_main, geometry, constraint)
 
+    def token_due(self, step: int) -> bool:
+        """Token diagnostics run before update `step` + 1."""
+        return bool(self.cfg.diag.every) and (step + 1) % self.cfg.diag.every == 0
+
     def before_update(self, step: int, batch: StepBatch, learner, teacher, scored,
                       objective, on_policy: bool) -> dict[str, float]:
         """Zero-based optimizer step `step`: token diagnostics when (step + 1) % diag.every == 0
@@ -162,7 +166,7 @@ class Diagnostics:
         out, dc = {}, self.cfg.diag
         if self.constraint is not None and self.constraint.due(step):
             self.constraint.start(self.geometry, learner.policy)
-        if dc.every and (step + 1) % dc.every == 0:
+        if self.token_due(step):
             view = HFPolicy(learner.policy, vocab_size=getattr(learner.view, "vocab_size", None))
             with torch.random.fork_rng():
                 out.update(token_metrics(batch, view, teacher, scored, self.cfg))

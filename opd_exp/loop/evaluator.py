@@ -42,6 +42,8 @@ class Evaluator:
                 self.before = r.get(f"eval/{self.key}", self.before)
 
     def __call__(self, rollout, step: int, prefix: str = "eval") -> dict[str, float]:
+        if hasattr(rollout, "wait"):  # a sampler running ahead (loop/ahead.py) draws no more
+            rollout.wait()
         torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))
         t = time.time()
         encode = self.teacher_encode if prefix.startswith("teacher") and self.teacher_encode else self.encode

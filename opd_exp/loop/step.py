@@ -16,7 +16,7 @@ from opd_exp.loop.seeds import step_seed
 from opd_exp.methods.importance import truncated_is_weights
 
 
-def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, list | None, dict]:
+def sample(run: Run, step: int, problems: list, cold: bool) -> tuple[list, object, bool, list | None, dict]:
     """(the problems, their rollouts, on-policy?, the teacher's own prompt ids or None, schedule/
     metrics): the student's own rollouts, the teacher's (objective.rollouts_from=teacher: sampled
     after the teacher's prompt, trained after the student's), or during a cold start the cached,
@@ -28,12 +28,28 @@ def sample(run: Run, problems: list, cold: bool) -> tuple[list, object, bool, li
     student = [run.encode(p.prompt) for p in problems]
     teacher = None if run.teacher_encode is None else [  # each prompt as its teacher renders it
         run.teachers.prompt_ids(p) if run.teachers else run.teacher_encode(p.prompt) for p in problems]
+    if run.cfg.objective.rollouts_from == "student" and run.cfg.rollout.max_staleness:
+        rollouts = run.rollout.take(step, student)  # started during the previous step, or None
+        m["rollout/staleness"] = float(rollouts is not None)
+        rollouts = rollouts or run.rollout.generate(student, run.sampling)
+        start_ahead(run, step + 1)
+        return problems, rollouts, True, teacher, m
     if run.cfg.objective.rollouts_from == "student":
         return problems, run.rollout.generate(student, run.sampling), True, teacher, m
     rollouts = run.teacher_rollout.generate(teacher or student, run.sampling)
     if teacher:
         rollouts = rollouts.with_prompts(student, run.tokenizer.pad_token_id)
     return problems, rollouts, False, teacher, m
+
+
+def start_ahead(run: Run, step: int) -> None:
+    """rollout.max_staleness=1: start sampling step `step`'s prompts in the background from the
+    learner's current weights (loop/ahead.py), unless the run ends or is still cold by then."""
+    cfg = run.cfg
+    if step >= cfg.trainer.steps or (run.traces is not None and step < cfg.schedule.cold_start_steps):
+        return
+    prompts = [run.encode(p.prompt) for p in run.dist.shard(step_prompts(run, step, False))]
+    run.rollout.start(step, prompts, run.sampling, step_seed(cfg.trainer.seed, step, rank=run.dist.rank))
 
 
 def step_prompts(run: Run, step: int, cold: bool) -> list:
@@ -56,14 +72,19 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     cfg, dist = run.cfg, run.dist
     cold = run.traces is not None and step < cfg.schedule.cold_start_steps
     objective = run.sft if cold else run.objective
-    t0 = time.time()
+    ahead = cfg.rollout.max_staleness > 0  # a sampler running ahead draws no random number
+    t0 = time.time()                       # while this thread seeds, diagnoses or shares vLLM
+    if ahead:
+        run.rollout.wait()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(step_prompts(run, step, cold))  # this rank's prompts
-    problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, problems, cold)
+    problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, step, problems, cold)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
     t1 = time.time()
+    if ahead and cfg.rollout.backend == cfg.teacher.backend == "vllm":
+        run.rollout.wait()  # two in-process vLLM engines never run at once
     scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
               else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
     if run.teachers is None:
@@ -78,6 +99,8 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
             batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
     batch, obj_metrics = objective.prepare(batch)
     t_diag = time.time()
+    if ahead and run.diag.token_due(step):
+        run.rollout.wait()
     diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective,
                                            on_policy)
     t_diag = time.time() - t_diag

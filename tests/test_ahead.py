@@ -1,0 +1,155 @@
+"""One-step-off-policy rollouts (rollout.max_staleness=1, opd_exp/loop/ahead.py)."""
+
+import json
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from opd_exp.config import ConfigError
+from opd_exp.loop.ahead import AheadSampler
+from opd_exp.train import train
+
+from .conftest import TINY_RUN, compose
+
+AHEAD = TINY_RUN + ["rollout.max_staleness=1", "rollout.is_cap=2", "eval.every=0"]
+
+
+class VersionBackend:
+    """A sampler whose 'rollouts' are the weight it holds when sampling starts and when it ends
+    (it samples slowly): shows which weights each rollout came from and that they never change
+    during a sampling."""
+
+    def __init__(self):
+        self.weight = None
+        self.busy = threading.Event()
+
+    def sync_weights(self, model):
+        assert not self.busy.is_set(), "weights pushed while sampling"
+        self.weight = model.weight.item()
+
+    def generate(self, prompts, sampling):
+        self.busy.set()
+        first = self.weight
+        time.sleep(0.05)
+        self.busy.clear()
+        return (first, self.weight, torch.rand(()).item())
+
+
+def _learner_step(policy):
+    with torch.no_grad():
+        policy.weight += 1
+
+
+def test_sampler_runs_one_step_behind_and_never_changes_weights_mid_sampling():
+    policy = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    ahead = AheadSampler(VersionBackend(), policy, shares_weights=False)
+    prompts = [[1, 2]]
+    assert ahead.take(0, prompts) is None  # nothing started: step 0 samples in the foreground
+    first = ahead.generate(prompts, None)
+    assert first[:2] == (0.0, 0.0)  # W_0
+    for t in range(4):  # step t: take (t > 0), start t + 1, then the learner updates W_t → W_{t+1}
+        if t:
+            got = ahead.take(t, prompts)
+            assert got[:2] == (t - 1.0, t - 1.0)  # sampled from W_{t-1}: staleness 1
+        ahead.start(t + 1, prompts, None, seed=t + 1)
+        _learner_step(policy)  # overlaps the sampling; the sampler's weight must not move
+        ahead.sync_weights(policy)  # only marks them
+    # a foreground sampling (evaluation) waits for the background one, then uses the newest weights
+    ahead.start(5, prompts, None, seed=5)
+    _learner_step(policy)
+    ahead.sync_weights(policy)
+    assert ahead.generate(prompts, None)[:2] == (5.0, 5.0)
+    # the background result is kept for its own step; another step or other prompts do not get it
+    assert ahead.take(6, prompts) is None
+    ahead.start(6, prompts, None, seed=6)
+    assert ahead.take(6, [[9]]) is None
+    ahead.close()
+
+
+def test_background_draws_start_from_the_steps_seed():
+    policy = torch.nn.Linear(1, 1, bias=False)
+    a, b = (AheadSampler(VersionBackend(), policy, shares_weights=False) for _ in range(2))
+    a.start(3, [[1]], None, seed=11)
+    first = a.take(3, [[1]])[2]
+    torch.rand(5)  # the main thread's own draws before the next start do not matter
+    b.start(3, [[1]], None, seed=11)
+    assert b.take(3, [[1]])[2] == first
+
+
+def test_hf_sampler_gets_a_copy_the_learner_cannot_change_mid_sampling():
+    policy = torch.nn.Linear(2, 2, bias=False)
+
+    class Shared(VersionBackend):
+        def sync_weights(self, model):
+            self.model = model
+
+        def generate(self, prompts, sampling):
+            before = self.model.weight.clone()
+            time.sleep(0.05)
+            return torch.equal(before, self.model.weight), self.model is policy
+
+    ahead = AheadSampler(Shared(), policy, shares_weights=True)
+    ahead.sync_weights(policy)
+    ahead.start(1, [[1]], None, seed=0)
+    with torch.no_grad():
+        policy.weight.mul_(3)  # the learner's update, during the sampling
+    unchanged, is_learner = ahead.take(1, [[1]])
+    assert unchanged and not is_learner
+    ahead.sync_weights(policy)
+    ahead.generate([[1]], None)
+    assert torch.equal(ahead.copy.weight, policy.weight)  # pushed on the next use
+
+
+def _records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMINGS = ("seconds",)
+
+
+def _no_timings(r):
+    return {k: v for k, v in r.items() if not k.endswith(TIMINGS)}
+
+
+def test_ahead_run_trains_with_staleness_at_most_one_and_is_reproducible(tmp_path, use_tiny_world):
+    cfg = AHEAD + ["trainer.steps=4", "eval.every=2", "learner.lr=1e-2"]
+    train(compose(cfg), tmp_path / "a")
+    train(compose(cfg), tmp_path / "b")
+    recs = [r for r in _records(tmp_path / "a") if r["step"] > 0]
+    assert [r["rollout/staleness"] for r in recs] == [0.0, 1.0, 1.0, 1.0]
+    for r in recs:
+        assert all(math.isfinite(v) for v in r.values()), r
+    # step 1 samples from the learner's own weights; later steps from the weights one update back
+    assert recs[0]["rollout/logprob_mismatch"] < 1e-5
+    assert all(r["rollout/logprob_mismatch"] > 1e-4 for r in recs[1:])
+    assert all(r["train/is_weight_mean"] != 1.0 for r in recs[1:])
+    assert "eval/avg@2" in recs[1] and "eval/avg@2" in recs[3]
+    same = [_no_timings(r) for r in _records(tmp_path / "b")]
+    assert [_no_timings(r) for r in _records(tmp_path / "a")] == same
+
+
+def test_ahead_run_resumes(tmp_path, use_tiny_world):
+    """A resumed run continues (its first step samples in the foreground: staleness 0)."""
+    base = AHEAD + ["trainer.save_every=2"]
+    train(compose(base + ["trainer.steps=2"]), tmp_path)
+    train(compose(base + ["trainer.steps=4", "trainer.resume=true"]), tmp_path)
+    recs = [r for r in _records(tmp_path) if r["step"] > 0]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["rollout/staleness"] for r in recs] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("override, key", [
+    (["rollout.max_staleness=2"], "rollout.max_staleness"),
+    (["rollout.is_cap=0"], "rollout.is_cap"),
+    (["rollout.sync_every=2"], "rollout.sync_every"),
+    (["learner=deepspeed"], "rollout.max_staleness"),
+    (["objective.rollouts_from=teacher"], "rollout.max_staleness"),
+])
+def test_ahead_refusals_name_the_field(tmp_path, use_tiny_world, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train(compose(AHEAD + override), tmp_path)
