@@ -64,6 +64,17 @@ def rethinking_paper(cfg: dict) -> str:
     return ""
 
 
+def teachers_row(cfg: dict) -> str:
+    """`main ← toy:teacher_short · long ← toy:teacher_long (L4, L5, L6)` for a routed run."""
+    pair = cfg["pair"]
+    by = {}
+    for tag, name in sorted(pair.get("routes", {}).items()):
+        by.setdefault(name, []).append(tag)
+    parts = [pair["teacher"]["path"] + (" (the rest)" if by else "")]
+    parts += [f"{t['path']} ({', '.join(by.get(n, []))})" for n, t in sorted(pair.get("teachers", {}).items())]
+    return " + ".join(parts) + f" · {method(cfg)}"
+
+
 TABLES: dict[str, Table] = {
     "poweropd_alpha": Table(
         "PowerOPD: α sweep", method, {**GRAD, **TAIL},
@@ -90,6 +101,11 @@ TABLES: dict[str, Table] = {
         "Rethinking OPD (SPEC §2, §5): OPD fails from a teacher with another thinking pattern "
         "or with nothing new; an off-policy cold start and teacher-aligned prompts recover it",
         rethinking_paper),
+    "multi_teacher": Table(
+        "Multi-teacher OPD: two specialists routed by level", teachers_row,
+        {**AVG_BEFORE, "gap recovered": lambda run, k: last(run.records, "eval/gap_recovery")},
+        "Multi-teacher OPD (issue 13): each prompt scored by the teacher its tag routes to; the "
+        "student should gain on the levels of both teachers (per-level columns: the full table)"),
     "geometry_sparsity": Table(
         "Parameter geometry of SFT, OPD and RLVR", method,
         {**GEOMETRY, "Sim_K(first, end)": early_locking},

@@ -96,6 +96,9 @@ class RolloutConfig:
     weight_sync: str = "memory"
     max_model_len: int = 0  # vllm: context length of the engine; 0 = the model's own
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
+    # vllm: the engine's KV cache in MiB (its kv_cache_memory_bytes); 0 = the engine decides
+    # (CPU: VLLM_CPU_KVCACHE_SPACE GiB, which wins when set; GPU: gpu_memory_utilization)
+    kv_cache_mib: int = 0
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
     is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
     # 1: step t+1's rollouts are sampled (from the weights before update t) while step t trains —

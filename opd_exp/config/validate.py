@@ -137,6 +137,7 @@ def validate(cfg: DictConfig) -> None:
                  "a number >= 1 (e.g. 2.0) with rollout.max_staleness=1: the sampled-token "
                  "estimator must correct the one-step lag by importance weights")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
+    _require(r.kv_cache_mib >= 0, "rollout.kv_cache_mib", r.kv_cache_mib, "an integer >= 0 (0 = the engine decides)")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
              r.gpu_memory_utilization, "0 < x <= 1")
     tc = cfg.teacher

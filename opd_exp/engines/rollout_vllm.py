@@ -77,13 +77,15 @@ class VLLMRollout(VLLMSampler):
 
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
-                 seed: int, sleep: bool = False, weight_sync: str = "memory"):
+                 seed: int, sleep: bool = False, weight_sync: str = "memory", kv_cache_mib: int = 0):
         self.weights_dir = Path(work_dir) / "vllm_weights"
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         if sleep:
             kw["enable_sleep_mode"] = True
+        if kv_cache_mib:
+            kw["kv_cache_memory_bytes"] = kv_cache_mib * 2**20
         rows = model.get_output_embeddings().weight.shape[0]
         super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
                                       seed=seed, **kw), tokenizer, stop_ids, sleep,
@@ -162,4 +164,4 @@ def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBac
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                        sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank,
-                       sleep=r.sleep, weight_sync=r.weight_sync)
+                       sleep=r.sleep, weight_sync=r.weight_sync, kv_cache_mib=r.kv_cache_mib)

@@ -114,7 +114,8 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     if diag_metrics:
         metrics.update(diag_metrics, **{"diag/seconds": t_diag})
     metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
-                    "train/seconds": t_sync - t2 - t_diag, "rollout/sync_seconds": t3 - t_sync})
+                    "train/seconds": t_sync - t2 - t_diag, "rollout/sync_seconds": t3 - t_sync,
+                    "train/step_seconds": time.time() - t0})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
 
 

@@ -18,7 +18,8 @@ SHIPPED_DIR = Path(__file__).parent / "artifacts"
 CACHE_DIR = Path.home() / ".cache" / "opd_exp" / "toyworld"
 ENV_VAR = "OPD_EXP_TOY_DIR"
 PAIR = ("teacher", "student")
-VARIANT_NAMES = ("teacher_foreign", "teacher_same_data", "base_student")  # = build.VARIANTS
+VARIANT_NAMES = ("teacher_foreign", "teacher_same_data", "base_student", "teacher_short",
+                 "teacher_long")  # = build.VARIANTS
 MODEL_NAMES = PAIR + VARIANT_NAMES
 
 

@@ -69,6 +69,7 @@ class Variant:
     steps_share: float = 1.0
     at_student_step: bool = False
     stands_for: str = ""
+    levels: tuple[int, ...] | None = None  # task levels it is trained on (None: the teacher's)
 
 
 VARIANTS = (
@@ -80,6 +81,11 @@ VARIANTS = (
         "Rethinking OPD condition (ii): the student's own data and pattern, nothing new")),
     Variant("base_student", "base", 29, steps_share=8 / 15, stands_for=(
         "PowerOPD's Qwen3-Base student: plain text, no think tags, stops at <|endoftext|>")),
+    # two specialists for multi-teacher OPD (pair.teachers routed by level): the student's pattern
+    Variant("teacher_short", "chat", 37, levels=(1, 2, 3), stands_for=(
+        "multi-teacher OPD: a teacher of the short chains (levels 1-3 only)")),
+    Variant("teacher_long", "chat", 41, levels=(4, 5, 6), stands_for=(
+        "multi-teacher OPD: a teacher of the long chains (levels 4-6 only)")),
 )
 
 
@@ -205,7 +211,7 @@ def train_variant(v: Variant, folder: Path, tokenizer, seed: int, teacher: Model
                   log=print) -> dict:
     """Train variant `v` and save it into `folder`; its manifest entry."""
     steps = student_step if v.at_student_step else max(1, round(teacher.steps * v.steps_share))
-    spec = replace(teacher, name=v.name, steps=steps)
+    spec = replace(teacher, name=v.name, steps=steps, levels=v.levels or teacher.levels)
     t = time.time()
     model = pretrain(spec, tokenizer, seed + v.seed_offset, exclude, progress, log, style=v.style)
     save_model(folder, model, tokenizer, v.style)

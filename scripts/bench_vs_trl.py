@@ -1,0 +1,179 @@
+"""opd_exp against TRL's `DistillationTrainer`, side by side on the toy pair.
+
+    python scripts/bench_vs_trl.py [--steps 14] [--warmup 4] [--arms NAME …]
+
+The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher), the toy training
+prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
+at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; opd_exp
+objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
+arm is a fresh process reporting its peak RSS (`ru_maxrss` of itself or, for opd_exp, of the
+`python -m opd_exp train` it starts; vLLM's engine runs in that process). Step time = wall time of a step
+(TRL: its trainer's own `step_time`, from the start of the step's generation to the optimizer
+step; opd_exp: `train/step_seconds`); the first `--warmup` steps are dropped and the median of
+the rest is reported, with tokens/s = trained (completion) tokens of the step / its step time and
+the median split of a step into rollout, teacher, train and weight-push time (TRL's teacher
+forward runs inside its loss: timed with forward hooks and taken out of "train").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEQUENCES, MAX_NEW, LR, THREADS = 64, 96, 5e-4, 2
+# vLLM's engine in the arm's own process (its RSS is then the arm's; opd_exp's in-memory weight
+# push needs it too); its KV cache sized by the arm (VLLM_CPU_KVCACHE_SPACE would override that)
+ENV = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
+       "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+KV = 64  # MiB of KV cache: 64 sequences x <= 160 tokens of the toy model need ~3 MiB
+OPD = ["objective=full_vocab", "data.prompts_per_step=16", "rollout.n=4",
+       f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}", f"trainer.threads={THREADS}",
+       "eval.every=0", "logger.mode=disabled", "logger.plots=false", "trainer.save_every=0"]
+VLLM = ["rollout=vllm", "rollout.max_model_len=512", f"rollout.kv_cache_mib={KV}"]
+ARMS = {
+    "trl, HF generate": ("trl", {}),
+    "trl, vLLM colocate": ("trl", {"use_vllm": True, "vllm_mode": "colocate",
+                                   "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.05}),
+    "opd_exp, HF generate": ("opd", []),
+    "opd_exp, HF generate + packing": ("opd", ["learner.packing=true"]),
+    "opd_exp, HF generate + packing + ahead": ("opd", ["learner.packing=true", "rollout.max_staleness=1"]),
+    "opd_exp, vLLM + packing": ("opd", VLLM + ["learner.packing=true"]),
+    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + ["learner.packing=true", "rollout.max_staleness=1"]),
+}
+
+
+def toy_prompts(n: int) -> list[str]:
+    from opd_exp.config import schema_cfg
+    from opd_exp.data import make_prompts
+
+    cfg = schema_cfg({"data": {"prompts_per_step": SEQUENCES}})
+    pool = make_prompts(cfg.data, seed=0)
+    return [pool.batch(i)[j].prompt for i in range(n // SEQUENCES + 1) for j in range(SEQUENCES)][:n]
+
+
+def run_trl(steps: int, extra: dict) -> dict:
+    """TRL's DistillationTrainer on the toy pair; per step: time, tokens, and its split."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opd_exp.engines.hf_models import resolve_path
+
+    torch.set_num_threads(THREADS)
+    student, teacher = resolve_path("toy:student"), resolve_path("toy:teacher")
+    tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
+                              for p in toy_prompts(SEQUENCES * steps)])
+    out = tempfile.mkdtemp(prefix="trl_bench_")
+    args = DistillationConfig(
+        output_dir=out, per_device_train_batch_size=SEQUENCES, gradient_accumulation_steps=1,
+        max_steps=steps, max_completion_length=MAX_NEW, temperature=1.0, beta=1.0,
+        learning_rate=LR, lr_scheduler_type="constant", bf16=False, fp16=False,
+        gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False, seed=0, **extra)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args,
+                                  train_dataset=data, processing_class=tokenizer)
+    clock = {"rollout": 0.0, "teacher": 0.0, "tokens": 0.0}
+    generate = trainer._generate_and_score_completions
+
+    def timed_generate(inputs):
+        t = time.perf_counter()
+        batch = generate(inputs)
+        clock["rollout"] += time.perf_counter() - t
+        clock["tokens"] += batch["completion_mask"].sum().item()
+        return batch
+    trainer._generate_and_score_completions = timed_generate
+    started = {}
+    teacher_model.register_forward_pre_hook(lambda *a: started.__setitem__("t", time.perf_counter()))
+    teacher_model.register_forward_hook(
+        lambda *a: clock.__setitem__("teacher", clock["teacher"] + time.perf_counter() - started["t"]))
+    rows = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            clock.update(rollout=0.0, teacher=0.0, tokens=0.0, t=time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            wall = time.perf_counter() - clock["t"]  # the step's generation happens inside it
+            rows.append({"step": wall, "rollout": clock["rollout"], "teacher": clock["teacher"],
+                         "train": wall - clock["rollout"] - clock["teacher"], "sync": 0.0,
+                         "tokens": clock["tokens"]})
+    trainer.add_callback(Record())
+    trainer.train()
+    return {"rows": rows}
+
+
+def run_opd(steps: int, extra: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="opd_bench_"))
+    cmd = [sys.executable, "-m", "opd_exp", "train", *OPD, *extra, f"trainer.steps={steps}",
+           f"hydra.run.dir={out}"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [{"step": r["train/step_seconds"], "rollout": r["rollout/seconds"],
+             "teacher": r["teacher/seconds"], "train": r["train/seconds"],
+             "sync": r["rollout/sync_seconds"], "tokens": r["rollout/tokens"]}
+            for r in recs if r["step"] > 0]
+    return {"rows": rows}
+
+
+def one(name: str, steps: int) -> dict:
+    kind, extra = ARMS[name]
+    return run_trl(steps, extra) if kind == "trl" else run_opd(steps, extra)
+
+
+def summarise(name: str, rows: list[dict], warmup: int, rss_mib: float) -> dict:
+    kept = rows[warmup:]
+    med = {k: statistics.median(r[k] for r in kept) for k in ("step", "rollout", "teacher", "train", "sync")}
+    tps = statistics.median(r["tokens"] / r["step"] for r in kept)
+    return {"arm": name, "steps": len(kept), **med, "tokens_per_s": tps, "peak_rss_mib": rss_mib}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
+    a = ap.parse_args()
+    if a.one:
+        out = one(a.one, a.steps)
+        peak_kib = max(resource.getrusage(who).ru_maxrss
+                       for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        print(json.dumps({**out, "peak_rss_mib": peak_kib / 1024}))
+        return
+    results, failed = [], []
+    for name in a.arms:  # a fresh process per arm, which reports its own peak RSS
+        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps)],
+                           capture_output=True, text=True, env=ENV)
+        if p.returncode:
+            print(f"{name}: failed\n{p.stderr[-2500:]}", file=sys.stderr)
+            failed.append(name)
+            continue
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(summarise(name, out["rows"], a.warmup, out["peak_rss_mib"]))
+        print(json.dumps(results[-1]), flush=True)
+    print(f"\n{SEQUENCES} sequences/step, ≤ {MAX_NEW} new tokens, full-vocabulary reverse KL, fp32, "
+          f"{THREADS} threads; medians of {a.steps - a.warmup} steps after {a.warmup} warm-up\n")
+    print("| arm | step s | tokens/s | rollout s | teacher s | train s | sync s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['arm']} | {r['step']:.3f} | {r['tokens_per_s']:.0f} | {r['rollout']:.3f} | "
+              f"{r['teacher']:.3f} | {r['train']:.3f} | {r['sync']:.3f} | {r['peak_rss_mib']:.0f} |")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
