@@ -153,3 +153,13 @@ def test_ahead_run_resumes(tmp_path, use_tiny_world):
 def test_ahead_refusals_name_the_field(tmp_path, use_tiny_world, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train(compose(AHEAD + override), tmp_path)
+
+
+def test_ahead_after_a_cold_start(tmp_path, use_tiny_world):
+    """Cold-start steps train on teacher traces (nothing runs ahead); the first objective step
+    samples in the foreground, the next ones one step ahead."""
+    train(compose(AHEAD + ["schedule=cold_start", "schedule.cold_start_steps=2", "trainer.steps=4"]),
+          tmp_path)
+    recs = [r for r in _records(tmp_path) if r["step"] > 0]
+    assert [r["schedule/cold_start"] for r in recs] == [1.0, 1.0, 0.0, 0.0]
+    assert [r.get("rollout/staleness") for r in recs] == [None, None, 0.0, 1.0]
