@@ -110,7 +110,8 @@ def test_variant_names_are_the_built_ones():
 # the stop token each model states (generation_config, config and tokenizer), like its hub kin:
 # a Base model ends with <|endoftext|>, chat models end their turn with <|im_end|>
 STOPS = {"teacher": IM_END, "student": IM_END, "teacher_foreign": IM_END,
-         "teacher_same_data": IM_END, "base_student": PAD}
+         "teacher_same_data": IM_END, "base_student": PAD, "teacher_short": IM_END,
+         "teacher_long": IM_END}
 
 
 @pytest.mark.parametrize("shipped", [False, True])
