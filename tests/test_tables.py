@@ -146,3 +146,36 @@ def test_geometry_table_reads_the_last_param_diagnostics_and_the_first_locking_s
     brief = run_tables(root, "geometry_sparsity", brief=True)  # the mean over benchmarks only
     head = next(line for line in brief.splitlines() if line.startswith("| row"))
     assert "toy_L1" not in head and head.startswith("| row | seeds | mean avg@8 | mean pass@8 | bf16 sparsity")
+
+
+def test_multi_teacher_table_rows_by_teacher_and_level_groups(tmp_path):
+    """Routed and one-teacher runs get their own rows, named by teachers (and the tags each
+    scores); the level-group columns are means over those levels before and after."""
+    root = tmp_path / "mt"
+    for name, pair in (("routed", {"teacher": {"path": "toy:a"}, "teachers": {"long": {"path": "toy:b"}},
+                                   "routes": {"L2": "long"}}),
+                       ("a_only", {"teacher": {"path": "toy:a"}})):
+        for seed in (0, 1):
+            d = root / name / f"seed{seed}"
+            d.mkdir(parents=True)
+            cfg = schema_cfg({"pair": pair, "trainer": {"seed": seed}, "eval": {"benchmarks": BENCHES}})
+            (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            after = (0.5, 0.4) if name == "routed" else (0.5, 0.1)
+            recs = [{"step": 0, "eval/toy_L1/avg@8": 0.2, "eval/toy_L2/avg@8": 0.0, "eval/avg@8": 0.1},
+                    {"step": 1, "train/grad_norm": 1.0},
+                    {"step": 1, "eval/toy_L1/avg@8": after[0], "eval/toy_L2/avg@8": after[1] + 0.1 * seed,
+                     "eval/avg@8": (after[0] + after[1] + 0.1 * seed) / 2}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            (d / "final_metrics.json").write_text("{}")
+    text = run_tables(root, "multi_teacher", brief=True)
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| row") or line.startswith("| toy:")]
+    header, rows = cells[0], {r[0]: dict(zip(cells[0], r)) for r in cells[1:]}
+    assert set(rows) == {"toy:a (the rest) + toy:b (L2) · OPD (log-ratio)", "toy:a · OPD (log-ratio)"}
+    routed, only_a = rows["toy:a (the rest) + toy:b (L2) · OPD (log-ratio)"], rows["toy:a · OPD (log-ratio)"]
+    # group L1–L3 = the evaluated L1, L2: routed (0.5 + 0.4) / 2, (0.5 + 0.5) / 2 → 0.475 ± 0.035;
+    # toy:a alone (0.5 + 0.1) / 2, (0.5 + 0.2) / 2 → 0.325 ± 0.035; before (0.2 + 0) / 2 = 0.1
+    assert routed["L1–L3 avg@k after"] == "**0.475 ± 0.035**"
+    assert only_a["L1–L3 avg@k after"] == "0.325 ± 0.035"
+    assert routed["L1–L3 avg@k before"] == only_a["L1–L3 avg@k before"] == "0.100 ± 0.000"
+    assert routed["L4–L6 avg@k after"] == "–"  # no level of the group evaluated

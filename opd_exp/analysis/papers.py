@@ -75,6 +75,15 @@ def teachers_row(cfg: dict) -> str:
     return " + ".join(parts) + f" · {method(cfg)}"
 
 
+def levels_avg(levels, pick):
+    """Mean Avg@k over those of the toy levels `levels` the run evaluated, at its first or last
+    evaluation (`pick`); NaN if it evaluated none of them."""
+    def value(run, k: int) -> float:
+        got = [v for v in (pick(run.records, f"eval/toy_L{lv}/avg@{k}") for lv in levels) if v == v]
+        return sum(got) / len(got) if got else float("nan")
+    return value
+
+
 TABLES: dict[str, Table] = {
     "poweropd_alpha": Table(
         "PowerOPD: α sweep", method, {**GRAD, **TAIL},
@@ -103,9 +112,10 @@ TABLES: dict[str, Table] = {
         rethinking_paper),
     "multi_teacher": Table(
         "Multi-teacher OPD: two specialists routed by level", teachers_row,
-        {**AVG_BEFORE, "gap recovered": lambda run, k: last(run.records, "eval/gap_recovery")},
+        {**AVG_BEFORE, **{f"L{a}–L{b} avg@k {when}": levels_avg(range(a, b + 1), pick)
+                          for a, b in ((1, 3), (4, 6)) for when, pick in (("before", first), ("after", last))}},
         "Multi-teacher OPD (issue 13): each prompt scored by the teacher its tag routes to; the "
-        "student should gain on the levels of both teachers (per-level columns: the full table)"),
+        "student should gain on the levels of both teachers"),
     "geometry_sparsity": Table(
         "Parameter geometry of SFT, OPD and RLVR", method,
         {**GEOMETRY, "Sim_K(first, end)": early_locking},
