@@ -8,11 +8,14 @@ at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; 
 objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
 arm is a fresh process reporting its peak RSS (`ru_maxrss` of itself or, for opd_exp, of the
 `python -m opd_exp train` it starts; vLLM's engine runs in that process). Step time = wall time of a step
-(TRL: its trainer's own `step_time`, from the start of the step's generation to the optimizer
-step; opd_exp: `train/step_seconds`); the first `--warmup` steps are dropped and the median of
+(TRL: from its trainer's `on_step_begin` to `on_step_end` callbacks — generation, teacher,
+loss, backward and optimizer step; opd_exp: `train/step_seconds`, the same span of `run_step`); the first `--warmup` steps are dropped and the median of
 the rest is reported, with tokens/s = trained (completion) tokens of the step / its step time and
 the median split of a step into rollout, teacher, train and weight-push time (TRL's teacher
-forward runs inside its loss: timed with forward hooks and taken out of "train").
+forward runs inside its loss: timed with forward hooks and taken out of "train"; TRL has no
+separate weight push with HF generate — "–"; with `rollout.max_staleness=1` opd_exp's push is
+part of its rollout time). Between two steps opd_exp's loop only logs (milliseconds), so the
+background sampling of the ahead arms gains almost nothing outside the measured span.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def run_trl(steps: int, extra: dict) -> dict:
         def on_step_end(self, *a, **k):
             wall = time.perf_counter() - clock["t"]  # the step's generation happens inside it
             rows.append({"step": wall, "rollout": clock["rollout"], "teacher": clock["teacher"],
-                         "train": wall - clock["rollout"] - clock["teacher"], "sync": 0.0,
+                         "train": wall - clock["rollout"] - clock["teacher"], "sync": None,
                          "tokens": clock["tokens"]})
     trainer.add_callback(Record())
     trainer.train()
@@ -135,7 +138,8 @@ def one(name: str, steps: int) -> dict:
 
 def summarise(name: str, rows: list[dict], warmup: int, rss_mib: float) -> dict:
     kept = rows[warmup:]
-    med = {k: statistics.median(r[k] for r in kept) for k in ("step", "rollout", "teacher", "train", "sync")}
+    med = {k: statistics.median(r[k] for r in kept) if kept[0][k] is not None else None
+           for k in ("step", "rollout", "teacher", "train", "sync")}
     tps = statistics.median(r["tokens"] / r["step"] for r in kept)
     return {"arm": name, "steps": len(kept), **med, "tokens_per_s": tps, "peak_rss_mib": rss_mib}
 
@@ -147,6 +151,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
     a = ap.parse_args()
+    if a.steps <= a.warmup:
+        ap.error("--steps must exceed --warmup")
     if a.one:
         out = one(a.one, a.steps)
         peak_kib = max(resource.getrusage(who).ru_maxrss
@@ -169,8 +175,9 @@ def main() -> None:
     print("| arm | step s | tokens/s | rollout s | teacher s | train s | sync s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
+        sync = "–" if r["sync"] is None else f"{r['sync']:.3f}"
         print(f"| {r['arm']} | {r['step']:.3f} | {r['tokens_per_s']:.0f} | {r['rollout']:.3f} | "
-              f"{r['teacher']:.3f} | {r['train']:.3f} | {r['sync']:.3f} | {r['peak_rss_mib']:.0f} |")
+              f"{r['teacher']:.3f} | {r['train']:.3f} | {sync} | {r['peak_rss_mib']:.0f} |")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

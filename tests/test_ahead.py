@@ -149,6 +149,7 @@ def test_ahead_run_resumes(tmp_path, use_tiny_world):
     (["rollout.sync_every=2"], "rollout.sync_every"),
     (["learner=deepspeed"], "rollout.max_staleness"),
     (["objective.rollouts_from=teacher"], "rollout.max_staleness"),
+    (["rollout=vllm", "rollout.temperature=0.7"], "rollout.temperature"),
 ])
 def test_ahead_refusals_name_the_field(tmp_path, use_tiny_world, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -342,3 +342,17 @@ def test_reverse_kl_closed_form_gradient_equals_autograd(temperature):
     assert abs(loss.item() - ref.item()) < 1e-12
     assert torch.allclose(grad, ref_g, atol=1e-13)
     assert (grad[mask == 0] == 0).all()
+
+
+def test_in_place_log_softmax_on_whole_and_sliced_logits():
+    """log_softmax_ (the fused path's, `rows` positions at a time) = torch.log_softmax, in place,
+    also on the real-vocabulary slice of padded logits (the padded columns untouched)."""
+    from opd_exp.methods.full_vocab import log_softmax_
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 21, 50, generator=g, dtype=torch.float64) * 4
+    ref = x.log_softmax(-1)
+    assert log_softmax_(x, rows=8) is x and torch.allclose(x, ref, atol=1e-12)
+    padded = torch.randn(3, 21, 57, generator=g, dtype=torch.float64)
+    ref, pad = padded[..., :50].log_softmax(-1), padded[..., 50:].clone()
+    log_softmax_(padded[..., :50], rows=4)
+    assert torch.allclose(padded[..., :50], ref, atol=1e-12) and torch.equal(padded[..., 50:], pad)

@@ -136,6 +136,12 @@ def validate(cfg: DictConfig) -> None:
         _require(o.name != "sampled_token" or r.is_cap > 0, "rollout.is_cap", r.is_cap,
                  "a number >= 1 (e.g. 2.0) with rollout.max_staleness=1: the sampled-token "
                  "estimator must correct the one-step lag by importance weights")
+        _require(o.name != "sampled_token" or r.backend == "hf" or r.temperature == 1.0,
+                 "rollout.temperature", r.temperature, f"1.0 with rollout.backend={r.backend} and "
+                 "rollout.max_staleness=1 (vLLM gives sampled log-probs at temperature 1 only, and "
+                 "the sampled-token estimator needs them to correct the lag)")
+        _require(not r.sleep, "rollout.sleep", r.sleep, "false with rollout.max_staleness=1 (the "
+                 "engine samples while the learner trains)")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(r.kv_cache_mib >= 0, "rollout.kv_cache_mib", r.kv_cache_mib, "an integer >= 0 (0 = the engine decides)")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",

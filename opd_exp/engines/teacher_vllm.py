@@ -45,9 +45,11 @@ class VLLMTeacher:
             return TeacherScores()
         check_needs(needs, "vllm")
         req = ScoreRequest.of(rollouts)
-        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones
+        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones; the
+        # one token the request must generate is greedy, so scoring draws no random number
+        # (a sampler running ahead in another thread shares torch's generator: loop/ahead.py)
         params = SamplingParams(max_tokens=1, prompt_logprobs=k + self.padded if needs == "topk" else 0,
-                                detokenize=False)
+                                temperature=0.0, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in req.seqs], params,
                                  use_tqdm=False)
         positions = [[{tok: (lp.rank, lp.logprob) for tok, lp in p.items()}

@@ -31,8 +31,8 @@ def sample(run: Run, step: int, problems: list, cold: bool) -> tuple[list, objec
     if run.cfg.objective.rollouts_from == "student" and run.cfg.rollout.max_staleness:
         rollouts = run.rollout.take(step, student)  # started during the previous step, or None
         m["rollout/staleness"] = float(rollouts is not None)
-        rollouts = rollouts or run.rollout.generate(student, run.sampling)
-        start_ahead(run, step + 1)
+        if rollouts is None:
+            rollouts = run.rollout.generate(student, run.sampling)
         return problems, rollouts, True, teacher, m
     if run.cfg.objective.rollouts_from == "student":
         return problems, run.rollout.generate(student, run.sampling), True, teacher, m
@@ -72,19 +72,23 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     cfg, dist = run.cfg, run.dist
     cold = run.traces is not None and step < cfg.schedule.cold_start_steps
     objective = run.sft if cold else run.objective
-    ahead = cfg.rollout.max_staleness > 0  # a sampler running ahead draws no random number
-    t0 = time.time()                       # while this thread seeds, diagnoses or shares vLLM
+    # rollout.max_staleness=1: the next step's rollouts are started in the background right after
+    # this step's are in hand — or after the teacher has scored them, when the teacher is a second
+    # in-process vLLM engine (two never run at once) — while this thread draws no random number
+    ahead = cfg.rollout.max_staleness > 0 and not cold
+    serial = cfg.rollout.backend == cfg.teacher.backend == "vllm"
+    t0 = time.time()
     if ahead:
         run.rollout.wait()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(step_prompts(run, step, cold))  # this rank's prompts
     problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, step, problems, cold)
+    if ahead and not serial:
+        start_ahead(run, step + 1)
     correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
     rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
     rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
     t1 = time.time()
-    if ahead and cfg.rollout.backend == cfg.teacher.backend == "vllm":
-        run.rollout.wait()  # two in-process vLLM engines never run at once
     scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
               else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
     if run.teachers is None:
@@ -92,15 +96,18 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     else:  # multi-teacher OPD: each row scored by its prompt's teacher
         scores, route_metrics = run.teachers.score(problems, scored, objective.teacher_needs, cfg.objective.k)
     t2 = time.time()
+    if ahead and serial:
+        start_ahead(run, step + 1)
+    t_start = time.time() - t2  # counted as sampling time
     batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
     if objective.needs_old_logp:
         batch.logp_old_B_T = run.learner.logprobs(batch, objective.temperature)
         if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:
             batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
     batch, obj_metrics = objective.prepare(batch)
-    t_diag = time.time()
     if ahead and run.diag.token_due(step):
-        run.rollout.wait()
+        run.rollout.wait()  # diagnostics fork the RNG
+    t_diag = time.time()
     diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective,
                                            on_policy)
     t_diag = time.time() - t_diag
@@ -113,8 +120,8 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics, **route_metrics)
     if diag_metrics:
         metrics.update(diag_metrics, **{"diag/seconds": t_diag})
-    metrics.update({"rollout/seconds": t1 - t0, "teacher/seconds": t2 - t1,
-                    "train/seconds": t_sync - t2 - t_diag, "rollout/sync_seconds": t3 - t_sync,
+    metrics.update({"rollout/seconds": t1 - t0 + t_start, "teacher/seconds": t2 - t1,
+                    "train/seconds": t_sync - t2 - t_start - t_diag, "rollout/sync_seconds": t3 - t_sync,
                     "train/step_seconds": time.time() - t0})
     return batch, dist.reduce_metrics(metrics)  # over ranks (docs/metrics.md)
 

@@ -68,8 +68,8 @@ class FullVocabOPD:
                vocab: int | None = None) -> torch.Tensor:
         """Σ_t m_t D(p_t, q_t) from final hidden states and LM heads, one chunk at a time, over the
         first `vocab` rows of each head (padded rows past the tokenizer's vocabulary: never)."""
-        def teacher_logq(h_t_C):
-            return torch.log_softmax(upcast(head_t(h_t_C)[..., :vocab]), -1)
+        def teacher_logq(h_t_C):  # no gradient flows to the teacher: normalised in place
+            return log_softmax_(upcast(head_t(h_t_C)[..., :vocab]))
 
         def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
             logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
@@ -109,14 +109,27 @@ def with_autograd(fn):
     return loss_and_grad
 
 
+def log_softmax_(x_B_C_V: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """log_softmax over the last dim, in place, `rows` positions at a time (logsumexp's own
+    temporary is [rows, V], not [B, C, V]); returns `x`."""
+    if x_B_C_V.is_contiguous():
+        blocks = [x_B_C_V.view(-1, x_B_C_V.shape[-1])]
+    else:  # the real-vocabulary slice of padded logits: [C, V] views, one per sequence
+        blocks = list(x_B_C_V.unbind(0)) if x_B_C_V.dim() == 3 else [x_B_C_V]
+    for x in blocks:
+        for i in range(0, x.shape[0], rows):
+            x[i:i + rows] -= torch.logsumexp(x[i:i + rows], -1, keepdim=True)
+    return x_B_C_V
+
+
 def reverse_kl_and_grad(z_B_C_V: torch.Tensor, logq_B_C_V: torch.Tensor, mask_B_C: torch.Tensor,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ m_t KL(p_t ‖ q_t), p = softmax(z / T) the student's, q the teacher's, and its gradient
     w.r.t. the student's logits z, in closed form:
         ∂/∂z_v = (m_t / T) · p_v · (log p_v − log q_v − KL(p_t ‖ q_t)).
-    Works in place on `z` and `logq` (both consumed): two [B, C, V] buffers, no autograd graph."""
-    logp = upcast(z_B_C_V).div_(temperature)
-    logp -= torch.logsumexp(logp, -1, keepdim=True)
+    Works in place on `z` and `logq` (both consumed): no [B, C, V] buffer besides them, no
+    autograd graph."""
+    logp = log_softmax_(upcast(z_B_C_V).div_(temperature))
     diff = logq_B_C_V.neg_().add_(logp)  # log p − log q, in the teacher's buffer
     p = logp.exp_()
     kl_B_C = (p[..., None, :] @ diff[..., :, None])[..., 0, 0]  # Σ_v p (log p − log q), no [C, V] product
