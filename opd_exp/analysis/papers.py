@@ -114,8 +114,9 @@ TABLES: dict[str, Table] = {
         "Multi-teacher OPD: two specialists routed by level", teachers_row,
         {**AVG_BEFORE, **{f"L{a}–L{b} avg@k {when}": levels_avg(range(a, b + 1), pick)
                           for a, b in ((1, 3), (4, 6)) for when, pick in (("before", first), ("after", last))}},
-        "Multi-teacher OPD (issue 13): each prompt scored by the teacher its tag routes to; the "
-        "student should gain on the levels of both teachers"),
+        "Multi-teacher OPD (no paper of SPEC §5; the setting researchers ask OPD frameworks for): "
+        "each prompt scored by the teacher its tag routes to, so the student should gain on the "
+        "levels of both teachers"),
     "geometry_sparsity": Table(
         "Parameter geometry of SFT, OPD and RLVR", method,
         {**GEOMETRY, "Sim_K(first, end)": early_locking},
