@@ -6,8 +6,9 @@ The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher
 prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
 at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; opd_exp
 objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
-arm is a fresh process reporting its peak RSS (`ru_maxrss` of itself or, for opd_exp, of the
-`python -m opd_exp train` it starts; vLLM's engine runs in that process). Step time = wall time of a step
+arm is a fresh process reporting its peak RSS: the largest sum over its process tree (opd_exp's
+`python -m opd_exp train`, torchrun ranks; polled every 0.1 s), or the largest single process's
+`ru_maxrss` if that is more; vLLM's engine runs in its caller's process. Step time = wall time of a step
 (TRL: from its trainer's `on_step_begin` to `on_step_end` callbacks — generation, teacher,
 loss, backward and optimizer step; opd_exp: `train/step_seconds`, the same span of `run_step`); the first `--warmup` steps are dropped and the median of
 the rest is reported, with tokens/s = trained (completion) tokens of the step / its step time and
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,9 +40,10 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 KV = 64  # MiB of KV cache: 64 sequences x <= 160 tokens of the toy model need ~3 MiB
 OPD = ["objective=full_vocab", "data.prompts_per_step=16", "rollout.n=4",
-       f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}", f"trainer.threads={THREADS}",
+       f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}",
        "eval.every=0", "logger.mode=disabled", "logger.plots=false", "trainer.save_every=0"]
 VLLM = ["rollout=vllm", "rollout.max_model_len=512", f"rollout.kv_cache_mib={KV}"]
+DS = ["learner=deepspeed", "launcher.nproc_per_node=2", "trainer.threads=1"]  # 2 ranks, 1 thread each
 ARMS = {
     "trl, HF generate": ("trl", {}),
     "trl, vLLM colocate": ("trl", {"use_vllm": True, "vllm_mode": "colocate",
@@ -48,7 +51,9 @@ ARMS = {
     "opd_exp, HF generate": ("opd", []),
     "opd_exp, HF generate + packing": ("opd", ["learner.packing=true"]),
     "opd_exp, HF generate + packing + ahead": ("opd", ["learner.packing=true", "rollout.max_staleness=1"]),
+    "opd_exp, HF generate, DeepSpeed ZeRO-2 ×2": ("opd", DS),
     "opd_exp, vLLM + packing": ("opd", VLLM + ["learner.packing=true"]),
+    "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + ["learner.packing=true"]),
     "opd_exp, vLLM + packing + ahead": ("opd", VLLM + ["learner.packing=true", "rollout.max_staleness=1"]),
 }
 
@@ -60,6 +65,34 @@ def toy_prompts(n: int) -> list[str]:
     cfg = schema_cfg({"data": {"prompts_per_step": SEQUENCES}})
     pool = make_prompts(cfg.data, seed=0)
     return [pool.batch(i)[j].prompt for i in range(n // SEQUENCES + 1) for j in range(SEQUENCES)][:n]
+
+
+class TreeRSS:
+    """The largest sum of RSS over this process and all its descendants (torchrun ranks, engine
+    processes), polled every 0.1 s in a thread; `ru_maxrss` sees one process at a time."""
+
+    def __init__(self):
+        import psutil
+
+        self.peak, self.done = 0, threading.Event()
+        me = psutil.Process()
+
+        def poll():
+            while not self.done.wait(0.1):
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:  # ended between listing and reading
+                        pass
+                self.peak = max(self.peak, total)
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak / 2**20
 
 
 def run_trl(steps: int, extra: dict) -> dict:
@@ -118,7 +151,8 @@ def run_trl(steps: int, extra: dict) -> dict:
 
 def run_opd(steps: int, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="opd_bench_"))
-    cmd = [sys.executable, "-m", "opd_exp", "train", *OPD, *extra, f"trainer.steps={steps}",
+    threads = [] if any(x.startswith("trainer.threads=") for x in extra) else [f"trainer.threads={THREADS}"]
+    cmd = [sys.executable, "-m", "opd_exp", "train", *OPD, *threads, *extra, f"trainer.steps={steps}",
            f"hydra.run.dir={out}"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
@@ -154,10 +188,11 @@ def main() -> None:
     if a.steps <= a.warmup:
         ap.error("--steps must exceed --warmup")
     if a.one:
+        tree = TreeRSS()
         out = one(a.one, a.steps)
         peak_kib = max(resource.getrusage(who).ru_maxrss
                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        print(json.dumps({**out, "peak_rss_mib": peak_kib / 1024}))
+        print(json.dumps({**out, "peak_rss_mib": max(peak_kib / 1024, tree.stop())}))
         return
     results, failed = [], []
     for name in a.arms:  # a fresh process per arm, which reports its own peak RSS
