@@ -47,7 +47,7 @@ DS = ["learner=deepspeed", "launcher.nproc_per_node=2", "trainer.threads=1"]  # 
 ARMS = {
     "trl, HF generate": ("trl", {}),
     "trl, vLLM colocate": ("trl", {"use_vllm": True, "vllm_mode": "colocate",
-                                   "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.05}),
+                                   "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.3}),
     "opd_exp, HF generate": ("opd", []),
     "opd_exp, HF generate + packing": ("opd", ["learner.packing=true"]),
     "opd_exp, HF generate + packing + ahead": ("opd", ["learner.packing=true", "rollout.max_staleness=1"]),
@@ -55,6 +55,9 @@ ARMS = {
     "opd_exp, vLLM + packing": ("opd", VLLM + ["learner.packing=true"]),
     "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + ["learner.packing=true"]),
     "opd_exp, vLLM + packing + ahead": ("opd", VLLM + ["learner.packing=true", "rollout.max_staleness=1"]),
+    # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
+    "opd_exp, HF generate + packing + ahead, 1 thread each": (
+        "opd", ["learner.packing=true", "rollout.max_staleness=1", "trainer.threads=1"]),
 }
 
 

@@ -37,7 +37,8 @@ class AheadSampler:
     """A `RolloutBackend` (for evaluation and anything else that samples in the foreground) that
     can also sample one step ahead in a background thread (`start` / `take`)."""
 
-    def __init__(self, backend: RolloutBackend, policy: torch.nn.Module, shares_weights: bool):
+    def __init__(self, backend: RolloutBackend, policy: torch.nn.Module, shares_weights: bool,
+                 threads: int | None = None):
         self.backend, self.policy = backend, policy
         self.copy = copy.deepcopy(policy).eval() if shares_weights else None
         if self.copy is not None:
@@ -45,7 +46,11 @@ class AheadSampler:
                 p.requires_grad_(False)
             backend.sync_weights(self.copy)
         self.stale = True  # the learner's weights are not yet the sampler's (pushed on first use)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+        # `threads`: intra-op threads of the sampling thread (torch reads the count per OS thread,
+        # so a new thread would take every core); None: left as it is (vLLM's CPU kernels check
+        # that they run with the thread count the engine was set up with)
+        init = {} if threads is None else {"initializer": torch.set_num_threads, "initargs": (threads,)}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead", **init)
         self.pending: tuple[int, list, Future] | None = None  # (step, prompts, sampling)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
