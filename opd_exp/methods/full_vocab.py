@@ -109,7 +109,7 @@ def with_autograd(fn):
     return loss_and_grad
 
 
-def log_softmax_(x_B_C_V: torch.Tensor, rows: int = 8) -> torch.Tensor:
+def log_softmax_(x_B_C_V: torch.Tensor, rows: int = 2) -> torch.Tensor:
     """log_softmax over the last dim, in place, `rows` positions at a time (logsumexp's own
     temporary is [rows, V], not [B, C, V]); returns `x`."""
     if x_B_C_V.is_contiguous():
