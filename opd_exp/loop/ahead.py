@@ -51,7 +51,7 @@ class AheadSampler:
         # that they run with the thread count the engine was set up with)
         init = {} if threads is None else {"initializer": torch.set_num_threads, "initargs": (threads,)}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead", **init)
-        self.pending: tuple[int, list, Future] | None = None  # (step, prompts, sampling)
+        self.pending: tuple[int, list, Future] | None = None  # (step, its prompts, the sampling)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.policy, self.stale = model, True  # pushed when the sampler is next used
