@@ -6,9 +6,9 @@ The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher
 prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
 at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; opd_exp
 objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
-arm is a fresh process reporting its peak RSS: the largest sum over its process tree (opd_exp's
-`python -m opd_exp train`, torchrun ranks; polled every 0.1 s), or the largest single process's
-`ru_maxrss` if that is more; vLLM's engine runs in its caller's process. Step time = wall time of a step
+arm is a fresh process reporting its peak memory: the largest single process's `ru_maxrss`, or
+the largest PSS sum over its process tree (opd_exp's `python -m opd_exp train`, torchrun ranks;
+polled every 0.1 s) if that is more; vLLM's engine runs in its caller's process. Step time = wall time of a step
 (TRL: from its trainer's `on_step_begin` to `on_step_end` callbacks — generation, teacher,
 loss, backward and optimizer step; opd_exp: `train/step_seconds`, the same span of `run_step`); the first `--warmup` steps are dropped and the median of
 the rest is reported, with tokens/s = trained (completion) tokens of the step / its step time and
@@ -71,8 +71,9 @@ def toy_prompts(n: int) -> list[str]:
 
 
 class TreeRSS:
-    """The largest sum of RSS over this process and all its descendants (torchrun ranks, engine
-    processes), polled every 0.1 s in a thread; `ru_maxrss` sees one process at a time."""
+    """The largest sum of PSS (shared pages split between the processes that map them) over this
+    process and all its descendants (torchrun ranks, engine processes), polled every 0.1 s in a
+    thread; `ru_maxrss` sees one process at a time."""
 
     def __init__(self):
         import psutil
@@ -85,7 +86,7 @@ class TreeRSS:
                 total = 0
                 for p in [me, *me.children(recursive=True)]:
                     try:
-                        total += p.memory_info().rss
+                        total += p.memory_full_info().pss
                     except psutil.Error:  # ended between listing and reading
                         pass
                 self.peak = max(self.peak, total)

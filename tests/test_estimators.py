@@ -351,8 +351,15 @@ def test_in_place_log_softmax_on_whole_and_sliced_logits():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 21, 50, generator=g, dtype=torch.float64) * 4
     ref = x.log_softmax(-1)
-    assert log_softmax_(x, rows=8) is x and torch.allclose(x, ref, atol=1e-12)
-    padded = torch.randn(3, 21, 57, generator=g, dtype=torch.float64)
-    ref, pad = padded[..., :50].log_softmax(-1), padded[..., 50:].clone()
-    log_softmax_(padded[..., :50], rows=4)
-    assert torch.allclose(padded[..., :50], ref, atol=1e-12) and torch.equal(padded[..., 50:], pad)
+    row = 50 * 8  # bytes of one position: blocks of 1, 3 and all positions
+    for budget in (row, 3 * row, None):
+        y = x.clone()
+        assert log_softmax_(y, budget) is y and torch.allclose(y, ref, atol=1e-12)
+        padded = torch.randn(3, 21, 57, generator=g, dtype=torch.float64)
+        ref_p, pad = padded[..., :50].log_softmax(-1), padded[..., 50:].clone()
+        log_softmax_(padded[..., :50], budget)
+        assert torch.allclose(padded[..., :50], ref_p, atol=1e-12) and torch.equal(padded[..., 50:], pad)
+    for strided in (torch.randn(40, dtype=torch.float64)[::2], torch.randn(50, 7, dtype=torch.float64).T):
+        ref_s = strided.log_softmax(-1)  # 1-D and transposed: no view merges them
+        log_softmax_(strided, 8)
+        assert torch.allclose(strided, ref_s, atol=1e-12)

@@ -98,15 +98,17 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t2 = time.time()
     if ahead and serial:
         start_ahead(run, step + 1)
-    t_start = time.time() - t2  # counted as sampling time
+    t_start = time.time() - t2  # sampling time
     batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
     if objective.needs_old_logp:
         batch.logp_old_B_T = run.learner.logprobs(batch, objective.temperature)
         if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:
             batch, is_metrics = truncated_is_weights(batch, cfg.rollout.is_cap)
     batch, obj_metrics = objective.prepare(batch)
-    if ahead and run.diag.token_due(step):
-        run.rollout.wait()  # diagnostics fork the RNG
+    if ahead and run.diag.token_due(step):  # diagnostics fork the RNG: the sampling ends first
+        t_wait = time.time()
+        run.rollout.wait()
+        t_start += time.time() - t_wait  # sampling time too
     t_diag = time.time()
     diag_metrics = run.diag.before_update(step, batch, run.learner, run.teacher, scored, objective,
                                            on_policy)

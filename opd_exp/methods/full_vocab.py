@@ -109,17 +109,20 @@ def with_autograd(fn):
     return loss_and_grad
 
 
-def log_softmax_(x_B_C_V: torch.Tensor, rows: int = 2) -> torch.Tensor:
-    """log_softmax over the last dim, in place, `rows` positions at a time (logsumexp's own
-    temporary is [rows, V], not [B, C, V]); returns `x`."""
-    if x_B_C_V.is_contiguous():
-        blocks = [x_B_C_V.view(-1, x_B_C_V.shape[-1])]
-    else:  # the real-vocabulary slice of padded logits: [C, V] views, one per sequence
-        blocks = list(x_B_C_V.unbind(0)) if x_B_C_V.dim() == 3 else [x_B_C_V]
-    for x in blocks:
-        for i in range(0, x.shape[0], rows):
-            x[i:i + rows] -= torch.logsumexp(x[i:i + rows], -1, keepdim=True)
-    return x_B_C_V
+def log_softmax_(x: torch.Tensor, budget_bytes: int | None = None) -> torch.Tensor:
+    """log_softmax over the last dim, in place, a block of positions at a time so that
+    logsumexp's own temporaries stay within `budget_bytes` (default: 2 MiB on the CPU, 64 MiB on a
+    GPU, where fewer, larger kernels matter more) instead of the size of `x`; returns `x`."""
+    budget = budget_bytes or (64 << 20 if x.is_cuda else 2 << 20)
+    rows = max(1, budget // max(1, x.shape[-1] * x.element_size()))
+    try:  # [positions, V] view: also of the [..., :vocab] slice of padded logits (never a copy)
+        blocks = [x.view(-1, x.shape[-1])]
+    except RuntimeError:  # leading dims that cannot merge: one [C, V] view per sequence
+        blocks = [b.view(-1, b.shape[-1]) for b in x.unbind(0)]
+    for flat in blocks:
+        for i in range(0, flat.shape[0], rows):
+            flat[i:i + rows] -= torch.logsumexp(flat[i:i + rows], -1, keepdim=True)
+    return x
 
 
 def reverse_kl_and_grad(z_B_C_V: torch.Tensor, logq_B_C_V: torch.Tensor, mask_B_C: torch.Tensor,
