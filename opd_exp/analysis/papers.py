@@ -65,7 +65,8 @@ def rethinking_paper(cfg: dict) -> str:
 
 
 def teachers_row(cfg: dict) -> str:
-    """`main ← toy:teacher_short · long ← toy:teacher_long (L4, L5, L6)` for a routed run."""
+    """`toy:teacher_short (the rest) + toy:teacher_long (L4, L5, L6) · top-16 OPD` for a routed
+    run (each teacher with the tags routed to it), `toy:teacher_short · top-16 OPD` for one."""
     pair = cfg["pair"]
     by = {}
     for tag, name in sorted(pair.get("routes", {}).items()):

@@ -142,8 +142,9 @@ def reverse_kl_and_grad(z_B_C_V: torch.Tensor, logq_B_C_V: torch.Tensor, mask_B_
 
 class FusedHeadLoss(GradientInForward):
     """Σ_chunks f(h_C W^T, *extra_C) with the LM head fused into the loss (like fused linear
-    cross-entropy): the forward computes each chunk's logits, its loss and the loss's gradient
-    w.r.t. those logits, g_C, then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
+    cross-entropy): the forward computes each chunk's logits and hands them to `fn`, which returns
+    the chunk's loss and its gradient w.r.t. those logits, g_C (`with_autograd(loss_fn)`, or a
+    closed form such as `reverse_kl_and_grad`); it then keeps only dL/dh_C = g_C W and accumulates dL/dW += g_C^T h_C.
     No [B, T, V] tensor exists and nothing is recomputed in backward: the same four matmuls per
     position as an unfused forward + backward. Only the first `vocab` rows of W enter (None: all);
     the rows past it (padding) get an exact zero gradient, in the one [V_rows, H] buffer."""

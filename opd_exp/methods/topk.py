@@ -26,10 +26,11 @@ class FusedSupportLoss(GradientInForward):
         grad_h = torch.zeros_like(h_B_T_H)
         grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
         total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
+        loss_and_grad = with_autograd(fn)
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
             W_S = W_V_H[idx_C]  # [B, C, K, H]
-            loss_c, g_C = with_autograd(fn)((W_S @ h_C[..., None])[..., 0], *[x[:, c:c + chunk] for x in extra_B_T])
+            loss_c, g_C = loss_and_grad((W_S @ h_C[..., None])[..., 0], *[x[:, c:c + chunk] for x in extra_B_T])
             total += loss_c
             g_C = g_C.to(W_V_H.dtype)
             grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
