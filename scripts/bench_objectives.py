@@ -3,8 +3,12 @@
     python scripts/bench_objectives.py [--vocab 151936] [--hidden 1024] [--lengths 512 2048]
 
 Inputs: student/teacher final hidden states [1, T, H] and LM-head weights [V, H] (float32), all
-positions valid. Each (objective, T) runs in a fresh subprocess; "peak extra" is the process's
-peak RSS minus its RSS once inputs and weights exist, i.e. what the loss itself allocates.
+positions valid. Each (objective, T) runs in a fresh subprocess, with glibc's mmap threshold
+fixed at 128 KiB so that every freed buffer above it leaves the RSS at once. Two numbers:
+- "peak extra": the process's peak RSS minus its RSS once inputs and weights exist: everything the
+  loss allocates, the gradients it returns (the LM head's [V, H] one: 594 MiB here) included;
+- "transient": the peak minus the RSS after backward with the gradients kept (loss and graph
+  freed): the memory the objective needs beyond the gradients every objective must return.
 Implementations:
 - naive: full [1, T, V] logits of both models, log-softmax, reverse KL (what a model forward that
   returns logits costs);
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -90,8 +95,11 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"impl": impl, "T": T, "loss": loss.item(), "seconds": seconds,
-            "peak_extra_mib": (peak - base) / 1024}
+    value = loss.item()
+    del loss
+    after = _rss_kb()  # the gradients (h_s.grad, head_s.weight.grad) are still held
+    return {"impl": impl, "T": T, "loss": value, "seconds": seconds,
+            "peak_extra_mib": (peak - base) / 1024, "transient_mib": (peak - after) / 1024}
 
 
 def main() -> None:
@@ -112,7 +120,8 @@ def main() -> None:
         for impl in a.impls:
             out = subprocess.run([sys.executable, __file__, "--one", impl, str(T), "--vocab",
                                   str(a.vocab), "--hidden", str(a.hidden), "--chunk", str(a.chunk),
-                                  "--k", str(a.k)], capture_output=True, text=True)
+                                  "--k", str(a.k)], capture_output=True, text=True,
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)})
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 failed.append(f"{impl} T={T}")
@@ -120,10 +129,11 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nV = {a.vocab}, H = {a.hidden}, B = 1, float32, chunk = {a.chunk}, K = {a.k}, 2 threads\n")
-    print("| T | implementation | fwd+bwd s | peak extra MiB | loss |")
-    print("|---|---|---|---|---|")
+    print("| T | implementation | fwd+bwd s | peak extra MiB | transient MiB | loss |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['T']} | {r['impl']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} | {r['loss']:.6f} |")
+        print(f"| {r['T']} | {r['impl']} | {r['seconds']:.2f} | {r['peak_extra_mib']:.0f} "
+              f"| {r['transient_mib']:.0f} | {r['loss']:.6f} |")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

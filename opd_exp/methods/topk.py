@@ -27,18 +27,23 @@ class FusedSupportLoss(GradientInForward):
         grad_W = torch.zeros_like(W_V_H) if W_V_H.requires_grad else None
         total = h_B_T_H.new_zeros((), dtype=torch.promote_types(h_B_T_H.dtype, torch.float32))
         loss_and_grad = with_autograd(fn)
+        acc = torch.promote_types(W_V_H.dtype, torch.float32)
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C, idx_C = h_B_T_H[:, c:c + chunk], idx_B_T_K[:, c:c + chunk]
-            W_S = W_V_H[idx_C]  # [B, C, K, H]
+            W_S = W_V_H[idx_C]  # [B, C, K, H]: the chunk's one temporary of that size
             loss_c, g_C = loss_and_grad((W_S @ h_C[..., None])[..., 0], *[x[:, c:c + chunk] for x in extra_B_T])
             total += loss_c
             g_C = g_C.to(W_V_H.dtype)
-            grad_h[:, c:c + chunk] = (g_C[..., None] * W_S).sum(-2)
-            if grad_W is not None:  # a chunk's rows summed in float32 first, then added once
+            grad_h[:, c:c + chunk] = (g_C[..., None, :] @ W_S)[..., 0, :]  # Σ_k g_k W[idx_k]
+            if grad_W is None:
+                continue
+            if W_V_H.dtype == acc:  # rows g_k h_C, written over W_S (no longer needed), added in place
+                grad_W.index_add_(0, idx_C.reshape(-1),
+                                  torch.mul(g_C[..., None], h_C[:, :, None, :], out=W_S).flatten(0, 2))
+            else:  # low precision: a chunk's rows summed in float32 first, then added once
                 rows, where = idx_C.reshape(-1).unique(return_inverse=True)
-                acc = torch.promote_types(W_V_H.dtype, torch.float32)
                 part = W_V_H.new_zeros(len(rows), W_V_H.shape[1], dtype=acc)
-                part.index_add_(0, where, (g_C[..., None] * h_C[:, :, None, :]).flatten(0, 2).to(acc))
+                part.index_add_(0, where, (g_C[..., None].to(acc) * h_C[:, :, None, :]).flatten(0, 2))
                 grad_W.index_add_(0, rows, part.to(grad_W.dtype))
         ctx.save_for_backward(grad_h, grad_W)
         ctx.n_extra = len(extra_B_T)
@@ -103,8 +108,8 @@ class TopKOPD:
         return self._support_loss(logp_S, logq_S, valid, mask_C)
 
     def _support_loss(self, logp_S, logq_S, valid, mask_C):
-        neg = torch.finfo(logp_S.dtype).min / 4
-        logp_S, logq_S = logp_S.masked_fill(~valid, neg), logq_S.masked_fill(~valid, neg)
+        neg = lambda x: torch.finfo(x.dtype).min / 4  # noqa: E731  (each in its own dtype)
+        logp_S, logq_S = logp_S.masked_fill(~valid, neg(logp_S)), logq_S.masked_fill(~valid, neg(logq_S))
         if self.renorm:
             logp_S, logq_S = torch.log_softmax(logp_S, -1), torch.log_softmax(logq_S, -1)
         vf = valid.to(logp_S.dtype)
