@@ -11,6 +11,7 @@ Definitions (logged as eval/<benchmark>/avg@k etc.; eval/avg@k is the mean over 
 from __future__ import annotations
 
 import math
+import re
 import threading
 from functools import lru_cache
 
@@ -49,6 +50,9 @@ def _parse(expr: str):
     return parse(f"\\boxed{{{expr}}}", parsing_timeout=_timeout())
 
 
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def is_correct(response: str, answer: str) -> bool:
     """The response's last boxed answer is mathematically equal to `answer` (math-verify)."""
     pred = last_boxed(response)
@@ -56,6 +60,8 @@ def is_correct(response: str, answer: str) -> bool:
         return False
     if pred.strip() == answer.strip():
         return True  # identical strings: no need to ask the verifier
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(answer):
+        return int(pred) == int(answer)  # two integers: math-verify's verdict, without its parser
     from math_verify import verify
 
     gold, guess = _parse(answer), _parse(pred)

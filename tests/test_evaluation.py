@@ -74,3 +74,21 @@ def test_gap_recovery_at_every_eval_and_after_a_resume(monkeypatch, use_tiny_wor
     resumed.recall([{"step": 0, "teacher/eval/avg@8": 0.75}, {"step": 0, "eval/avg@8": 0.25},
                     {"step": 50, "eval/avg@8": 0.35}])
     assert resumed(None, 100)["eval/gap_recovery"] == pytest.approx(0.5)
+
+
+def test_integer_answers_get_math_verifys_verdict_without_its_parser(monkeypatch):
+    """Two integers (signs, leading zeros, spaces, beyond 64 bits) are compared as integers, and
+    that is math-verify's own verdict on every pair; anything else still goes to math-verify."""
+    from math_verify import parse, verify
+
+    import opd_exp.evaluation as ev
+
+    xs = ["0", "-0", "+0", "7", "07", " 007", "-7", "+7 ", "70", "-10", "1", "-01",
+          "12345678901234567890", "12345678901234567891"]
+    expected = {(a, b): verify(parse(f"\\boxed{{{b}}}"), parse(f"\\boxed{{{a}}}")) for a in xs for b in xs}
+    calls = []
+    monkeypatch.setattr(ev, "_parse", lambda e: calls.append(e) or parse(f"\\boxed{{{e}}}"))
+    for (pred, answer), ok in expected.items():
+        assert is_correct(f"\\boxed{{{pred}}}", answer) is ok, (pred, answer)
+    assert calls == []  # no parser for integer pairs
+    assert is_correct(r"\boxed{7.0}", "7") and calls  # a decimal: math-verify, as before
