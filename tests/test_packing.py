@@ -1,5 +1,6 @@
-"""learner.packing: a micro-batch's real tokens packed into rows (several sequences per row,
-position ids restarting) give the padded batch's log-probs, hidden states, loss and gradients."""
+"""learner.packing / teacher.packing: a micro-batch's real tokens packed into rows (several
+sequences per row, position ids restarting) give the padded batch's log-probs, hidden states,
+teacher scores, loss and gradients."""
 
 import copy
 
@@ -11,6 +12,7 @@ from opd_exp.config import schema_cfg
 from opd_exp.core.types import Rollouts, StepBatch, TeacherScores
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.engines.packing import pack
+from opd_exp.engines.teacher_hf import HFTeacher
 from opd_exp.methods import make_objective
 
 PROMPT_LEN = [12, 3, 5, 8, 2, 4]
@@ -96,9 +98,10 @@ def test_a_packed_run_trains_as_the_padded_one(tmp_path, use_tiny_world):
     from .conftest import TINY_RUN, compose
 
     recs = {}
-    for packing in (False, True):
+    for packing in (False, True):  # the learner's and the HF teacher's forward
         train(compose(TINY_RUN + ["trainer.steps=2", "eval.every=0", f"learner.packing={packing}",
-                                  "rollout.max_new_tokens=24"]), tmp_path / str(packing))
+                                  f"teacher.packing={packing}", "rollout.max_new_tokens=24"]),
+              tmp_path / str(packing))
         lines = (tmp_path / str(packing) / "metrics.jsonl").read_text().splitlines()
         recs[packing] = [json.loads(x) for x in lines if json.loads(x)["step"] > 0]
     for a, b in zip(recs[False], recs[True]):
@@ -113,5 +116,24 @@ def test_packing_is_refused_where_rows_would_attend_across_sequences(tiny_world)
     m.config._attn_implementation = "flash_attention_2"  # needs a single packed row
     with pytest.raises(ConfigError, match="learner.packing=true is not allowed with attention 'flash_attention_2'"):
         HFPolicy(m, packing=True)
+    with pytest.raises(ConfigError, match="teacher.packing=true is not allowed with attention"):
+        HFTeacher(m, 4, 8, packing=True)
     with pytest.raises(ConfigError, match="learner.packing"):
         validate(schema_cfg({"learner": {"backend": "deepspeed", "zero_stage": 3, "packing": True}}))
+    with pytest.raises(ConfigError, match="teacher.packing=True is not allowed: false unless teacher.backend=hf"):
+        validate(schema_cfg({"teacher": {"backend": "vllm", "packing": True}}))
+
+
+@pytest.mark.parametrize("needs", ["sampled", "topk", "hidden"])
+def test_the_packed_hf_teacher_scores_as_the_padded_one(model, needs):
+    r = rollouts()
+    m = r.response_mask_B_T.bool()
+    # micro-batches of 4 rows: the packed forward runs per micro-batch
+    padded, packed = (HFTeacher(copy.deepcopy(model), 4, 8, packing=p).score(r, needs, k=5) for p in (False, True))
+    pairs = {"sampled": [(padded.logp_B_T, packed.logp_B_T)],
+             "topk": [(padded.topk_logq_B_T_K, packed.topk_logq_B_T_K), (padded.entropy_B_T, packed.entropy_B_T)],
+             "hidden": [(padded.hidden_B_T_H, packed.hidden_B_T_H)]}[needs]
+    for a, b in pairs:
+        assert (a[m] - b[m]).abs().max() <= 1e-5
+    if needs == "topk":  # the same support (no near-ties among these logits)
+        assert torch.equal(padded.topk_idx_B_T_K[m], packed.topk_idx_B_T_K[m])

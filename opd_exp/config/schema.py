@@ -121,6 +121,9 @@ class TeacherConfig:
     # a folder for teacher scores of sequences that do not change with training (prompt selection),
     # content-addressed and shared by a sweep's runs (opd_exp/runtime/score_cache.py); None = off
     cache_dir: Optional[str] = None
+    # hf: pack each micro-batch's real tokens into rows for the teacher's forward, as
+    # learner.packing (no compute on padding; the same scores)
+    packing: bool = False
 
 
 @dataclass

@@ -194,6 +194,8 @@ def validate(cfg: DictConfig) -> None:
     _require(not (lc.packing and lc.backend == "deepspeed" and zero_stage(lc) == 3), "learner.packing",
              lc.packing, "false with ZeRO-3 (the packed forward calls the model's backbone and head "
              "outside the engine's forward)")
+    _require(not cfg.teacher.packing or cfg.teacher.backend == "hf", "teacher.packing", cfg.teacher.packing,
+             "false unless teacher.backend=hf (a vLLM teacher computes on no padding already)")
     _require(not (lc.backend == "deepspeed" and zero_stage(lc) == 3 and cfg.rollout.backend != "hf")
              or not cfg.diag.every, "diag.every", cfg.diag.every,
              "0 with learner.zero_stage=3 and a vLLM rollout (the whole-weight copy the token "

@@ -62,12 +62,13 @@ class HFPolicy:
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
 
     def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None,
-                 vocab_size: int | None = None, packing: bool = False):
+                 vocab_size: int | None = None, packing: bool = False,
+                 packing_key: str = "learner.packing"):
         self.model, self.forward = model, forward if forward is not None else model
         self.vocab_size, self.packing = vocab_size, packing
         attention = getattr(model.config, "_attn_implementation", None)
         if packing and attention not in PACKED_ATTENTION:
-            raise ConfigError(f"learner.packing=true is not allowed with attention {attention!r}: "
+            raise ConfigError(f"{packing_key}=true is not allowed with attention {attention!r}: "
                               f"one of {', '.join(PACKED_ATTENTION)} (the packed rows' boundaries "
                               "come from the position ids)")
 

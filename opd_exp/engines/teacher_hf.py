@@ -18,9 +18,9 @@ class HFTeacher:
     never scored, never in its top-K (None: every row)."""
 
     def __init__(self, model: torch.nn.Module, micro_batch_size: int, chunk_size: int,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, packing: bool = False):
         self.model, self.micro, self.chunk = model.eval(), micro_batch_size, chunk_size
-        self.view = HFPolicy(self.model, vocab_size=vocab_size)
+        self.view = HFPolicy(self.model, vocab_size=vocab_size, packing=packing, packing_key="teacher.packing")
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -46,5 +46,6 @@ def make(cfg, tokenizer, stop_ids: set[int],
     """The teacher's scorer and a sampler over the same weights (for the teacher's evaluation and
     off-policy rollouts)."""
     model = load_model(cfg.pair.teacher, "pair.teacher").to(device)
-    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size, len(tokenizer)),
+    return (HFTeacher(model, cfg.learner.micro_batch_size, cfg.objective.chunk_size, len(tokenizer),
+                      cfg.teacher.packing),
             HFRollout(model, tokenizer, stop_ids, cfg.rollout.batch_size))
