@@ -43,21 +43,22 @@ OPD = ["objective=full_vocab", "data.prompts_per_step=16", "rollout.n=4",
        f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}",
        "eval.every=0", "logger.mode=disabled", "logger.plots=false", "trainer.save_every=0"]
 VLLM = ["rollout=vllm", "rollout.max_model_len=512", f"rollout.kv_cache_mib={KV}"]
+PACK = ["learner.packing=true", "teacher.packing=true"]  # the learner's and the HF teacher's forward
 DS = ["learner=deepspeed", "launcher.nproc_per_node=2", "trainer.threads=1"]  # 2 ranks, 1 thread each
 ARMS = {
     "trl, HF generate": ("trl", {}),
     "trl, vLLM colocate": ("trl", {"use_vllm": True, "vllm_mode": "colocate",
                                    "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.3}),
     "opd_exp, HF generate": ("opd", []),
-    "opd_exp, HF generate + packing": ("opd", ["learner.packing=true"]),
-    "opd_exp, HF generate + packing + ahead": ("opd", ["learner.packing=true", "rollout.max_staleness=1"]),
+    "opd_exp, HF generate + packing": ("opd", PACK),
+    "opd_exp, HF generate + packing + ahead": ("opd", PACK + ["rollout.max_staleness=1"]),
     "opd_exp, HF generate, DeepSpeed ZeRO-2 ×2": ("opd", DS),
-    "opd_exp, vLLM + packing": ("opd", VLLM + ["learner.packing=true"]),
-    "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + ["learner.packing=true"]),
-    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + ["learner.packing=true", "rollout.max_staleness=1"]),
+    "opd_exp, vLLM + packing": ("opd", VLLM + PACK),
+    "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + PACK),
+    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1"]),
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
-        "opd", ["learner.packing=true", "rollout.max_staleness=1", "trainer.threads=1"]),
+        "opd", PACK + ["rollout.max_staleness=1", "trainer.threads=1"]),
 }
 
 

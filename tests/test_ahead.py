@@ -150,6 +150,7 @@ def test_ahead_run_resumes(tmp_path, use_tiny_world):
     (["learner=deepspeed"], "rollout.max_staleness"),
     (["objective.rollouts_from=teacher"], "rollout.max_staleness"),
     (["rollout=vllm", "rollout.temperature=0.7"], "rollout.temperature"),
+    (["rollout=vllm", "trainer.threads=1"], "trainer.threads"),
 ])
 def test_ahead_refusals_name_the_field(tmp_path, use_tiny_world, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -164,3 +165,33 @@ def test_ahead_after_a_cold_start(tmp_path, use_tiny_world):
     recs = [r for r in _records(tmp_path) if r["step"] > 0]
     assert [r["schedule/cold_start"] for r in recs] == [1.0, 1.0, 0.0, 0.0]
     assert [r.get("rollout/staleness") for r in recs] == [None, None, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("objective", [[], ["objective=topk", "objective.k=4"]])
+def test_scoring_ahead_moves_the_teacher_to_the_background_and_changes_nothing_else(
+        tmp_path, use_tiny_world, monkeypatch, objective):
+    """rollout.score_ahead: from step 2 on the verifier, the masking and the teacher run in the
+    background job (the teacher's calls are seen on the sampling thread); every record equals
+    the run that scores in the foreground, timings aside."""
+    from opd_exp.engines.teacher_hf import HFTeacher
+
+    threads = []
+    score = HFTeacher.score
+
+    def spy(self, *a, **kw):
+        threads.append(threading.current_thread().name)
+        return score(self, *a, **kw)
+
+    monkeypatch.setattr(HFTeacher, "score", spy)
+    cfg = AHEAD + objective + ["trainer.steps=4", "objective.special_mask=true"]
+    recs = {}
+    for ahead in (True, False):
+        threads.clear()
+        train(compose(cfg + [f"rollout.score_ahead={ahead}"]), tmp_path / str(ahead))
+        recs[ahead] = [r for r in _records(tmp_path / str(ahead)) if r["step"] > 0]
+        on_worker = [t.startswith("rollout-ahead") for t in threads]
+        assert on_worker == ([False, True, True, True] if ahead else [False] * 4), threads
+    assert [_no_timings(r) for r in recs[True]] == [_no_timings(r) for r in recs[False]]
+    assert [("teacher/ahead_seconds" in r) for r in recs[True]] == [False, True, True, True]
+    assert all(r["teacher/seconds"] == 0.0 for r in recs[True][1:])
+    assert all(r["teacher/seconds"] > 0.0 for r in recs[False])

@@ -37,16 +37,18 @@ def test_vllm_logprobs_match_hf_and_follow_weight_sync(tiny_world, tmp_path):
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness):
+@pytest.mark.parametrize("staleness,teacher", [(0, []), (1, []), (1, ["teacher=vllm", "teacher.max_model_len=256"])])
+def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, teacher):
     """rollout.max_staleness=1: the engine samples step t+1 in the background while step t
-    trains; it lags one update (the mismatch grows past step 1) and the run stays finite."""
+    trains (and with a vLLM teacher, a second in-process engine, scores it there after the
+    sampling: never two engines at once); it lags one update (the mismatch grows past step 1)
+    and the run stays finite."""
     from .conftest import TINY_RUN
 
     p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "rollout=vllm",
                         "rollout.max_model_len=256", *TINY_RUN, "trainer.steps=3", "eval.every=3",
                         "eval.teacher=false", f"rollout.max_staleness={staleness}",
-                        "learner.lr=1e-2", f"hydra.run.dir={tmp_path}"],
+                        "learner.lr=1e-2", *teacher, f"hydra.run.dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -58,6 +60,7 @@ def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness):
         assert r["rollout/logprob_mismatch"] <= 1e-3 or (staleness and r["step"] > 1)
     if staleness:
         assert [r["rollout/staleness"] for r in steps] == [0.0, 1.0, 1.0]
+        assert ["teacher/ahead_seconds" in r for r in steps] == [False, True, True]
         assert all(r["rollout/logprob_mismatch"] > 1e-3 for r in steps[1:])
     assert "eval/avg@2" in steps[-1]
 

@@ -104,6 +104,9 @@ class RolloutConfig:
     # 1: step t+1's rollouts are sampled (from the weights before update t) while step t trains —
     # one-step-off-policy, loop/ahead.py; 0: every step samples from its own weights (exact resume)
     max_staleness: int = 0
+    # with max_staleness=1: the verifier, special-token masking and the teacher also score step
+    # t+1's rollouts in the background, right after sampling them (false: in step t+1's foreground)
+    score_ahead: bool = True
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
 
 

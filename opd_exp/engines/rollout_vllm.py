@@ -36,6 +36,8 @@ class VLLMSampler:
         """`vocab_size`: set for a model with padded embedding rows — only the tokenizer's real
         tokens may be sampled (vLLM samples over every row otherwise)."""
         self.llm, self.tokenizer, self.stop_ids = llm, tokenizer, sorted(stop_ids)
+        # the engine's kernels run in the calling thread (not in vLLM's engine process)
+        self.kernels_in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.sleep, self.asleep = sleep, False
         self.allowed = list(range(vocab_size)) if vocab_size else None
 

@@ -6,6 +6,11 @@ background thread while step t is scored and trained.
               step t+1's prompts in the background
               teacher scores rollouts_t; learner update t → W_{t+1}            (overlaps the sampling)
 
+With `rollout.score_ahead` (the default) the background job goes on to score what it sampled —
+the verifier, special-token masking, the teacher (loop/step.py `score`) — so step t+1 finds its
+rollouts scored and the foreground is left the learner's work. The teacher's scores do not
+depend on the student's weights, and scoring draws no random number.
+
 W_t = the weights after t updates. The first step, the first after a resume and the first after a
 cold start sample from W_t in the foreground (staleness 0). The sampled-token objective corrects
 the lag with the truncated importance weight min(p_learner / π_sampler, rollout.is_cap) on every
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
@@ -46,9 +52,9 @@ class AheadSampler:
                 p.requires_grad_(False)
             backend.sync_weights(self.copy)
         self.stale = True  # the learner's weights are not yet the sampler's (pushed on first use)
-        # `threads`: intra-op threads of the sampling thread (torch reads the count per OS thread,
-        # so a new thread would take every core); None: left as it is (vLLM's CPU kernels check
-        # that they run with the thread count the engine was set up with)
+        # `threads`: intra-op threads of the background thread (torch reads the count per OS
+        # thread, so a new thread would take every core); None: left as it is (an in-process vLLM
+        # engine's CPU kernels check that they run with the thread count it was set up with)
         init = {} if threads is None else {"initializer": torch.set_num_threads, "initargs": (threads,)}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead", **init)
         self.pending: tuple[int, list, Future] | None = None  # (step, its prompts, the sampling)
@@ -78,8 +84,9 @@ class AheadSampler:
         self._push()
         return self.backend.generate(prompts, sampling)
 
-    def take(self, step: int, prompts: list[list[int]]) -> Rollouts | None:
-        """Step `step`'s rollouts if they were started ahead for exactly these prompts, else None."""
+    def take(self, step: int, prompts: list[list[int]]) -> Any:
+        """Step `step`'s rollouts (or what `then` made of them) if they were started ahead for
+        exactly these prompts, else None."""
         if self.pending is None:
             return None
         started, started_prompts, future = self.pending
@@ -87,11 +94,15 @@ class AheadSampler:
         rollouts = future.result()  # waits; re-raises the sampler's error here
         return rollouts if started == step and started_prompts == prompts else None
 
-    def start(self, step: int, prompts: list[list[int]], sampling: Sampling, seed: int) -> None:
-        """Sample step `step`'s rollouts in the background from the learner's current weights."""
+    def start(self, step: int, prompts: list[list[int]], sampling: Sampling, seed: int,
+              then: Callable[[Rollouts], Any] | None = None) -> None:
+        """Sample step `step`'s rollouts in the background from the learner's current weights;
+        `then`: run on them in the same background job (`take` returns its result)."""
         self._push()
         torch.manual_seed(seed)  # the background thread's draws start from the step's own seed
-        self.pending = (step, prompts, self.pool.submit(self.backend.generate, prompts, sampling))
+        job = (lambda: then(self.backend.generate(prompts, sampling))) if then else (
+            lambda: self.backend.generate(prompts, sampling))
+        self.pending = (step, prompts, self.pool.submit(job))
 
     def close(self) -> None:
         self.wait()

@@ -215,8 +215,11 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         evaluator.recall(read_records(run_dir / "metrics.jsonl"))
         print(f"resumed from {resume_from} at step {start}")
     if cfg.rollout.max_staleness:  # sampled one step ahead, in the background (loop/ahead.py)
-        shares = getattr(rollout, "shares_weights", False)  # HF generate: torch threads as trainer.threads
-        rollout = AheadSampler(rollout, learner.policy, shares, torch.get_num_threads() if shares else None)
+        shares = getattr(rollout, "shares_weights", False)  # HF generate: its own copy of the policy
+        # the background thread's torch threads as trainer.threads, unless it runs the kernels of
+        # an in-process vLLM engine (they keep the count the engine was set up with)
+        here = getattr(rollout, "kernels_in_process", False)
+        rollout = AheadSampler(rollout, learner.policy, shares, None if here else torch.get_num_threads())
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,

@@ -5,11 +5,11 @@ cold start (schedule=cold_start) the rollouts are filtered teacher traces and th
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from opd_exp.core.types import StepBatch
+from opd_exp.core.types import Rollouts, StepBatch, TeacherScores
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.loop.build import Run
 from opd_exp.loop.seeds import step_seed
@@ -26,10 +26,10 @@ def sample(run: Run, step: int, problems: list, cold: bool) -> tuple[list, objec
         return problems, rollouts, False, None, {"schedule/cold_start": 1.0, **m}
     m = {} if run.traces is None else {"schedule/cold_start": 0.0}
     student = [run.encode(p.prompt) for p in problems]
-    teacher = None if run.teacher_encode is None else [  # each prompt as its teacher renders it
-        run.teachers.prompt_ids(p) if run.teachers else run.teacher_encode(p.prompt) for p in problems]
+    teacher = teacher_prompt_ids(run, problems)
     if run.cfg.objective.rollouts_from == "student" and run.cfg.rollout.max_staleness:
-        rollouts = run.rollout.take(step, student)  # started during the previous step, or None
+        # started during the previous step (with rollout.score_ahead: already Scored), or None
+        rollouts = run.rollout.take(step, student)
         m["rollout/staleness"] = float(rollouts is not None)
         if rollouts is None:
             rollouts = run.rollout.generate(student, run.sampling)
@@ -42,14 +42,57 @@ def sample(run: Run, step: int, problems: list, cold: bool) -> tuple[list, objec
     return problems, rollouts, False, teacher, m
 
 
+def teacher_prompt_ids(run: Run, problems: list) -> list | None:
+    """Each prompt as its teacher renders it, or None when the teacher reads the student's."""
+    if run.teacher_encode is None:
+        return None
+    return [run.teachers.prompt_ids(p) if run.teachers else run.teacher_encode(p.prompt) for p in problems]
+
+
+@dataclass
+class Scored:
+    """A step's rollouts as the loss reads them (special tokens masked, on the learner's device),
+    the same rollouts as the teacher read them (after its own prompt), the verifier's 0/1 per row,
+    the teacher's scores, the metrics of scoring and the teacher's wall time."""
+    rollouts: Rollouts
+    scored: Rollouts
+    correct_B: torch.Tensor
+    scores: TeacherScores
+    metrics: dict[str, float]
+    teacher_seconds: float
+
+
+def score(run: Run, needs: str, problems: list, rollouts: Rollouts, teacher_prompts: list | None) -> Scored:
+    """The verifier (math-verify), special-token masking (objective.special_mask) and the
+    teacher's scores (`needs`; multi-teacher OPD: each row by its prompt's teacher). Draws no
+    random number: it may run in the background (rollout.score_ahead)."""
+    correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
+    rollouts, mask_metrics = run.masker(rollouts)
+    rollouts, correct_B = rollouts.to(run.dist.device), correct_B.to(run.dist.device)
+    t = time.time()
+    scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
+              else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
+    k = run.cfg.objective.k
+    scores, metrics = ((run.teacher.score(scored, needs, k), {}) if run.teachers is None
+                       else run.teachers.score(problems, scored, needs, k))
+    metrics.update({f"train/{key}": v for key, v in mask_metrics.items()})
+    return Scored(rollouts, scored, correct_B, scores, metrics, time.time() - t)
+
+
 def start_ahead(run: Run, step: int) -> None:
     """rollout.max_staleness=1: start sampling step `step`'s prompts in the background from the
-    learner's current weights (loop/ahead.py), unless the run ends or is still cold by then."""
+    learner's current weights (loop/ahead.py) — and with rollout.score_ahead scoring them there
+    too — unless the run ends or is still cold by then."""
     cfg = run.cfg
     if step >= cfg.trainer.steps or (run.traces is not None and step < cfg.schedule.cold_start_steps):
         return
-    prompts = [run.encode(p.prompt) for p in run.dist.shard(step_prompts(run, step, False))]
-    run.rollout.start(step, prompts, run.sampling, step_seed(cfg.trainer.seed, step, rank=run.dist.rank))
+    problems = run.dist.shard(step_prompts(run, step, False))
+    then = None
+    if cfg.rollout.score_ahead:
+        needs, teacher = run.objective.teacher_needs, teacher_prompt_ids(run, problems)
+        then = lambda r: score(run, needs, problems, r, teacher)  # noqa: E731
+    run.rollout.start(step, [run.encode(p.prompt) for p in problems], run.sampling,
+                      step_seed(cfg.trainer.seed, step, rank=run.dist.rank), then)
 
 
 def step_prompts(run: Run, step: int, cold: bool) -> list:
@@ -72,34 +115,30 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     cfg, dist = run.cfg, run.dist
     cold = run.traces is not None and step < cfg.schedule.cold_start_steps
     objective = run.sft if cold else run.objective
-    # rollout.max_staleness=1: the next step's rollouts are started in the background right after
-    # this step's are in hand — or after the teacher has scored them, when the teacher is a second
-    # in-process vLLM engine (two never run at once) — while this thread draws no random number
+    # rollout.max_staleness=1: the next step's rollouts are started in the background (and with
+    # rollout.score_ahead scored there) right after this step's are in hand, while this thread
+    # draws no random number
     ahead = cfg.rollout.max_staleness > 0 and not cold
-    serial = cfg.rollout.backend == cfg.teacher.backend == "vllm"
     t0 = time.time()
     if ahead:
         run.rollout.wait()
     torch.manual_seed(step_seed(cfg.trainer.seed, step, rank=dist.rank))
     problems = dist.shard(step_prompts(run, step, cold))  # this rank's prompts
     problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, step, problems, cold)
-    if ahead and not serial:
+    ahead_scored = isinstance(rollouts, Scored)  # rollout.score_ahead: scored in the background
+    # two in-process vLLM engines never run at once: with the teacher one still to score this
+    # step's rollouts here, the next sampling starts after it
+    late = not ahead_scored and cfg.rollout.backend == cfg.teacher.backend == "vllm"
+    if ahead and not late:
         start_ahead(run, step + 1)
-    correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
-    rollouts, mask_metrics = run.masker(rollouts)  # special tokens (objective.special_mask)
-    rollouts, correct_B = rollouts.to(dist.device), correct_B.to(dist.device)
-    t1 = time.time()
-    scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
-              else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
-    if run.teachers is None:
-        scores, route_metrics = run.teacher.score(scored, objective.teacher_needs, cfg.objective.k), {}
-    else:  # multi-teacher OPD: each row scored by its prompt's teacher
-        scores, route_metrics = run.teachers.score(problems, scored, objective.teacher_needs, cfg.objective.k)
+    s = rollouts if ahead_scored else score(run, objective.teacher_needs, problems, rollouts, teacher_prompts)
     t2 = time.time()
-    if ahead and serial:
+    t1 = t2 - (0.0 if ahead_scored else s.teacher_seconds)
+    if ahead and late:
         start_ahead(run, step + 1)
     t_start = time.time() - t2  # sampling time
-    batch, is_metrics = StepBatch(rollouts, scores, correct_B=correct_B), {}
+    rollouts, scored = s.rollouts, s.scored
+    batch, is_metrics = StepBatch(rollouts, s.scores, correct_B=s.correct_B), {}
     if objective.needs_old_logp:
         batch.logp_old_B_T = run.learner.logprobs(batch, objective.temperature)
         if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:
@@ -119,7 +158,9 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     t3 = time.time()
 
     metrics = step_metrics(batch, train_metrics, {**is_metrics, **obj_metrics}, on_policy)
-    metrics.update({f"train/{k}": v for k, v in mask_metrics.items()}, **schedule_metrics, **route_metrics)
+    metrics.update(s.metrics, **schedule_metrics)
+    if ahead_scored:
+        metrics["teacher/ahead_seconds"] = s.teacher_seconds
     if diag_metrics:
         metrics.update(diag_metrics, **{"diag/seconds": t_diag})
     metrics.update({"rollout/seconds": t1 - t0 + t_start, "teacher/seconds": t2 - t1,
