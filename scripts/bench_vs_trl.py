@@ -56,6 +56,8 @@ ARMS = {
     "opd_exp, vLLM + packing": ("opd", VLLM + PACK),
     "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + PACK),
     "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1"]),
+    "opd_exp, vLLM + packing + ahead, teacher in the foreground": (
+        "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false"]),
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
         "opd", PACK + ["rollout.max_staleness=1", "trainer.threads=1"]),

@@ -144,10 +144,12 @@ def validate(cfg: DictConfig) -> None:
         _require(not r.sleep, "rollout.sleep", r.sleep, "false with rollout.max_staleness=1 (the "
                  "engine samples while the learner trains)")
         in_process = r.backend == "vllm" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
-        _require(not in_process or cfg.trainer.threads == 0, "trainer.threads", cfg.trainer.threads,
-                 "0 with rollout=vllm and rollout.max_staleness=1 while vLLM's engine runs in this "
-                 "process (its CPU kernels, run from the background thread, keep the thread count "
-                 "vLLM set up; or VLLM_ENABLE_V1_MULTIPROCESSING=1)")
+        cores = len(os.sched_getaffinity(0))
+        _require(not in_process or cfg.trainer.threads in (0, cores), "trainer.threads", cfg.trainer.threads,
+                 f"0 or {cores} (all cores) with rollout=vllm and rollout.max_staleness=1 while vLLM's "
+                 "engine runs in this process (its CPU kernels, run from the background thread, "
+                 "check for the thread count vLLM set up: one per core); or "
+                 "VLLM_ENABLE_V1_MULTIPROCESSING=1")
     _require(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, "an integer >= 0")
     _require(r.kv_cache_mib >= 0, "rollout.kv_cache_mib", r.kv_cache_mib, "an integer >= 0 (0 = the engine decides)")
     _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
