@@ -6,9 +6,11 @@ The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher
 prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
 at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; opd_exp
 objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
-arm is a fresh process reporting its peak memory: the largest single process's `ru_maxrss`, or
-the largest PSS sum over its process tree (opd_exp's `python -m opd_exp train`, torchrun ranks;
-polled every 0.1 s) if that is more; vLLM's engine runs in its caller's process. Step time = wall time of a step
+arm is a fresh process reporting its peak memory: the largest single process's `ru_maxrss`; for
+an arm of several processes (DeepSpeed's two ranks) the largest PSS sum over its process tree if
+that is more, polled every 0.1 s in a second run of the arm, since reading /proc/<pid>/smaps that
+often slows the process read (a quarter of the step, measured on an ahead arm) — the timed run
+is never polled. vLLM's engine runs in its caller's process. Step time = wall time of a step
 (TRL: from its trainer's `on_step_begin` to `on_step_end` callbacks — generation, teacher,
 loss, backward and optimizer step; opd_exp: `train/step_seconds`, the same span of `run_step`); the first `--warmup` steps are dropped and the median of
 the rest is reported, with tokens/s = trained (completion) tokens of the step / its step time and
@@ -55,9 +57,12 @@ ARMS = {
     "opd_exp, HF generate, DeepSpeed ZeRO-2 ×2": ("opd", DS),
     "opd_exp, vLLM + packing": ("opd", VLLM + PACK),
     "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + PACK),
-    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1"]),
+    # trainer.threads=0: torch's own count, one per core (2 here) — what vLLM's in-process engine
+    # binds; the same count set explicitly measured slower with a background engine (0.87 s
+    # against 0.77-0.80 s a step, single runs)
+    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1", "trainer.threads=0"]),
     "opd_exp, vLLM + packing + ahead, teacher in the foreground": (
-        "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false"]),
+        "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false", "trainer.threads=0"]),
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
         "opd", PACK + ["rollout.max_staleness=1", "trainer.threads=1"]),
@@ -191,26 +196,32 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
+    ap.add_argument("--pss", action="store_true", help=argparse.SUPPRESS)  # internal: poll PSS
     a = ap.parse_args()
     if a.steps <= a.warmup:
         ap.error("--steps must exceed --warmup")
     if a.one:
-        tree = TreeRSS()
+        tree = TreeRSS() if a.pss else None
         out = one(a.one, a.steps)
         peak_kib = max(resource.getrusage(who).ru_maxrss
                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        print(json.dumps({**out, "peak_rss_mib": max(peak_kib / 1024, tree.stop())}))
+        print(json.dumps({**out, "peak_rss_mib": max(peak_kib / 1024, tree.stop() if tree else 0.0)}))
         return
     results, failed = [], []
     for name in a.arms:  # a fresh process per arm, which reports its own peak RSS
-        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps)],
-                           capture_output=True, text=True, env=ENV)
+        several = any(x.startswith("launcher.nproc_per_node=") for x in ARMS[name][1])
+        outs = []
+        for pss in ([False, True] if several else [False]):  # timed, then (several processes) PSS
+            p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps),
+                                *(["--pss"] if pss else [])], capture_output=True, text=True, env=ENV)
+            if p.returncode:
+                break
+            outs.append(json.loads(p.stdout.strip().splitlines()[-1]))
         if p.returncode:
             print(f"{name}: failed\n{p.stderr[-2500:]}", file=sys.stderr)
             failed.append(name)
             continue
-        out = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(summarise(name, out["rows"], a.warmup, out["peak_rss_mib"]))
+        results.append(summarise(name, outs[0]["rows"], a.warmup, max(o["peak_rss_mib"] for o in outs)))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{SEQUENCES} sequences/step, ≤ {MAX_NEW} new tokens, full-vocabulary reverse KL, fp32, "
           f"{THREADS} threads; medians of {a.steps - a.warmup} steps after {a.warmup} warm-up\n")
