@@ -37,9 +37,12 @@ def test_vllm_logprobs_match_hf_and_follow_weight_sync(tiny_world, tmp_path):
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("staleness,teacher", [(0, []), (1, []), (1, ["teacher=vllm", "teacher.max_model_len=256"])])
-def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, teacher):
-    """rollout.max_staleness=1: the engine samples step t+1 in the background while step t
+@pytest.mark.parametrize("staleness,extra", [(0, []), (0, ["rollout.enforce_eager=false"]), (1, []),
+                                             (1, ["teacher=vllm", "teacher.max_model_len=256"])])
+def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, extra):
+    """The engine follows the learner's weights (its log-probs match the learner's), also
+    compiled (rollout.enforce_eager=false: the in-place reload reaches the compiled model).
+    rollout.max_staleness=1: the engine samples step t+1 in the background while step t
     trains (and with a vLLM teacher, a second in-process engine, scores it there after the
     sampling: never two engines at once); it lags one update (the mismatch grows past step 1)
     and the run stays finite."""
@@ -48,7 +51,7 @@ def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, te
     p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "rollout=vllm",
                         "rollout.max_model_len=256", *TINY_RUN, "trainer.steps=3", "eval.every=3",
                         "eval.teacher=false", f"rollout.max_staleness={staleness}",
-                        "learner.lr=1e-2", *teacher, f"hydra.run.dir={tmp_path}"],
+                        "learner.lr=1e-2", *extra, f"hydra.run.dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 0, p.stderr[-3000:]

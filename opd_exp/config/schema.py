@@ -100,6 +100,9 @@ class RolloutConfig:
     # (CPU: VLLM_CPU_KVCACHE_SPACE GiB, which wins when set; GPU: gpu_memory_utilization)
     kv_cache_mib: int = 0
     sleep: bool = False  # vllm on GPU: engine asleep (memory freed) while the learner trains
+    # vllm: eager mode — the engine starts in seconds (tests, short CPU runs); false: vLLM
+    # compiles the model (torch.compile; CUDA graphs on GPU) at start, then decodes faster
+    enforce_eager: bool = True
     is_cap: float = 0.0  # > 0: weight sampled-token advantages by min(p_learner / p_rollout, is_cap)
     # 1: step t+1's rollouts are sampled (from the weights before update t) while step t trains —
     # one-step-off-policy, loop/ahead.py; 0: every step samples from its own weights (exact resume)

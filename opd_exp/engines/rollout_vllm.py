@@ -79,7 +79,8 @@ class VLLMRollout(VLLMSampler):
 
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
-                 seed: int, sleep: bool = False, weight_sync: str = "memory", kv_cache_mib: int = 0):
+                 seed: int, sleep: bool = False, weight_sync: str = "memory", kv_cache_mib: int = 0,
+                 enforce_eager: bool = True):
         self.weights_dir = Path(work_dir) / "vllm_weights"
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)
@@ -90,7 +91,7 @@ class VLLMRollout(VLLMSampler):
             kw["kv_cache_memory_bytes"] = kv_cache_mib * 2**20
         rows = model.get_output_embeddings().weight.shape[0]
         super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
-                                      seed=seed, **kw), tokenizer, stop_ids, sleep,
+                                      enforce_eager, seed=seed, **kw), tokenizer, stop_ids, sleep,
                          vocab_size=len(tokenizer) if rows > len(tokenizer) else None)
         self.sync_every, self.calls, self.weight_sync = sync_every, 0, weight_sync
 
@@ -108,14 +109,15 @@ class VLLMRollout(VLLMSampler):
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
 
-def start_engine(path: str, dtype: str, gpu_memory_utilization: float, **kw):
-    """An in-process vLLM engine (eager: starts in seconds; ENGINES.md). `generation_config=
-    "vllm"`: the model's generation_config.json never supplies sampling defaults — every request
-    carries exactly the configured SamplingParams (as the server, `--generation-config vllm`)."""
+def start_engine(path: str, dtype: str, gpu_memory_utilization: float, enforce_eager: bool = True, **kw):
+    """An in-process vLLM engine (eager: starts in seconds, ENGINES.md; else compiled at start,
+    faster to decode). `generation_config="vllm"`: the model's generation_config.json never
+    supplies sampling defaults — every request carries exactly the configured SamplingParams (as
+    the server, `--generation-config vllm`)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    return LLM(model=path, dtype=dtype, enforce_eager=True, generation_config="vllm",
+    return LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, generation_config="vllm",
                gpu_memory_utilization=gpu_memory_utilization, **kw)
 
 
@@ -166,4 +168,5 @@ def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBac
     return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                        sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank,
-                       sleep=r.sleep, weight_sync=r.weight_sync, kv_cache_mib=r.kv_cache_mib)
+                       sleep=r.sleep, weight_sync=r.weight_sync, kv_cache_mib=r.kv_cache_mib,
+                       enforce_eager=r.enforce_eager)
