@@ -63,6 +63,10 @@ ARMS = {
     "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1", "trainer.threads=0"]),
     "opd_exp, vLLM + packing + ahead, teacher in the foreground": (
         "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false", "trainer.threads=0"]),
+    # the engine compiled at start (~10 s more here) instead of eager
+    "opd_exp, vLLM compiled + packing": ("opd", VLLM + PACK + ["rollout.enforce_eager=false"]),
+    "opd_exp, vLLM compiled + packing + ahead": (
+        "opd", VLLM + PACK + ["rollout.enforce_eager=false", "rollout.max_staleness=1", "trainer.threads=0"]),
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
         "opd", PACK + ["rollout.max_staleness=1", "trainer.threads=1"]),
