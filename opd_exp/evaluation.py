@@ -53,6 +53,14 @@ def _parse(expr: str):
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
+def _integer_key(s: str) -> str:
+    """An integer's canonical digits (sign, no leading zeros, −0 = 0), of any length (int() refuses
+    more than 4300 digits)."""
+    s = s.strip()
+    digits = s.lstrip("+-").lstrip("0") or "0"
+    return ("-" if s.startswith("-") and digits != "0" else "") + digits
+
+
 def is_correct(response: str, answer: str) -> bool:
     """The response's last boxed answer is mathematically equal to `answer` (math-verify)."""
     pred = last_boxed(response)
@@ -61,7 +69,7 @@ def is_correct(response: str, answer: str) -> bool:
     if pred.strip() == answer.strip():
         return True  # identical strings: no need to ask the verifier
     if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(answer):
-        return int(pred) == int(answer)  # two integers: math-verify's verdict, without its parser
+        return _integer_key(pred) == _integer_key(answer)  # math-verify's verdict, without its parser
     from math_verify import verify
 
     gold, guess = _parse(answer), _parse(pred)

@@ -5,7 +5,8 @@
 Inputs: student/teacher final hidden states [1, T, H] and LM-head weights [V, H] (float32), all
 positions valid. Each (objective, T) runs in a fresh subprocess, with glibc's mmap threshold
 fixed at 128 KiB so that every freed buffer above it leaves the RSS at once. Two numbers:
-- "peak extra": the process's peak RSS minus its RSS once inputs and weights exist: everything the
+- "peak extra": the process's peak RSS (VmHWM, reset just before the measured forward) minus its
+  RSS once inputs and weights exist: everything the
   loss allocates, the gradients it returns (the LM head's [V, H] one: 594 MiB here) included;
 - "transient": the peak minus the RSS after backward with the gradients kept (loss and graph
   freed): the memory the objective needs beyond the gradients every objective must return.
@@ -24,15 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 
-def _rss_kb() -> int:
+def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _rss_kb() -> int:
+    return _status_kb("VmRSS")
 
 
 def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
@@ -90,11 +94,13 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     h_s.grad = None
     head_s.weight.grad = None
     base = _rss_kb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS (VmHWM) restarts from here: imports and warm-up cannot hide it
     t0 = time.perf_counter()
     loss = loss_fn(h_s, h_t, mask, extra_inputs, T)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _status_kb("VmHWM")
     value = loss.item()
     del loss
     after = _rss_kb()  # the gradients (h_s.grad, head_s.weight.grad) are still held

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import threading
 import time
 
@@ -14,6 +15,7 @@ from opd_exp.train import train
 
 from .conftest import TINY_RUN, compose
 
+CORES = len(os.sched_getaffinity(0))
 AHEAD = TINY_RUN + ["rollout.max_staleness=1", "rollout.is_cap=2", "eval.every=0"]
 
 
@@ -150,7 +152,8 @@ def test_ahead_run_resumes(tmp_path, use_tiny_world):
     (["learner=deepspeed"], "rollout.max_staleness"),
     (["objective.rollouts_from=teacher"], "rollout.max_staleness"),
     (["rollout=vllm", "rollout.temperature=0.7"], "rollout.temperature"),
-    (["rollout=vllm", "trainer.threads=1"], "trainer.threads"),
+    (["rollout=vllm", f"trainer.threads={CORES + 1}"], "trainer.threads"),
+    (["teacher=vllm", "rollout.score_ahead=true", f"trainer.threads={CORES + 1}"], "trainer.threads"),
 ])
 def test_ahead_refusals_name_the_field(tmp_path, use_tiny_world, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -170,7 +173,7 @@ def test_ahead_after_a_cold_start(tmp_path, use_tiny_world):
 @pytest.mark.parametrize("objective", [[], ["objective=topk", "objective.k=4"]])
 def test_scoring_ahead_moves_the_teacher_to_the_background_and_changes_nothing_else(
         tmp_path, use_tiny_world, monkeypatch, objective):
-    """rollout.score_ahead: from step 2 on the verifier, the masking and the teacher run in the
+    """rollout.score_ahead: from step 2 on the masking and the teacher run in the
     background job (the teacher's calls are seen on the sampling thread); every record equals
     the run that scores in the foreground, timings aside."""
     from opd_exp.engines.teacher_hf import HFTeacher
@@ -193,5 +196,6 @@ def test_scoring_ahead_moves_the_teacher_to_the_background_and_changes_nothing_e
         assert on_worker == ([False, True, True, True] if ahead else [False] * 4), threads
     assert [_no_timings(r) for r in recs[True]] == [_no_timings(r) for r in recs[False]]
     assert [("teacher/ahead_seconds" in r) for r in recs[True]] == [False, True, True, True]
+    assert all(r["rollout/ahead_seconds"] > 0 for r in recs[True][1:] + recs[False][1:])
     assert all(r["teacher/seconds"] == 0.0 for r in recs[True][1:])
     assert all(r["teacher/seconds"] > 0.0 for r in recs[False])

@@ -91,4 +91,6 @@ def test_integer_answers_get_math_verifys_verdict_without_its_parser(monkeypatch
     for (pred, answer), ok in expected.items():
         assert is_correct(f"\\boxed{{{pred}}}", answer) is ok, (pred, answer)
     assert calls == []  # no parser for integer pairs
+    long = "9" * 5000  # past int()'s 4300 digits: a degenerate rollout must not crash the step
+    assert is_correct(f"\\boxed{{{long}}}", "0" + long) and not is_correct(f"\\boxed{{{long}}}", "-" + long)
     assert is_correct(r"\boxed{7.0}", "7") and calls  # a decimal: math-verify, as before

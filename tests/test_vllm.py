@@ -38,7 +38,7 @@ def test_vllm_logprobs_match_hf_and_follow_weight_sync(tiny_world, tmp_path):
 
 
 @pytest.mark.parametrize("staleness,extra", [(0, []), (0, ["rollout.enforce_eager=false"]), (1, []),
-                                             (1, ["teacher=vllm", "teacher.max_model_len=256"])])
+                                             (1, ["teacher=vllm", "teacher.max_model_len=256", "rollout.score_ahead=true"])])
 def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, extra):
     """The engine follows the learner's weights (its log-probs match the learner's), also
     compiled (rollout.enforce_eager=false: the in-place reload reaches the compiled model).

@@ -143,10 +143,15 @@ def validate(cfg: DictConfig) -> None:
                  "the sampled-token estimator needs them to correct the lag)")
         _require(not r.sleep, "rollout.sleep", r.sleep, "false with rollout.max_staleness=1 (the "
                  "engine samples while the learner trains)")
-        in_process = r.backend == "vllm" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
+        # an in-process vLLM engine used from the background thread: the rollout's, or with
+        # score_ahead the teacher's
+        engine = ("rollout=vllm" if r.backend == "vllm" else
+                  "teacher=vllm and rollout.score_ahead=true" if r.score_ahead and cfg.teacher.backend == "vllm"
+                  else None)
+        in_process = engine and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
         cores = len(os.sched_getaffinity(0))
         _require(not in_process or cfg.trainer.threads in (0, cores), "trainer.threads", cfg.trainer.threads,
-                 f"0 or {cores} (all cores) with rollout=vllm and rollout.max_staleness=1 while vLLM's "
+                 f"0 or {cores} (all cores) with {engine} and rollout.max_staleness=1 while vLLM's "
                  "engine runs in this process (its CPU kernels, run from the background thread, "
                  "check for the thread count vLLM set up: one per core); or "
                  "VLLM_ENABLE_V1_MULTIPROCESSING=1")

@@ -6,10 +6,11 @@ background thread while step t is scored and trained.
               step t+1's prompts in the background
               teacher scores rollouts_t; learner update t → W_{t+1}            (overlaps the sampling)
 
-With `rollout.score_ahead` (the default) the background job goes on to score what it sampled —
-the verifier, special-token masking, the teacher (loop/step.py `score`) — so step t+1 finds its
-rollouts scored and the foreground is left the learner's work. The teacher's scores do not
-depend on the student's weights, and scoring draws no random number.
+With `rollout.score_ahead=true` the background job goes on to score what it sampled —
+special-token masking and the teacher (loop/step.py `score`) — so step t+1 finds its rollouts
+scored and the foreground is left the verifier (math-verify's timeouts need the main thread) and
+the learner's work. The teacher's scores do not depend on the student's weights, and scoring
+draws no random number.
 
 W_t = the weights after t updates. The first step, the first after a resume and the first after a
 cold start sample from W_t in the foreground (staleness 0). The sampled-token objective corrects
@@ -30,6 +31,7 @@ default.
 from __future__ import annotations
 
 import copy
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -58,6 +60,7 @@ class AheadSampler:
         init = {} if threads is None else {"initializer": torch.set_num_threads, "initargs": (threads,)}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead", **init)
         self.pending: tuple[int, list, Future] | None = None  # (step, its prompts, the sampling)
+        self.sample_seconds = 0.0  # wall time of the last background sampling
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.policy, self.stale = model, True  # pushed when the sampler is next used
@@ -100,8 +103,12 @@ class AheadSampler:
         `then`: run on them in the same background job (`take` returns its result)."""
         self._push()
         torch.manual_seed(seed)  # the background thread's draws start from the step's own seed
-        job = (lambda: then(self.backend.generate(prompts, sampling))) if then else (
-            lambda: self.backend.generate(prompts, sampling))
+
+        def job():
+            t = time.time()
+            rollouts = self.backend.generate(prompts, sampling)
+            self.sample_seconds = time.time() - t  # read after the job's result: `take`
+            return then(rollouts) if then else rollouts
         self.pending = (step, prompts, self.pool.submit(job))
 
     def close(self) -> None:

@@ -218,7 +218,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         shares = getattr(rollout, "shares_weights", False)  # HF generate: its own copy of the policy
         # the background thread's torch threads as trainer.threads, unless it runs the kernels of
         # an in-process vLLM engine (they keep the count the engine was set up with)
-        here = getattr(rollout, "kernels_in_process", False)
+        here = getattr(rollout, "kernels_in_process", False) or (
+            cfg.rollout.score_ahead and getattr(teacher_rollout, "kernels_in_process", False))
         rollout = AheadSampler(rollout, learner.policy, shares, None if here else torch.get_num_threads())
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)

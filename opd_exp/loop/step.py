@@ -31,6 +31,8 @@ def sample(run: Run, step: int, problems: list, cold: bool) -> tuple[list, objec
         # started during the previous step (with rollout.score_ahead: already Scored), or None
         rollouts = run.rollout.take(step, student)
         m["rollout/staleness"] = float(rollouts is not None)
+        if rollouts is not None:
+            m["rollout/ahead_seconds"] = run.rollout.sample_seconds
         if rollouts is None:
             rollouts = run.rollout.generate(student, run.sampling)
         return problems, rollouts, True, teacher, m
@@ -51,24 +53,24 @@ def teacher_prompt_ids(run: Run, problems: list) -> list | None:
 
 @dataclass
 class Scored:
-    """A step's rollouts as the loss reads them (special tokens masked, on the learner's device),
-    the same rollouts as the teacher read them (after its own prompt), the verifier's 0/1 per row,
-    the teacher's scores, the metrics of scoring and the teacher's wall time."""
+    """A step's rollouts as sampled, as the loss reads them (special tokens masked, on the
+    learner's device) and as the teacher read them (after its own prompt); the teacher's scores,
+    the metrics of scoring and the teacher's wall time."""
+    raw: Rollouts
     rollouts: Rollouts
     scored: Rollouts
-    correct_B: torch.Tensor
     scores: TeacherScores
     metrics: dict[str, float]
     teacher_seconds: float
 
 
-def score(run: Run, needs: str, problems: list, rollouts: Rollouts, teacher_prompts: list | None) -> Scored:
-    """The verifier (math-verify), special-token masking (objective.special_mask) and the
-    teacher's scores (`needs`; multi-teacher OPD: each row by its prompt's teacher). Draws no
-    random number: it may run in the background (rollout.score_ahead)."""
-    correct_B = rollout_correctness(run.tokenizer, rollouts, [p.answer for p in problems])
-    rollouts, mask_metrics = run.masker(rollouts)
-    rollouts, correct_B = rollouts.to(run.dist.device), correct_B.to(run.dist.device)
+def score(run: Run, needs: str, problems: list, raw: Rollouts, teacher_prompts: list | None) -> Scored:
+    """Special-token masking (objective.special_mask) and the teacher's scores (`needs`;
+    multi-teacher OPD: each row by its prompt's teacher). Draws no random number: it may run in
+    the background (rollout.score_ahead). (The verifier stays in the foreground: math-verify's
+    timeouts work in the main thread only.)"""
+    rollouts, mask_metrics = run.masker(raw)
+    rollouts = rollouts.to(run.dist.device)
     t = time.time()
     scored = (rollouts if teacher_prompts is None  # the teacher reads its own prompt, same response
               else rollouts.with_prompts(teacher_prompts, run.tokenizer.pad_token_id))
@@ -76,7 +78,7 @@ def score(run: Run, needs: str, problems: list, rollouts: Rollouts, teacher_prom
     scores, metrics = ((run.teacher.score(scored, needs, k), {}) if run.teachers is None
                        else run.teachers.score(problems, scored, needs, k))
     metrics.update({f"train/{key}": v for key, v in mask_metrics.items()})
-    return Scored(rollouts, scored, correct_B, scores, metrics, time.time() - t)
+    return Scored(raw, rollouts, scored, scores, metrics, time.time() - t)
 
 
 def start_ahead(run: Run, step: int) -> None:
@@ -126,6 +128,8 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     problems = dist.shard(step_prompts(run, step, cold))  # this rank's prompts
     problems, rollouts, on_policy, teacher_prompts, schedule_metrics = sample(run, step, problems, cold)
     ahead_scored = isinstance(rollouts, Scored)  # rollout.score_ahead: scored in the background
+    raw = rollouts.raw if ahead_scored else rollouts
+    correct_B = rollout_correctness(run.tokenizer, raw, [p.answer for p in problems]).to(dist.device)
     # two in-process vLLM engines never run at once: with the teacher one still to score this
     # step's rollouts here, the next sampling starts after it
     late = not ahead_scored and cfg.rollout.backend == cfg.teacher.backend == "vllm"
@@ -138,7 +142,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
         start_ahead(run, step + 1)
     t_start = time.time() - t2  # sampling time
     rollouts, scored = s.rollouts, s.scored
-    batch, is_metrics = StepBatch(rollouts, s.scores, correct_B=s.correct_B), {}
+    batch, is_metrics = StepBatch(rollouts, s.scores, correct_B=correct_B), {}
     if objective.needs_old_logp:
         batch.logp_old_B_T = run.learner.logprobs(batch, objective.temperature)
         if cfg.rollout.is_cap > 0 and on_policy and rollouts.logp_B_T is not None:

@@ -33,7 +33,7 @@ class FusedSupportLoss(GradientInForward):
             W_S = W_V_H[idx_C]  # [B, C, K, H]: the chunk's one temporary of that size
             loss_c, g_C = loss_and_grad((W_S @ h_C[..., None])[..., 0], *[x[:, c:c + chunk] for x in extra_B_T])
             total += loss_c
-            g_C = g_C.to(W_V_H.dtype)
+            g32_C, g_C = g_C, g_C.to(W_V_H.dtype)  # g32: as the loss formed it (float32 or wider)
             grad_h[:, c:c + chunk] = (g_C[..., None, :] @ W_S)[..., 0, :]  # Σ_k g_k W[idx_k]
             if grad_W is None:
                 continue
@@ -43,7 +43,7 @@ class FusedSupportLoss(GradientInForward):
             else:  # low precision: a chunk's rows summed in float32 first, then added once
                 rows, where = idx_C.reshape(-1).unique(return_inverse=True)
                 part = W_V_H.new_zeros(len(rows), W_V_H.shape[1], dtype=acc)
-                part.index_add_(0, where, (g_C[..., None].to(acc) * h_C[:, :, None, :]).flatten(0, 2))
+                part.index_add_(0, where, (g32_C[..., None].to(acc) * h_C[:, :, None, :]).flatten(0, 2))
                 grad_W.index_add_(0, rows, part.to(grad_W.dtype))
         ctx.save_for_backward(grad_h, grad_W)
         ctx.n_extra = len(extra_B_T)
