@@ -1,6 +1,6 @@
 """opd_exp against TRL's `DistillationTrainer`, side by side on the toy pair.
 
-    python scripts/bench_vs_trl.py [--steps 14] [--warmup 4] [--arms NAME …]
+    python scripts/bench_vs_trl.py [--steps 14] [--warmup 4] [--arms NAME …] [--repeats 1]
 
 The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher), the toy training
 prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
@@ -40,7 +40,7 @@ SEQUENCES, MAX_NEW, LR, THREADS = 64, 96, 5e-4, 2
 # push needs it too); its KV cache sized by the arm (VLLM_CPU_KVCACHE_SPACE would override that)
 ENV = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-KV = 64  # MiB of KV cache: 64 sequences x <= 160 tokens of the toy model need ~3 MiB
+KV = 16  # MiB of KV cache: 64 sequences x <= 160 tokens of the toy model need ~3 MiB
 OPD = ["objective=full_vocab", "data.prompts_per_step=16", "rollout.n=4",
        f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}",
        "eval.every=0", "logger.mode=disabled", "logger.plots=false", "trainer.save_every=0"]
@@ -53,23 +53,20 @@ ARMS = {
                                    "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.3}),
     "opd_exp, HF generate": ("opd", []),
     "opd_exp, HF generate + packing": ("opd", PACK),
-    "opd_exp, HF generate + packing + ahead": ("opd", PACK + ["rollout.max_staleness=1"]),
+    "opd_exp, HF generate + packing + ahead": ("opd", PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true"]),
     "opd_exp, HF generate, DeepSpeed ZeRO-2 ×2": ("opd", DS),
     "opd_exp, vLLM + packing": ("opd", VLLM + PACK),
     "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + PACK),
-    # trainer.threads=0: torch's own count, one per core (2 here) — what vLLM's in-process engine
-    # binds; the same count set explicitly measured slower with a background engine (0.87 s
-    # against 0.77-0.80 s a step, single runs)
-    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1", "trainer.threads=0"]),
+    "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true"]),
     "opd_exp, vLLM + packing + ahead, teacher in the foreground": (
-        "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false", "trainer.threads=0"]),
+        "opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=false"]),
     # the engine compiled at start (~10 s more here) instead of eager
     "opd_exp, vLLM compiled + packing": ("opd", VLLM + PACK + ["rollout.enforce_eager=false"]),
     "opd_exp, vLLM compiled + packing + ahead": (
-        "opd", VLLM + PACK + ["rollout.enforce_eager=false", "rollout.max_staleness=1", "trainer.threads=0"]),
+        "opd", VLLM + PACK + ["rollout.enforce_eager=false", "rollout.max_staleness=1", "rollout.score_ahead=true"]),
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
-        "opd", PACK + ["rollout.max_staleness=1", "trainer.threads=1"]),
+        "opd", PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true", "trainer.threads=1"]),
 }
 
 
@@ -199,6 +196,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each arm, the arms taking turns (step times drift between runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
     ap.add_argument("--pss", action="store_true", help=argparse.SUPPRESS)  # internal: poll PSS
     a = ap.parse_args()
@@ -211,8 +210,11 @@ def main() -> None:
                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         print(json.dumps({**out, "peak_rss_mib": max(peak_kib / 1024, tree.stop() if tree else 0.0)}))
         return
-    results, failed = [], []
-    for name in a.arms:  # a fresh process per arm, which reports its own peak RSS
+    runs: dict[str, list[dict]] = {name: [] for name in a.arms}
+    failed = []
+    for name in [n for _ in range(a.repeats) for n in a.arms]:  # a fresh process per run of an arm
+        if name in failed:
+            continue
         several = any(x.startswith("launcher.nproc_per_node=") for x in ARMS[name][1])
         outs = []
         for pss in ([False, True] if several else [False]):  # timed, then (several processes) PSS
@@ -225,16 +227,23 @@ def main() -> None:
             print(f"{name}: failed\n{p.stderr[-2500:]}", file=sys.stderr)
             failed.append(name)
             continue
-        results.append(summarise(name, outs[0]["rows"], a.warmup, max(o["peak_rss_mib"] for o in outs)))
-        print(json.dumps(results[-1]), flush=True)
+        runs[name].append(summarise(name, outs[0]["rows"], a.warmup, max(o["peak_rss_mib"] for o in outs)))
+        print(json.dumps(runs[name][-1]), flush=True)
     print(f"\n{SEQUENCES} sequences/step, ≤ {MAX_NEW} new tokens, full-vocabulary reverse KL, fp32, "
-          f"{THREADS} threads; medians of {a.steps - a.warmup} steps after {a.warmup} warm-up\n")
-    print("| arm | step s | tokens/s | rollout s | teacher s | train s | sync s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
+          f"{THREADS} threads; medians of {a.steps - a.warmup} steps after {a.warmup} warm-up; "
+          f"with several runs of an arm, the median run (by tokens/s) and the range over runs\n")
+    print("| arm | runs | step s | tokens/s | tokens/s, all runs | rollout s | teacher s | train s "
+          "| sync s | peak RSS MiB (max over runs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        r = sorted(rs, key=lambda x: x["tokens_per_s"])[(len(rs) - 1) // 2]  # the median run
         sync = "–" if r["sync"] is None else f"{r['sync']:.3f}"
-        print(f"| {r['arm']} | {r['step']:.3f} | {r['tokens_per_s']:.0f} | {r['rollout']:.3f} | "
-              f"{r['teacher']:.3f} | {r['train']:.3f} | {sync} | {r['peak_rss_mib']:.0f} |")
+        every = ", ".join(f"{x['tokens_per_s']:.0f}" for x in rs)
+        print(f"| {name} | {len(rs)} | {r['step']:.3f} | {r['tokens_per_s']:.0f} | {every} | "
+              f"{r['rollout']:.3f} | {r['teacher']:.3f} | {r['train']:.3f} | {sync} | "
+              f"{max(x['peak_rss_mib'] for x in rs):.0f} |")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
