@@ -63,7 +63,9 @@ def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, ex
         assert r["rollout/logprob_mismatch"] <= 1e-3 or (staleness and r["step"] > 1)
     if staleness:
         assert [r["rollout/staleness"] for r in steps] == [0.0, 1.0, 1.0]
-        assert ["teacher/ahead_seconds" in r for r in steps] == [False, True, True]
+        assert ["rollout/ahead_seconds" in r for r in steps] == [False, True, True]
+        scored_ahead = "rollout.score_ahead=true" in extra  # the vLLM teacher in the background job
+        assert ["teacher/ahead_seconds" in r for r in steps] == [False, scored_ahead, scored_ahead]
         assert all(r["rollout/logprob_mismatch"] > 1e-3 for r in steps[1:])
     assert "eval/avg@2" in steps[-1]
 
