@@ -108,9 +108,9 @@ class RolloutConfig:
     # one-step-off-policy, loop/ahead.py; 0: every step samples from its own weights (exact resume)
     max_staleness: int = 0
     # with max_staleness=1: special-token masking and the teacher also score step t+1's rollouts
-    # in the background, right after sampling them (false: in step t+1's foreground). Faster on
-    # a CPU (docs/benchmarks.md); the next step's teacher scores and the teacher's activations
-    # are then in memory while the learner trains (on one GPU: more memory)
+    # in the background, right after sampling them (false: in step t+1's foreground). No faster
+    # than false on the toy CPU benchmark (docs/benchmarks.md); the next step's teacher scores
+    # and the teacher's activations are then in memory while the learner trains
     score_ahead: bool = False
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
 
