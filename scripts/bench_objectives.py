@@ -6,8 +6,8 @@ Inputs: student/teacher final hidden states [1, T, H] and LM-head weights [V, H]
 positions valid. Each (objective, T) runs in a fresh subprocess, with glibc's mmap threshold
 fixed at 128 KiB so that every freed buffer above it leaves the RSS at once. Two numbers:
 - "peak extra": the process's peak RSS (VmHWM, reset just before the measured forward) minus its
-  RSS once inputs and weights exist: everything the
-  loss allocates, the gradients it returns (the LM head's [V, H] one: 594 MiB here) included;
+  RSS once inputs and weights exist: everything the loss allocates, the gradients it returns (the
+  LM head's [V, H] one: 594 MiB here) included;
 - "transient": the peak minus the RSS after backward with the gradients kept (loss and graph
   freed): the memory the objective needs beyond the gradients every objective must return.
 Implementations:
@@ -33,10 +33,6 @@ import time
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _rss_kb() -> int:
-    return _status_kb("VmRSS")
 
 
 def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
@@ -93,7 +89,7 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
             None if extra_inputs is None else tuple(x[:, :n] for x in extra_inputs), n).backward()
     h_s.grad = None
     head_s.weight.grad = None
-    base = _rss_kb()
+    base = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS (VmHWM) restarts from here: imports and warm-up cannot hide it
     t0 = time.perf_counter()
@@ -103,7 +99,7 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     peak = _status_kb("VmHWM")
     value = loss.item()
     del loss
-    after = _rss_kb()  # the gradients (h_s.grad, head_s.weight.grad) are still held
+    after = _status_kb("VmRSS")  # the gradients (h_s.grad, head_s.weight.grad) are still held
     return {"impl": impl, "T": T, "loss": value, "seconds": seconds,
             "peak_extra_mib": (peak - base) / 1024, "transient_mib": (peak - after) / 1024}
 

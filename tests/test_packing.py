@@ -125,11 +125,18 @@ def test_packing_is_refused_where_rows_would_attend_across_sequences(tiny_world)
 
 
 @pytest.mark.parametrize("needs", ["sampled", "topk", "hidden"])
-def test_the_packed_hf_teacher_scores_as_the_padded_one(model, needs):
+def test_the_packed_hf_teacher_scores_as_the_padded_one(model, needs, monkeypatch):
+    import opd_exp.engines.hf_policy as hf_policy
+
     r = rollouts()
     m = r.response_mask_B_T.bool()
+    packed_calls = []
+    monkeypatch.setattr(hf_policy, "pack", lambda rr: packed_calls.append(rr.size) or pack(rr))
     # micro-batches of 4 rows: the packed forward runs per micro-batch
-    padded, packed = (HFTeacher(copy.deepcopy(model), 4, 8, packing=p).score(r, needs, k=5) for p in (False, True))
+    padded = HFTeacher(copy.deepcopy(model), 4, 8).score(r, needs, k=5)
+    assert packed_calls == []
+    packed = HFTeacher(copy.deepcopy(model), 4, 8, packing=True).score(r, needs, k=5)
+    assert packed_calls == [4, 2]  # the teacher's forward really ran packed, per micro-batch
     pairs = {"sampled": [(padded.logp_B_T, packed.logp_B_T)],
              "topk": [(padded.topk_logq_B_T_K, packed.topk_logq_B_T_K), (padded.entropy_B_T, packed.entropy_B_T)],
              "hidden": [(padded.hidden_B_T_H, packed.hidden_B_T_H)]}[needs]

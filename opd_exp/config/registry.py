@@ -9,6 +9,7 @@ Adding an objective or a rollout/teacher/learner backend = one line here + its m
 from __future__ import annotations
 
 import importlib
+import os
 
 OBJECTIVES = {  # objective.name → class(objective_cfg, reward_cfg, temperature, ranks)
     "sampled_token": "opd_exp.methods.sampled_token:SampledTokenOPD",
@@ -47,6 +48,13 @@ def teacher_needs(objective_cfg) -> str:
     if objective_cfg.name == "topk":  # a teacher top-K support needs only the teacher's top-K
         return "topk" if objective_cfg.support == "teacher" else "hidden"
     return {"sampled_token": "sampled", "full_vocab": "hidden", "sft": "none"}[objective_cfg.name]
+
+
+def vllm_in_process() -> bool:
+    """Whether an in-process vLLM engine (`rollout=vllm`, `teacher=vllm`) runs its kernels in this
+    process — opd_exp's default (`start_engine` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the
+    user chose otherwise) — rather than in vLLM's own engine process."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
 
 
 def resolve(spec: str):

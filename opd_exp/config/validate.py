@@ -148,7 +148,7 @@ def validate(cfg: DictConfig) -> None:
         engine = ("rollout=vllm" if r.backend == "vllm" else
                   "teacher=vllm and rollout.score_ahead=true" if r.score_ahead and cfg.teacher.backend == "vllm"
                   else None)
-        in_process = engine and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
+        in_process = engine and registry.vllm_in_process()
         cores = len(os.sched_getaffinity(0))
         _require(not in_process or cfg.trainer.threads in (0, cores), "trainer.threads", cfg.trainer.threads,
                  f"0 or {cores} (all cores) with {engine} and rollout.max_staleness=1 while vLLM's "

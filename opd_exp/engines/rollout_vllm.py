@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.config.registry import vllm_in_process
 from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
 
@@ -37,7 +38,7 @@ class VLLMSampler:
         tokens may be sampled (vLLM samples over every row otherwise)."""
         self.llm, self.tokenizer, self.stop_ids = llm, tokenizer, sorted(stop_ids)
         # the engine's kernels run in the calling thread (not in vLLM's engine process)
-        self.kernels_in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self.kernels_in_process = vllm_in_process()
         self.sleep, self.asleep = sleep, False
         self.allowed = list(range(vocab_size)) if vocab_size else None
 
@@ -100,7 +101,7 @@ class VLLMRollout(VLLMSampler):
         if self.calls % self.sync_every:
             return
         self._wake()
-        if self.weight_sync == "memory" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        if self.weight_sync == "memory" and vllm_in_process():
             source = {"weights_iterator": named_weights(model)}
         else:
             save_untied(model, self.weights_dir)
