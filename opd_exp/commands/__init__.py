@@ -14,7 +14,7 @@ from opd_exp.config import validate
 from opd_exp.data import make_encoder, student_encoder
 from opd_exp.engines.hf_models import load_model, load_tokenizer, model_shape, resolve_path, stop_token_ids
 from opd_exp.engines.rollout_hf import HFRollout
-from opd_exp.engines.rollout_vllm import save_untied
+from opd_exp.engines.rollout_vllm import hub_source, save_untied
 from opd_exp.engines.rollout_vllm_server import serve_command
 from opd_exp.loop.evaluator import Evaluator
 
@@ -58,7 +58,8 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
         padded = max(0, rows - vocab)  # as the run counts it (the student's vocabulary)
         most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
         cmd = serve_command(cfg.serve.url or t.server_urls[0], resolve_path(p.path), p.dtype,
-                            cfg.trainer.seed, t.gpu_memory_utilization, t.max_model_len, most)
+                            cfg.trainer.seed, t.gpu_memory_utilization, t.max_model_len, most,
+                            hub_source(p.revision, p.trust_remote_code))
     else:
         weights = run_dir / "server_weights"
         save_untied(load_model(cfg.pair.student, "pair.student"), weights)

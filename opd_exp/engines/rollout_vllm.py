@@ -122,6 +122,13 @@ def start_engine(path: str, dtype: str, gpu_memory_utilization: float, enforce_e
                gpu_memory_utilization=gpu_memory_utilization, **kw)
 
 
+def hub_source(revision: str | None, trust_remote_code: bool) -> dict:
+    """vLLM's keywords for the model's pinned revision (weights and tokenizer) and remote code, as
+    a ModelConfig sets them for the HF loaders (engines/hf_models.py)."""
+    kw = {"revision": revision, "tokenizer_revision": revision} if revision else {}
+    return {**kw, "trust_remote_code": True} if trust_remote_code else kw
+
+
 def named_weights(model: torch.nn.Module):
     """(name, tensor) pairs of the model's weights on their own device, no copy; a tied LM head
     once more as `lm_head.weight` (the engine's head is untied, see save_untied)."""

@@ -113,10 +113,11 @@ class VLLMServerRollout(ServerSampler):
             self._push(model)
 
 def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_memory_utilization: float,
-                  max_model_len: int = 0, max_logprobs: int = 0) -> list[str]:
+                  max_model_len: int = 0, max_logprobs: int = 0, source: dict | None = None) -> list[str]:
     """vLLM's OpenAI-compatible server (`vllm serve`, run as its module: the CPU build's `vllm`
     script looks for a package named vllm) on `model_dir`, at `url`; `max_logprobs`: the most
-    log-probs per position a request may ask (a teacher's top-K), 0 = vLLM's default."""
+    log-probs per position a request may ask (a teacher's top-K), 0 = vLLM's default; `source`:
+    `hub_source(...)`'s revision and remote-code keywords, as flags."""
     import sys
     from urllib.parse import urlparse
 
@@ -129,6 +130,9 @@ def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_me
         cmd += ["--max-model-len", str(max_model_len)]
     if max_logprobs:
         cmd += ["--max-logprobs", str(max_logprobs)]
+    for key, value in (source or {}).items():
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
     if not torch.cuda.is_available():
         cmd += ["--enforce-eager"]
     return cmd

@@ -16,21 +16,23 @@ import torch
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
 from opd_exp.engines.hf_models import model_shape, resolve_path
-from opd_exp.engines.rollout_vllm import VLLMSampler, start_engine
+from opd_exp.engines.rollout_vllm import VLLMSampler, hub_source, start_engine
 
 
 class VLLMTeacher:
     def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  max_logprobs: int, seed: int = 0, vocab_size: int | None = None,
-                 rows: int | None = None):
+                 rows: int | None = None, revision: str | None = None, trust_remote_code: bool = False):
         """`vocab_size`: the tokenizer's real tokens of a model with `rows` output rows; padded rows
         past it never enter the top-K and are never sampled (vLLM's log-probs are normalised over
-        every row: padding holds ~no mass in trained models)."""
+        every row: padding holds ~no mass in trained models). `revision`: of the hub model (its
+        weights and tokenizer), as pair.teacher.revision pins the HF copies."""
         self.vocab_size = vocab_size
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         self.padded = max(0, rows - vocab_size) if vocab_size and rows else 0
         self.llm = start_engine(path, dtype, gpu_memory_utilization,
-                                max_logprobs=max_logprobs + self.padded, seed=seed, **kw)
+                                max_logprobs=max_logprobs + self.padded, seed=seed,
+                                **hub_source(revision, trust_remote_code), **kw)
 
     def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
         """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
@@ -122,5 +124,7 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     teacher = VLLMTeacher(resolve_path(cfg.pair.teacher.path), cfg.pair.teacher.dtype,
                           t.max_model_len, t.gpu_memory_utilization, most,
                           seed=cfg.trainer.seed, vocab_size=len(tokenizer),
-                          rows=model_shape(cfg.pair.teacher, "pair.teacher")[0])
+                          rows=model_shape(cfg.pair.teacher, "pair.teacher")[0],
+                          revision=cfg.pair.teacher.revision,
+                          trust_remote_code=cfg.pair.teacher.trust_remote_code)
     return teacher, teacher.sampler(tokenizer, stop_ids)

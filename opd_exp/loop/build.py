@@ -114,7 +114,9 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
     limits = [c for c in [cfg.rollout.max_model_len, cfg.teacher.max_model_len, *contexts] if c]
     if not limits:
         return prompts
-    room = min(limits) - cfg.rollout.max_new_tokens
+    # a vLLM teacher reads prompt + response as a prompt and must generate one token after it:
+    # vLLM refuses a prompt as long as its context
+    room = min(limits) - cfg.rollout.max_new_tokens - (cfg.teacher.backend != "hf")
     return prompts.keep(lambda p: all(len(enc(p.prompt)) <= room for enc in encoders),
                         "skipped_too_long")
 
