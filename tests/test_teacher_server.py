@@ -24,9 +24,10 @@ class Stub:
     """An OpenAI-compatible server in a thread; `fail_first` requests answer 503 before it works,
     `dead=True` answers 503 always. `seen` counts the sequences each completion request carried."""
 
-    def __init__(self, model, fail_first: int = 0, dead: bool = False):
-        self.model, self.fail_left, self.dead, self.seen = model, fail_first, dead, []
+    def __init__(self, model, fail_first: int = 0, dead: bool = False, code: int = 503):
+        self.model, self.fail_left, self.dead, self.seen, self.code = model, fail_first, dead, [], code
         self.bad = False  # answer 400 (a request the server refuses)
+        self.short = False  # answer one position short of every sequence
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,11 +49,12 @@ class Stub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if stub.dead or stub.fail_left > 0:
                     stub.fail_left -= 1
-                    return self.answer(503, {"error": "overloaded"})
+                    return self.answer(stub.code, {"error": "overloaded"})
                 if "prompt_logprobs" not in body or stub.bad:
                     return self.answer(400, {"error": "bad request"})
                 stub.seen.append(len(body["prompt"]))
-                self.answer(200, {"choices": [stub.choice(i, seq, body["prompt_logprobs"])
+                self.answer(200, {"choices": [stub.choice(i, seq[:-1] if stub.short else seq,
+                                                          body["prompt_logprobs"])
                                               for i, seq in enumerate(body["prompt"])][::-1]})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -156,3 +158,57 @@ def test_a_request_one_replica_refuses_is_never_sent_to_the_others(pair):
     finally:
         for s in (refusing, good):
             s.close()
+
+
+@pytest.mark.parametrize("code", [408, 429])
+def test_a_gateway_timeout_or_too_many_requests_is_retried(pair, code):
+    tok, teacher, r = pair
+    stub = Stub(teacher, fail_first=1, code=code)
+    try:
+        VLLMServerTeacher([stub.url], 30, 1, len(tok), len(tok)).score(r, "sampled")
+        assert stub.seen == [9]
+    finally:
+        stub.close()
+
+
+def test_a_short_answer_moves_on_to_the_next_replica(pair):
+    tok, teacher, r = pair
+    short, good = Stub(teacher), Stub(teacher)
+    try:
+        ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
+        good.seen.clear()
+        short.short = True
+        got = VLLMServerTeacher([short.url, good.url], 30, 0, len(tok), len(tok)).score(r, "sampled")
+        assert torch.equal(got.logp_B_T, ref) and sorted(good.seen) == [4, 5]
+    finally:
+        for s in (short, good):
+            s.close()
+
+
+def test_a_share_is_sent_as_requests_of_request_rows(pair):
+    tok, teacher, r = pair
+    stubs = [Stub(teacher), Stub(teacher)]
+    try:
+        whole = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok)).score(r, "topk", K)
+        split = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok), request_rows=2)
+        got = split.score(r, "topk", K)
+        assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
+        assert torch.equal(got.topk_logq_B_T_K, whole.topk_logq_B_T_K)
+        assert [s.seen for s in stubs] == [[4, 2, 2], [5, 2, 2, 1]]
+    finally:
+        for s in stubs:
+            s.close()
+
+
+def test_a_replica_serving_another_model_is_refused_at_start(pair):
+    from opd_exp.config import ConfigError
+
+    tok, teacher, _ = pair
+    stub = Stub(teacher)  # serves "teacher"
+    try:
+        VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="/models/teacher")
+        with pytest.raises(ConfigError, match=f"^teacher.server_urls: {stub.url} serves 'teacher', "
+                                              "not pair.teacher.path='Qwen/Qwen3-8B'"):
+            VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="Qwen/Qwen3-8B")
+    finally:
+        stub.close()

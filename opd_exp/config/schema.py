@@ -125,7 +125,8 @@ class TeacherConfig:
     gpu_memory_utilization: float = 0.3  # vllm on GPU: share of memory for the engine
     server_urls: list[str] = field(default_factory=list)  # vllm_server: replicas of the teacher
     timeout_s: float = 600.0  # vllm_server: per request
-    retries: int = 3  # vllm_server: per request and replica, before its share goes to the next
+    retries: int = 3  # vllm_server: per request and replica, before the request goes to the next
+    request_rows: int = 32  # vllm_server: sequences per request (0 = a replica's whole share)
     # a folder for teacher scores of sequences that do not change with training (prompt selection),
     # content-addressed and shared by a sweep's runs (opd_exp/runtime/score_cache.py); None = off
     cache_dir: Optional[str] = None

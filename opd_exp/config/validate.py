@@ -174,6 +174,7 @@ def validate(cfg: DictConfig) -> None:
         _require(url.startswith(("http://", "https://")), "teacher.server_urls", url, "http(s):// addresses")
     _require(tc.timeout_s > 0, "teacher.timeout_s", tc.timeout_s, "a number > 0")
     _require(tc.retries >= 0, "teacher.retries", tc.retries, "an integer >= 0")
+    _require(tc.request_rows >= 0, "teacher.request_rows", tc.request_rows, "an integer >= 0 (0: a whole share)")
     _choice("serve.role", cfg.serve.role, ("student", "teacher"))
     _require(cfg.serve.role == "student" or bool(cfg.serve.url or tc.server_urls), "serve.url",
              cfg.serve.url, "an http(s):// address (or teacher.server_urls) with serve.role=teacher")

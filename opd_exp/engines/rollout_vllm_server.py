@@ -29,25 +29,30 @@ from opd_exp.engines.rollout_vllm import save_untied
 
 
 class BadRequest(RuntimeError):
-    """A 4xx answer: the request itself is wrong — no retry, no other replica."""
+    """A 4xx answer (but 408 and 429): the request itself is wrong — no retry, no other replica."""
+
+
+RETRIED = {408, 429}  # a timeout or "too many requests" from the server or a gateway: try again
+# the servers are the job's own machines: never reached through an http(s)_proxy of the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def request_json(url: str, path: str, body: dict | None = None, timeout_s: float = 3600.0,
                  retries: int = 0, backoff_s: float = 1.0) -> dict:
     """GET (no body) or POST JSON to a vLLM server; the decoded answer. Connection errors,
-    timeouts, cut-off answers and 5xx answers are retried `retries` times (backoff doubling),
-    then raised as RuntimeError; a 4xx answer — a bad request — raises BadRequest at once with
-    the server's message."""
+    timeouts, cut-off answers, 5xx, 408 and 429 answers are retried `retries` times (backoff
+    doubling), then raised as RuntimeError; another 4xx answer — a bad request — raises BadRequest
+    at once with the server's message."""
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(retries + 1):
         req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            with _OPENER.open(req, timeout=timeout_s) as resp:
                 text = resp.read().decode()
             return json.loads(text) if text.strip() else {}
         except urllib.error.HTTPError as e:
             message = f"{url}{path}: HTTP {e.code}: {e.read().decode()[:500]}"
-            if e.code < 500:
+            if e.code < 500 and e.code not in RETRIED:
                 raise BadRequest(message) from e
             if attempt == retries:
                 raise RuntimeError(message) from e

@@ -9,35 +9,48 @@ log q(y_t | y_<t) of the sampled token, or the teacher's top-K at each response 
 
 A pool: `teacher.server_urls` lists replicas of one teacher; a batch is split into one contiguous
 share per replica, sent at once. A request that fails (connection, timeout, 5xx) is retried
-`teacher.retries` times, then its share goes to the next replica; the step fails with the
-servers' messages only when every replica has failed it.
+`teacher.retries` times, then it goes to the next replica; the step fails with the servers'
+messages only when every replica has failed it. A share is sent as requests of at most
+`teacher.request_rows` sequences, one after another: vLLM answers a request when all its rows are
+scored, so `teacher.timeout_s` bounds one request's compute, not the whole share's. At start, each
+replica must serve pair.teacher (by name): a URL of another model fails there, not in the scores.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePath
 
 import torch
 
+from opd_exp.config.errors import ConfigError
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
-from opd_exp.engines.hf_models import model_shape
+from opd_exp.engines.hf_models import model_shape, resolve_path
 from opd_exp.engines.rollout_vllm_server import BadRequest, ServerSampler, request_json
 from opd_exp.engines.teacher_vllm import ScoreRequest, check_needs
 
 
 class VLLMServerTeacher:
-    def __init__(self, urls: list[str], timeout_s: float, retries: int, vocab_size: int, rows: int):
+    """`expect`: the model the servers must serve (pair.teacher.path as `serve` names it; None: not
+    checked); `request_rows`: sequences per request (0: a replica's whole share in one)."""
+
+    def __init__(self, urls: list[str], timeout_s: float, retries: int, vocab_size: int, rows: int,
+                 expect: str | None = None, request_rows: int = 0):
         self.urls = [u.rstrip("/") for u in urls]
-        self.timeout, self.retries = timeout_s, retries
+        self.timeout, self.retries, self.request_rows = timeout_s, retries, request_rows
         self.vocab_size, self.padded = vocab_size, max(0, rows - vocab_size)
         self.models = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0]["id"]
                        for u in self.urls]
+        for url, served in zip(self.urls, self.models):  # another model's scores are no error later
+            if expect is not None and PurePath(served).name != PurePath(expect).name:
+                raise ConfigError(f"teacher.server_urls: {url} serves {served!r}, not pair.teacher.path="
+                                  f"{expect!r} (the same name, any folder)")
 
     def _positions(self, replica: int, seqs: list[list[int]], starts: list[int], lengths: list[int],
                    logprobs: int) -> list[list[dict[int, tuple[int | None, float]]]]:
         """{token id: (rank, log q)} at each scored response position of each sequence, from one
-        replica (the next ones if it fails)."""
+        replica (the next ones if it fails or answers short)."""
         if not seqs:
             return []
         errors = []
@@ -46,20 +59,28 @@ class VLLMServerTeacher:
                 out = request_json(self.urls[r], "/v1/completions", {
                     "model": self.models[r], "prompt": seqs, "max_tokens": 1,
                     "prompt_logprobs": logprobs, "temperature": 1.0}, self.timeout, self.retries)
+                choices = sorted(out["choices"], key=lambda c: c["index"])
+                if len(choices) != len(seqs) or any(len(c["prompt_logprobs"] or []) < start + n
+                                                    for c, start, n in zip(choices, starts, lengths)):
+                    raise RuntimeError(f"{self.urls[r]}: an answer with fewer sequences or positions than asked")
                 break
             except BadRequest:  # the request is wrong: every replica would refuse it
                 raise
-            except RuntimeError as e:
-                errors.append(str(e))
+            except (RuntimeError, KeyError, TypeError) as e:  # KeyError, TypeError: not vLLM's answer
+                errors.append(f"{self.urls[r]}: {e!r}" if not isinstance(e, RuntimeError) else str(e))
         else:
             raise RuntimeError("every teacher server failed: " + " | ".join(errors))
-        choices = sorted(out["choices"], key=lambda c: c["index"])
-        if len(choices) != len(seqs) or any(len(c["prompt_logprobs"] or []) < start + n
-                                            for c, start, n in zip(choices, starts, lengths)):
-            raise RuntimeError(f"{self.urls[r]}: an answer with fewer sequences or positions than asked")
         return [[{int(tok): (lp.get("rank"), lp["logprob"]) for tok, lp in pos.items()}
                  for pos in c["prompt_logprobs"][start:start + n]]
                 for c, start, n in zip(choices, starts, lengths)]
+
+    def _share(self, replica: int, seqs, starts, lengths, logprobs: int) -> list:
+        """One replica's share, `request_rows` sequences per request, one request after another
+        (`teacher.timeout_s` bounds each)."""
+        step = self.request_rows or max(1, len(seqs))
+        return [p for i in range(0, len(seqs), step)
+                for p in self._positions(replica, seqs[i:i + step], starts[i:i + step],
+                                         lengths[i:i + step], logprobs)]
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
@@ -71,7 +92,7 @@ class VLLMServerTeacher:
         shares = [range(B * i // n, B * (i + 1) // n) for i in range(n)]  # contiguous, in row order
         logprobs = k + self.padded if needs == "topk" else 0
         with ThreadPoolExecutor(max_workers=n) as pool:
-            parts = pool.map(lambda i: self._positions(
+            parts = pool.map(lambda i: self._share(
                 i, *([x[j] for j in shares[i]] for x in (req.seqs, req.starts, req.lengths)), logprobs),
                 range(n))
             positions = [p for part in parts for p in part]
@@ -84,5 +105,6 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     benchmark share is one generation request: never sampled twice)."""
     t = cfg.teacher
     rows = model_shape(cfg.pair.teacher, "pair.teacher")[0]
-    teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows)
+    teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows,
+                                expect=resolve_path(cfg.pair.teacher.path), request_rows=t.request_rows)
     return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, max(t.timeout_s, 3600.0))
