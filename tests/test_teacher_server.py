@@ -28,6 +28,7 @@ class Stub:
         self.model, self.fail_left, self.dead, self.seen, self.code = model, fail_first, dead, [], code
         self.bad = False  # answer 400 (a request the server refuses)
         self.short = False  # answer one position short of every sequence
+        self.asked = []  # prompt_logprobs of each completion request
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,7 @@ class Stub:
                 if "prompt_logprobs" not in body or stub.bad:
                     return self.answer(400, {"error": "bad request"})
                 stub.seen.append(len(body["prompt"]))
+                stub.asked.append(body["prompt_logprobs"])
                 self.answer(200, {"choices": [stub.choice(i, seq[:-1] if stub.short else seq,
                                                           body["prompt_logprobs"])
                                               for i, seq in enumerate(body["prompt"])][::-1]})
@@ -212,3 +214,32 @@ def test_a_replica_serving_another_model_is_refused_at_start(pair):
             VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="Qwen/Qwen3-8B")
     finally:
         stub.close()
+
+
+def test_padded_rows_are_asked_for_only_where_they_crowd_the_top_k(pair, tiny_world):
+    """Qwen3's 267 padded rows would make every top-K request K + 267 entries a position: asked
+    K + 8 first, and K + all padded only for rows where padded ids took the room of real ones
+    (here: 13 loud padded rows that top every position, tests/test_vocab.py)."""
+    from .test_vocab import EXTRA, _pad
+
+    tok, teacher, r = pair
+    V, extra = len(tok), EXTRA["teacher"]
+    loud = _pad(AutoModelForCausalLM.from_pretrained(tiny_world / "teacher"), extra).eval()
+    quiet, crowded = Stub(teacher), Stub(loud)  # quiet: no padded id is ever in the answer
+    try:
+        want = HFTeacher(teacher, 4, 7, vocab_size=V).score(r, "topk", K)
+        got = VLLMServerTeacher([quiet.url], 30, 0, V, V + extra).score(r, "topk", K)
+        assert quiet.asked == [K + 8] and torch.equal(got.topk_idx_B_T_K, want.topk_idx_B_T_K)
+        want = HFTeacher(loud, 4, 7, vocab_size=V).score(r, "topk", K)
+        got = VLLMServerTeacher([crowded.url], 30, 0, V, V + extra).score(r, "topk", K)
+        # asked again: only the rows with a position where padded ids took a real one's room
+        assert crowded.asked == [K + 8, K + extra] and crowded.seen[0] == 9 and 0 < crowded.seen[1] <= 9
+        m = r.response_mask_B_T.bool()
+        assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
+        # the values: vLLM normalises over every row, the HF teacher over the real ones (loud
+        # padding holds mass here, not in trained models): the same up to a shift per position
+        shift = (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m]
+        assert (shift - shift[:, :1]).abs().max() <= 1e-5 and int(got.topk_idx_B_T_K.max()) < V
+    finally:
+        for s in (quiet, crowded):
+            s.close()

@@ -47,17 +47,30 @@ class VLLMTeacher:
             return TeacherScores()
         check_needs(needs, "vllm")
         req = ScoreRequest.of(rollouts)
-        # padded ids are dropped from the top-K: ask for enough entries to keep K real ones; the
-        # one token the request must generate is greedy, so scoring draws no random number
-        # (a sampler running ahead in another thread shares torch's generator: loop/ahead.py)
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k + self.padded if needs == "topk" else 0,
-                                temperature=0.0, detokenize=False)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in req.seqs], params,
-                                 use_tqdm=False)
-        positions = [[{tok: (lp.rank, lp.logprob) for tok, lp in p.items()}
-                      for p in out.prompt_logprobs[start:start + n]]
-                     for out, start, n in zip(outs, req.starts, req.lengths)]
-        return req.scores(positions, needs, k, self.padded, self.vocab_size)
+
+        def fetch(rows: list[int], logprobs: int) -> list:
+            # the one token the request must generate is greedy, so scoring draws no random
+            # number (a sampler running ahead in another thread shares torch's generator)
+            params = SamplingParams(max_tokens=1, prompt_logprobs=logprobs, temperature=0.0,
+                                    detokenize=False)
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=req.seqs[b]) for b in rows],
+                                     params, use_tqdm=False)
+            return [[{tok: (lp.rank, lp.logprob) for tok, lp in p.items()}
+                     for p in out.prompt_logprobs[req.starts[b]:req.starts[b] + req.lengths[b]]]
+                    for b, out in zip(rows, outs)]
+        return req.scores(*req.fetch(fetch, needs, k, self.padded, self.vocab_size), needs, k,
+                          self.vocab_size)
+
+
+PADDED_MARGIN = 8  # padded ids a top-K request makes room for before asking K + all padded rows
+
+
+def real_top(pos: dict[int, tuple[int | None, float]], asked: int,
+             vocab_size: int | None) -> list[tuple[int, int, float]]:
+    """(rank, token id, log q) of the real ids among a position's top-`asked`, best first (the
+    sampled token is in `pos` with its rank even when outside the top: left out)."""
+    return sorted((rank, tok, lp) for tok, (rank, lp) in pos.items()
+                  if rank is not None and rank <= asked and (vocab_size is None or tok < vocab_size))
 
 
 def check_needs(needs: str, backend: str) -> None:
@@ -90,10 +103,29 @@ class ScoreRequest:
             starts.append(len(prompt))
         return cls(seqs, starts, lengths, mask, (B, T), device)
 
-    def scores(self, positions: list[list[dict[int, tuple[int | None, float]]]], needs: str, k: int,
-               padded: int = 0, vocab_size: int | None = None) -> TeacherScores:
+    def fetch(self, fetch, needs: str, k: int, padded: int = 0, vocab_size: int | None = None
+              ) -> tuple[list, list[int]]:
+        """(positions, asked): `fetch(rows, n)` asks the teacher for those rows with n prompt
+        log-probs per position. Padded ids (≥ vocab_size) are dropped from a top-K, so K real ids
+        need up to K + padded entries — ~300 per position for Qwen3's 267 padded rows, where a
+        trained teacher almost never ranks one. Every row is asked K + PADDED_MARGIN first; only
+        rows with a position left short of K real ids are asked again with K + padded."""
+        B = len(self.seqs)
+        asked = k + min(padded, PADDED_MARGIN) if needs == "topk" else 0
+        positions = fetch(list(range(B)), asked)
+        if needs != "topk" or padded <= PADDED_MARGIN:
+            return positions, [asked] * B
+        short = [b for b, row in enumerate(positions)
+                 if any(len(real_top(pos, asked, vocab_size)) < k for pos in row)]
+        for b, row in zip(short, fetch(short, k + padded) if short else []):
+            positions[b] = row
+        again = set(short)
+        return positions, [k + padded if b in again else asked for b in range(B)]
+
+    def scores(self, positions: list[list[dict[int, tuple[int | None, float]]]], asked: list[int],
+               needs: str, k: int, vocab_size: int | None = None) -> TeacherScores:
         """`positions[b][t]`: {token id: (rank, log q)} at response position t of row b — the
-        sampled token always among them, the teacher's top-(k + padded) by rank for needs=topk;
+        sampled token always among them, the teacher's top-`asked[b]` by rank for needs=topk;
         padded ids (≥ vocab_size) are dropped from the top-K."""
         B, T = self.shape
         logp_B_T = torch.zeros(B, T)
@@ -103,9 +135,7 @@ class ScoreRequest:
             for t, pos in enumerate(row):
                 logp_B_T[b, t] = pos[self.seqs[b][self.starts[b] + t]][1]
                 if needs == "topk":
-                    top = sorted((rank, tok, lp) for tok, (rank, lp) in pos.items()
-                                 if rank is not None and rank <= k + padded
-                                 and (vocab_size is None or tok < vocab_size))[:k]
+                    top = real_top(pos, asked[b], vocab_size)[:k]
                     topi_B_T_K[b, t, :len(top)] = torch.tensor([tok for _, tok, _ in top])
                     topv_B_T_K[b, t, :len(top)] = torch.tensor([v for _, _, v in top])
         mask = self.mask_B_T

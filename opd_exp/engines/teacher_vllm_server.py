@@ -88,15 +88,17 @@ class VLLMServerTeacher:
             return TeacherScores()
         check_needs(needs, "vllm_server")
         req = ScoreRequest.of(rollouts)
-        B, n = len(req.seqs), len(self.urls)
-        shares = [range(B * i // n, B * (i + 1) // n) for i in range(n)]  # contiguous, in row order
-        logprobs = k + self.padded if needs == "topk" else 0
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            parts = pool.map(lambda i: self._share(
-                i, *([x[j] for j in shares[i]] for x in (req.seqs, req.starts, req.lengths)), logprobs),
-                range(n))
-            positions = [p for part in parts for p in part]
-        return req.scores(positions, needs, k, self.padded, self.vocab_size)
+        n = len(self.urls)
+
+        def fetch(rows: list[int], logprobs: int) -> list:
+            shares = [rows[len(rows) * i // n:len(rows) * (i + 1) // n] for i in range(n)]  # contiguous
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                parts = pool.map(lambda i: self._share(
+                    i, *([x[j] for j in shares[i]] for x in (req.seqs, req.starts, req.lengths)), logprobs),
+                    range(n))
+                return [p for part in parts for p in part]
+        return req.scores(*req.fetch(fetch, needs, k, self.padded, self.vocab_size), needs, k,
+                          self.vocab_size)
 
 
 def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend]:
