@@ -199,3 +199,27 @@ def test_scoring_ahead_moves_the_teacher_to_the_background_and_changes_nothing_e
     assert all(r["rollout/ahead_seconds"] > 0 for r in recs[True][1:] + recs[False][1:])
     assert all(r["teacher/seconds"] == 0.0 for r in recs[True][1:])
     assert all(r["teacher/seconds"] > 0.0 for r in recs[False])
+
+
+def test_the_teacher_is_never_called_from_two_threads_at_once(tmp_path, use_tiny_world, monkeypatch):
+    """rollout.score_ahead: the first step (and the first after a resume or a cold start) scores
+    its rollouts in the foreground; the next job, which scores too, starts after that — one
+    teacher (an in-process vLLM engine: one caller at a time) is never asked by both threads."""
+    from opd_exp.engines.teacher_hf import HFTeacher
+
+    busy, overlaps = threading.Lock(), []
+    score = HFTeacher.score
+
+    def slow(self, *a, **kw):
+        if not busy.acquire(blocking=False):
+            overlaps.append(threading.current_thread().name)
+            return score(self, *a, **kw)
+        try:
+            time.sleep(0.5)  # a slow teacher: the next job's sampling ends meanwhile
+            return score(self, *a, **kw)
+        finally:
+            busy.release()
+
+    monkeypatch.setattr(HFTeacher, "score", slow)
+    train(compose(AHEAD + ["trainer.steps=3", "rollout.score_ahead=true"]), tmp_path)
+    assert overlaps == []

@@ -167,3 +167,17 @@ def test_a_config_key_added_since_the_checkpoint_is_not_a_change(tmp_path):
                                                    "a_new_key": 1.0}})
     with pytest.raises(ConfigError, match=r"learner.lr \(0.1 → 0.2\)"):
         checkpoint.check_same_maths(ckpt, {"learner": {"lr": 0.2}})
+
+
+def test_a_resume_that_changes_the_sampling_policy_lag_is_refused(tmp_path):
+    """rollout.max_staleness decides which weights sample a step's rollouts: another value is
+    other maths; learner.packing gives the same loss and gradients: not."""
+    import yaml
+
+    ckpt = tmp_path / "step_000002"
+    ckpt.mkdir()
+    saved = {"rollout": {"max_staleness": 1}, "learner": {"packing": False}}
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    checkpoint.check_same_maths(ckpt, {"rollout": {"max_staleness": 1}, "learner": {"packing": True}})
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness \(1 → 0\)"):
+        checkpoint.check_same_maths(ckpt, {"rollout": {"max_staleness": 0}, "learner": {"packing": False}})

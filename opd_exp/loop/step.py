@@ -130,9 +130,11 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
     ahead_scored = isinstance(rollouts, Scored)  # rollout.score_ahead: scored in the background
     raw = rollouts.raw if ahead_scored else rollouts
     correct_B = rollout_correctness(run.tokenizer, raw, [p.answer for p in problems]).to(dist.device)
-    # two in-process vLLM engines never run at once: with the teacher one still to score this
-    # step's rollouts here, the next sampling starts after it
-    late = not ahead_scored and cfg.rollout.backend == cfg.teacher.backend == "vllm"
+    # with this step's rollouts still to score here, the next job starts after that if it would
+    # call the teacher too (rollout.score_ahead: one teacher, two threads — an in-process vLLM
+    # engine mixes up two callers' requests) or if both are in-process vLLM engines (never two
+    # at once)
+    late = not ahead_scored and (cfg.rollout.score_ahead or cfg.rollout.backend == cfg.teacher.backend == "vllm")
     if ahead and not late:
         start_ahead(run, step + 1)
     s = rollouts if ahead_scored else score(run, objective.teacher_needs, problems, rollouts, teacher_prompts)

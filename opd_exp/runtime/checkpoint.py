@@ -96,10 +96,11 @@ def load_step(path: Path) -> int:
 MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "schedule", "prompts",
              "trainer.seed", "rollout.n",
              "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens",
-             "rollout.is_cap")
+             "rollout.is_cap", "rollout.max_staleness")  # which weights sample a step's rollouts
 
 
-NOT_MATH = ("learner.micro_batch_size", "learner.offload_optimizer")  # memory, not maths
+# memory and speed, not maths (packing: the same loss and gradients, tests/test_packing.py)
+NOT_MATH = ("learner.micro_batch_size", "learner.offload_optimizer", "learner.packing")
 
 
 def _flat(node, prefix: str = "") -> dict:
