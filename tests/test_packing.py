@@ -144,3 +144,37 @@ def test_the_packed_hf_teacher_scores_as_the_padded_one(model, needs, monkeypatc
         assert (a[m] - b[m]).abs().max() <= 1e-5
     if needs == "topk":  # the same support (no near-ties among these logits)
         assert torch.equal(padded.topk_idx_B_T_K[m], packed.topk_idx_B_T_K[m])
+
+
+def test_a_model_that_post_processes_its_logits_is_refused_where_the_head_is_applied_alone():
+    """Gemma 2 soft-caps its logits in its forward: packing, the fused objectives and the teacher's
+    top-K / hidden scores apply the LM head's matmul alone and would give other log-probs (by up
+    to ~8 nats here) — refused there; the unpacked sampled-token path runs the model's forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from opd_exp.config import ConfigError
+
+    cfg = Gemma2Config(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       final_logit_softcapping=2.0, attn_implementation="eager")
+    gemma = Gemma2ForCausalLM(cfg).eval()
+    r = rollouts()
+    with pytest.raises(ConfigError, match=r"learner.packing=true is not allowed with .*final_logit_softcapping"):
+        HFPolicy(gemma, packing=True)
+    with pytest.raises(ConfigError, match="teacher.packing=true is not allowed"):
+        HFTeacher(gemma, 4, 8, packing=True)
+    view = HFPolicy(gemma)
+    with pytest.raises(ConfigError, match="on the LM head alone"):
+        view.response_hidden(r)
+    with pytest.raises(ConfigError, match="on the LM head alone"):
+        HFTeacher(gemma, 4, 8).score(r, "topk", 4)
+    with torch.no_grad():  # the model's own forward: soft-capped log-probs
+        logp = view.token_logprobs(r)
+        logits = gemma(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                       position_ids=r.position_ids_B_L).logits[:, r.prompt_ids_B_P.shape[1] - 1:-1]
+    want = torch.log_softmax(logits, -1).gather(-1, r.response_ids_B_T[..., None])[..., 0]
+    m = r.response_mask_B_T.bool()
+    assert (logp - want)[m].abs().max() <= 1e-5 and logits.abs().max() <= 2.0 + 1e-4
+    plain = copy.deepcopy(gemma.config)
+    plain.final_logit_softcapping = None
+    HFPolicy(Gemma2ForCausalLM(plain), packing=True)  # nothing post-processed: allowed

@@ -57,6 +57,16 @@ def response_hidden(model: torch.nn.Module, r: Rollouts, packing: bool = False) 
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
+# config keys of models whose forward changes the LM head's logits (Gemma 2/3 soft-capping,
+# Cohere's scale, Granite's divisor), with the value that changes nothing
+LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def logit_postprocessing(config) -> dict:
+    return {k: getattr(config, k) for k, neutral in LOGIT_POSTPROCESSING.items()
+            if getattr(config, k, neutral) not in (neutral, None)}
+
+
 class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
@@ -71,9 +81,23 @@ class HFPolicy:
             raise ConfigError(f"{packing_key}=true is not allowed with attention {attention!r}: "
                               f"one of {', '.join(PACKED_ATTENTION)} (the packed rows' boundaries "
                               "come from the position ids)")
+        self.postprocessing = logit_postprocessing(model.config)
+        if packing:
+            self._plain_head(f"{packing_key}=true")
+
+    def _plain_head(self, what: str) -> None:
+        """Packing, the fused objectives and the teacher's top-K / hidden scores apply the LM head
+        themselves (its matmul alone): a model whose forward changes its logits is refused there
+        instead of giving other log-probs than the model's."""
+        if self.postprocessing:
+            name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+            raise ConfigError(f"{what} is not allowed with {name!r}, whose forward post-processes its "
+                              f"logits ({self.postprocessing}): opd_exp applies the LM head alone there; "
+                              "use the sampled-token objective without packing")
 
     @property
     def lm_head(self) -> torch.nn.Module:
+        self._plain_head("an objective, teacher score or diagnostic on the LM head alone")
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
@@ -82,6 +106,7 @@ class HFPolicy:
                               self.vocab_size, self.packing)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
+        self._plain_head("an objective, teacher score or diagnostic on the LM head alone")
         return response_hidden(self.model, rollouts, self.packing)
 
 
