@@ -60,6 +60,24 @@ def test_routes_name_known_teachers_and_unsupported_combinations_are_refused():
         validate(schema_cfg({"pair": {"teachers": {"b": {"path": "toy:x"}}}, "schedule": {"name": "cold_start"}}))
 
 
+def test_routing_that_would_route_nothing_is_refused(tmp_path, use_tiny_world):
+    """Hub or file rows carry no tag unless data.tag_field names their field; a route whose tag no
+    prompt has (a number read as text: 5.0 is "5.0") would load its teacher for nothing; a
+    teacher named eval would log into the teacher's eval metrics (teacher/eval/…)."""
+    from opd_exp.train import train
+
+    two = {"teachers": {"b": {"path": "toy:x"}}, "routes": {"code": "b"}}
+    with pytest.raises(ConfigError, match="^data.tag_field=None is not allowed: the rows' field"):
+        validate(schema_cfg({"pair": two, "data": {"source": "hub", "name": "org/set"}}))
+    validate(schema_cfg({"pair": two, "data": {"source": "hub", "name": "org/set", "tag_field": "domain"}}))
+    with pytest.raises(ConfigError, match="^pair.teachers='eval' is not allowed"):
+        validate(schema_cfg({"pair": {"teachers": {"eval": {"path": "toy:x"}}}}))
+    with pytest.raises(ConfigError, match=r"^pair.routes.L3: no training prompt has the tag 'L3' "
+                                          r"\(the pool's tags: 'L1', 'L2'\)"):
+        train(compose(TINY_RUN + ["+pair.teachers={self: {path: 'toy:student'}}",
+                                  "+pair.routes={L3: self}", "data.levels=[1,2]"]), tmp_path)
+
+
 ROUTED = ["+pair.teachers={self: {path: 'toy:student'}}", "+pair.routes={L1: self}", "data.levels=[1,2]"]
 
 

@@ -50,13 +50,17 @@ def validate_teachers(cfg: DictConfig) -> None:
     """Multi-teacher OPD (pair.teachers, pair.routes): what it supports today."""
     p = cfg.pair
     names = {"main", *p.teachers}
-    for name, m in p.teachers.items():
-        _require(name != "main" and name.isidentifier(), "pair.teachers", name,
-                 "names that are identifiers other than main (pair.teacher's name)")
+    for name, m in p.teachers.items():  # "eval": teacher/eval/… are the teacher's eval metrics
+        _require(name not in ("main", "eval") and name.isidentifier(), "pair.teachers", name,
+                 "names that are identifiers other than main (pair.teacher's name) and eval")
         _require(bool(m.path), f"pair.teachers.{name}.path", m.path, "a hub id, a folder or toy:<name>")
         _choice(f"pair.teachers.{name}.dtype", m.dtype, {"float32", "bfloat16", "float16"})
     for tag, name in p.routes.items():
         _choice(f"pair.routes.{tag}", name, names)
+    if p.routes and cfg.data.source != "toy":  # else every tag is "" and every row goes to main
+        _require(bool(cfg.data.tag_field), "data.tag_field", cfg.data.tag_field,
+                 "the rows' field that pair.routes reads (e.g. domain) with data.source="
+                 + cfg.data.source)
     if not p.teachers:
         return
     why = "with pair.teachers (multi-teacher OPD supports "
