@@ -93,3 +93,31 @@ def test_two_runs_of_a_sweep_share_the_teachers_prompt_selection_scores(tmp_path
     assert stats[1]["data/teacher_cache_hits"] == stats[0]["data/teacher_cache_misses"]
     assert stats[1]["data/teacher_cache_misses"] == 0
     assert stats[1]["data/score_mean_selected"] == stats[0]["data/score_mean_selected"]
+
+
+def test_a_hub_teacher_is_known_by_its_cached_commit_and_the_vocabulary(tmp_path, monkeypatch):
+    """A hub id with no revision names whatever is newest: its identity is the commit the local
+    HF cache resolves it to, so an updated model is another key; the student's vocabulary size
+    and the teacher's rows (which ids a top-K leaves out) are part of it too."""
+    from huggingface_hub import constants
+
+    from opd_exp.config import schema_cfg
+    from opd_exp.runtime.score_cache import teacher_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--teacher"
+
+    def cached(commit: str) -> None:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    m = schema_cfg({"pair": {"teacher": {"path": "org/teacher"}}}).pair.teacher
+    cached("a" * 40)
+    old = teacher_identity(m, "hf", "org/teacher", 100, 128)
+    assert old["commit"] == "a" * 40
+    cached("b" * 40)  # the hub model was updated, and downloaded again
+    assert teacher_identity(m, "hf", "org/teacher", 100, 128)["commit"] == "b" * 40
+    assert teacher_identity(m, "hf", "org/teacher", 100, 136) != teacher_identity(m, "hf", "org/teacher", 100, 128)
+    assert teacher_identity(m, "hf", "org/gone", 100, 128)["commit"] is None  # not in the cache

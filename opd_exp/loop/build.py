@@ -201,8 +201,9 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
             checkpoint.clear(run_dir)
         dist.barrier()
     scorer = teacher if cfg.teacher.cache_dir is None else CachedTeacher(
-        teacher, cfg.teacher.cache_dir, teacher_identity(cfg.pair.teacher, cfg.teacher.backend,
-                                                         resolve_path(cfg.pair.teacher.path)))
+        teacher, cfg.teacher.cache_dir, teacher_identity(
+            cfg.pair.teacher, cfg.teacher.backend, resolve_path(cfg.pair.teacher.path),
+            len(tokenizer), shapes["pair.teacher"][0]))
     if pc.score != "none":  # scored by the student before it trains (cached for a resume)
         def score(problems: list, chunk_no: int) -> list[float]:
             torch.manual_seed(step_seed(cfg.trainer.seed, chunk_no, purpose=2, rank=dist.rank))

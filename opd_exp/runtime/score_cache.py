@@ -2,7 +2,8 @@
 
 A teacher's scores of a sequence are a function of the teacher and the tokens alone — not of the
 student that sampled them — so they are stored under a key made of: the teacher's identity (its
-path, revision, dtype, backend and, for a local folder, the size and time of its weight files),
+path, revision, dtype, backend, the vocabulary sizes and, for a local folder, the size and time
+of its weight files; for a hub id, the commit the local HF cache resolves it to),
 what was asked (sampled / top-K and K) and the row's token ids (the prompt as the teacher reads
 it, i.e. after its template, and the response up to its last trained position, with the mask).
 A run that scores the same sequences again — another run of the sweep choosing its prompts from
@@ -29,15 +30,33 @@ from opd_exp.core.protocols import Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
 
 
-def teacher_identity(model_cfg, backend: str, local_dir: str | None) -> dict:
-    """What makes two teachers the same: config, and the weight files of a local folder."""
-    files = {}
+def teacher_identity(model_cfg, backend: str, local_dir: str | None, vocab_size: int | None = None,
+                     rows: int | None = None) -> dict:
+    """What makes two teachers' scores the same: config, the weight files of a local folder or the
+    commit of a hub model in the local HF cache (a hub id with no revision names whatever is
+    newest), and the vocabulary: the student tokenizer's `vocab_size` real ids of the teacher's
+    `rows` (padded ids are left out of a top-K, and the HF teacher normalises over the real ones)."""
+    files, commit = {}, None
     if local_dir and Path(local_dir).is_dir():
         for p in sorted(Path(local_dir).glob("*.safetensors")) + sorted(Path(local_dir).glob("*.bin")):
             st = p.stat()
             files[p.name] = [st.st_size, st.st_mtime_ns]
+    elif local_dir:
+        commit = hub_commit(local_dir, model_cfg.revision)
     return {"path": model_cfg.path, "revision": model_cfg.revision, "dtype": model_cfg.dtype,
-            "backend": backend, "files": files}
+            "backend": backend, "files": files, "commit": commit, "vocab_size": vocab_size, "rows": rows}
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub model's revision resolves to in the local HF cache (its snapshot
+    folder's name), None when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a hub id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 class CachedTeacher:
