@@ -17,7 +17,12 @@ Implementations:
   backward);
 - trl_chunked: TRL's `_chunked_divergence_loss` (β = 1, reverse KL) on the same inputs;
 - topk: opd_exp TopKOPD (K = 32, teacher support, renormalised) given the teacher's top-K
-  (log-probs, ids), which the teacher backend computes under no_grad beforehand.
+  (log-probs, ids), which the teacher backend computes under no_grad beforehand;
+- sampled_naive / sampled_chunked: the sampled-token estimator's part that touches the
+  vocabulary, −(1/T) Σ_t A_t log p(y_t) with fixed advantages A_t: log p(y_t) from the whole
+  [1, T, V] logits (what `model(...).logits` gives), or from opd_exp's `head_token_logprobs`
+  (the LM head a chunk of positions at a time, recomputed in backward; `--chunk 0`: its default,
+  128 MiB of float32 logits a chunk — 220 positions here).
 """
 
 from __future__ import annotations
@@ -54,11 +59,15 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
                                           "gradient": "analytic", "weight": "student"},
                             "rollout": {"temperature": 1.0}})
     from opd_exp.methods.full_vocab import FullVocabOPD  # imports outside the measurement
+    from opd_exp.methods.head_logprobs import head_token_logprobs
     from opd_exp.methods.topk import TopKOPD
 
     if impl == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    extra_inputs = None
+    extra_inputs, chunk_arg = None, chunk or None
+    chunk = chunk or 64  # the other objectives' default
+    if impl.startswith("sampled"):  # the sampled tokens and their advantages
+        extra_inputs = (torch.randint(0, V, (1, T)), torch.randn(1, T))
     if impl == "topk":
         with torch.no_grad():  # the teacher backend's job, before the loss
             vals, idx = [], []
@@ -80,6 +89,13 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
             loss = _chunked_divergence_loss(h_s, h_t, head_s.weight, head_t.weight, mask, beta=1.0)[0]
         elif impl == "topk":
             loss = TopKOPD(cfg.objective, cfg.reward, 1.0).summed(head_s, head_t, h_s, mask, extra_inputs)[0] / T
+        elif impl == "sampled_naive":
+            ids, A = extra_inputs
+            logp = torch.log_softmax(head_s(h_s), -1).gather(-1, ids[..., None])[..., 0]
+            loss = -(A * logp * mask).sum() / T
+        elif impl == "sampled_chunked":
+            ids, A = extra_inputs
+            loss = -(A * head_token_logprobs(h_s, head_s, ids, chunk=chunk_arg) * mask).sum() / T
         else:
             raise ValueError(impl)
         return loss

@@ -13,26 +13,31 @@ from opd_exp.config import ConfigError
 from opd_exp.core.types import Rollouts, micro_slices
 from opd_exp.engines.packing import pack
 from opd_exp.methods.common import upcast
+from opd_exp.methods.head_logprobs import head_token_logprobs
 
 
 def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0,
-                   vocab_size: int | None = None, packing: bool = False) -> torch.Tensor:
+                   vocab_size: int | None = None, packing: bool = False,
+                   head_alone: bool = False) -> torch.Tensor:
     """log softmax(logits / temperature) of each response token under `model`: [B, T], over the
     first `vocab_size` logits (the tokenizer's real tokens; None = all rows).
 
-    Only the T + 1 last positions go through the LM head (HF `logits_to_keep`); the last is
-    dropped because it predicts the token after the response. `model` may be a wrapper whose
-    forward takes the HF keywords (a DeepSpeed engine). `packing`: the real tokens only
-    (opd_exp/engines/packing.py) through the backbone of the HF module `model`; the LM head on
-    the response positions, as unpacked.
+    `head_alone` (or `packing`): the backbone's final hidden states, then the LM head a chunk of
+    positions at a time (opd_exp/methods/head_logprobs.py: never [B, T, V], in forward or
+    backward); `model` is the HF module, and with `packing` its backbone sees the real tokens only
+    (opd_exp/engines/packing.py). Else the model's whole forward (a wrapper whose forward
+    takes the HF keywords, e.g. a DeepSpeed engine, or a model that post-processes its logits),
+    with only the T + 1 last positions through the LM head (HF `logits_to_keep`; the last is
+    dropped: it predicts the token after the response).
     """
     T = r.response_ids_B_T.shape[1]
-    if packing:
-        logits_B_T_V = model.get_output_embeddings()(response_hidden(model, r, packing=True))[..., :vocab_size]
-    else:
-        logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
-                             position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
-                             use_cache=False).logits[:, :-1, :vocab_size]
+    if packing or head_alone:
+        hidden = response_hidden(model, r, packing)
+        return head_token_logprobs(hidden, model.get_output_embeddings(), r.response_ids_B_T,
+                                   temperature, vocab_size) * r.response_mask_B_T
+    logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
+                         position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
+                         use_cache=False).logits[:, :-1, :vocab_size]
     logits_B_T_V = upcast(logits_B_T_V)
     if temperature != 1.0:
         logits_B_T_V = logits_B_T_V / temperature
@@ -69,11 +74,14 @@ def logit_postprocessing(config) -> dict:
 
 class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
-    DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself."""
+    DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself.
+    `head_alone`: the sampled tokens' log-probs from the backbone and the LM head a chunk of
+    positions at a time (no [B, T, V] logits) — unless the model post-processes its logits, or
+    the forward must run through `forward` (ZeRO-3): then from the whole forward."""
 
     def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None,
                  vocab_size: int | None = None, packing: bool = False,
-                 packing_key: str = "learner.packing"):
+                 packing_key: str = "learner.packing", head_alone: bool = True):
         self.model, self.forward = model, forward if forward is not None else model
         self.vocab_size, self.packing = vocab_size, packing
         attention = getattr(model.config, "_attn_implementation", None)
@@ -84,6 +92,7 @@ class HFPolicy:
         self.postprocessing = logit_postprocessing(model.config)
         if packing:
             self._plain_head(f"{packing_key}=true")
+        self.head_alone = head_alone and not self.postprocessing
 
     def _plain_head(self, what: str) -> None:
         """Packing, the fused objectives and the teacher's top-K / hidden scores apply the LM head
@@ -101,9 +110,10 @@ class HFPolicy:
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-        # packed: the HF module itself (its backbone and head), as response_hidden
-        return token_logprobs(self.model if self.packing else self.forward, rollouts, temperature,
-                              self.vocab_size, self.packing)
+        # head alone or packed: the HF module itself (its backbone and head), as response_hidden
+        alone = self.packing or self.head_alone
+        return token_logprobs(self.model if alone else self.forward, rollouts, temperature,
+                              self.vocab_size, self.packing, self.head_alone)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
         self._plain_head("an objective, teacher score or diagnostic on the LM head alone")

@@ -91,7 +91,8 @@ class DeepSpeedLearner:
         # the forward runs through the engine: ZeRO-3 accumulation needs it (calling the module
         # itself broke it: step-1 grad norm 0.068 instead of 0.162)
         self.view = HFPolicy(self.model, forward=self.engine, vocab_size=vocab_size,
-                             packing=self.cfg.packing)
+                             packing=self.cfg.packing,
+                             head_alone=not self.stage3)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)

@@ -1,0 +1,91 @@
+"""The sampled tokens' log-probs from hidden states and the LM head, a chunk of positions at a
+time (opd_exp/methods/head_logprobs.py), against brute force over the vocabulary and autograd's
+numerical gradient check."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.methods.head_logprobs import HeadTokenLogprobs, head_token_logprobs
+
+from .test_packing import rollouts
+
+
+def brute(h, W, ids, tau, vocab):
+    return torch.log_softmax((h @ W[:vocab].T) / tau, -1).gather(-1, ids[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("tau,chunk", [(1.0, 4), (0.7, 3), (1.3, 64)])
+def test_values_and_gradients_equal_brute_force_over_the_vocabulary(tau, chunk):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, rows, vocab = 3, 10, 8, 40, 33  # 7 padded rows, never a target nor in a normaliser
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(rows, H, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    weights = torch.randn(B, T, generator=g, dtype=torch.float64)  # any loss downstream
+    got = HeadTokenLogprobs.apply(h, W, ids, tau, vocab, chunk)
+    (gh, gW) = torch.autograd.grad((got * weights).sum(), (h, W))
+    want = brute(h, W, ids, tau, vocab)
+    (wh, wW) = torch.autograd.grad((want * weights).sum(), (h, W))
+    assert (got - want).abs().max() <= 1e-12
+    assert (gh - wh).abs().max() <= 1e-12 and (gW - wW).abs().max() <= 1e-12
+    assert (gW[vocab:] == 0).all()
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    assert torch.autograd.gradcheck(lambda h, W: HeadTokenLogprobs.apply(h, W, ids, 0.8, 7, 2), (h, W))
+
+
+def test_bfloat16_weights_give_the_float32_answer_within_bf16_rounding():
+    g = torch.Generator().manual_seed(2)
+    h, W = torch.randn(2, 6, 16, generator=g), torch.randn(50, 16, generator=g) / 4
+    ids = torch.randint(0, 50, (2, 6), generator=g)
+    want = brute(h, W, ids, 1.0, None)
+    hb, Wb = h.bfloat16().requires_grad_(), W.bfloat16().requires_grad_()
+    got = HeadTokenLogprobs.apply(hb, Wb, ids, 1.0, None, 4)
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 0.1
+    got.sum().backward()
+    assert hb.grad.dtype == Wb.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_policy_gives_the_whole_forwards_log_probs_and_gradients(tiny_world, packing, monkeypatch):
+    """HFPolicy's default (LM head alone, chunked: here 7 positions a chunk) against the model's
+    own forward."""
+    from opd_exp.methods import head_logprobs
+
+    monkeypatch.setattr(head_logprobs, "CHUNK_ELEMENTS", 6 * 500 * 7)
+    r = rollouts()
+    m = r.response_mask_B_T.bool()
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "student", dtype=torch.float64)
+    alone, whole = HFPolicy(model, packing=packing, vocab_size=500), HFPolicy(model, head_alone=False,
+                                                                            vocab_size=500)
+    assert alone.head_alone and not whole.head_alone
+    grads = []
+    for view in (alone, whole):
+        model.zero_grad()
+        logp = view.token_logprobs(r, 0.7)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp).double()).sum().backward()
+        grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert (a - b)[m].abs().max() <= 1e-10
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-10
+
+
+def test_the_head_never_forms_all_positions_logits_at_once():
+    """No matmul output (forward or backward) is larger than one chunk's [B, C, V] logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V, C = 2, 64, 8, 1000, 16
+    head = torch.nn.Linear(H, V, bias=False)
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        head_token_logprobs(h, head, torch.randint(0, V, (B, T), generator=g), chunk=C).sum().backward()
+    mm = [e.cpu_memory_usage for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::matmul")]
+    assert mm and max(mm) <= B * C * V * 4 < B * T * V * 4
