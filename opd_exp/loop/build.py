@@ -228,7 +228,10 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         diag.load(resume_from, learner.policy)
         start = checkpoint.load_step(resume_from)
         evaluator.recall(read_records(run_dir / "metrics.jsonl"))
-        print(f"resumed from {resume_from} at step {start}")
+        lag = (" (rollout.max_staleness=1: this first step samples in the foreground from the "
+               "checkpoint's weights, one update newer than an uninterrupted run's)"
+               if cfg.rollout.max_staleness else "")
+        print(f"resumed from {resume_from} at step {start}{lag}")
     if cfg.rollout.max_staleness:  # sampled one step ahead, in the background (loop/ahead.py)
         shares = getattr(rollout, "shares_weights", False)  # HF generate: its own copy of the policy
         # the background thread's torch threads as trainer.threads, unless it runs the kernels of
