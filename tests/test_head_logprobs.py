@@ -53,6 +53,26 @@ def test_bfloat16_weights_give_the_float32_answer_within_bf16_rounding():
     assert hb.grad.dtype == Wb.grad.dtype == torch.bfloat16
 
 
+def test_bfloat16_weight_gradient_is_summed_over_chunks_in_float32():
+    """Many chunks: the weight gradient is as close to float64's as one matmul over all
+    positions (the whole-logits path), not rounded to bf16 once per chunk."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 1, 2048, 16, 1000
+    h, W = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) / 4
+    ids = torch.randint(0, V, (B, T), generator=g)
+    h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()
+    brute(h64, W64, ids, 1.0, None).sum().backward()
+
+    def err(chunk):
+        hb, Wb = h.bfloat16().requires_grad_(), W.bfloat16().requires_grad_()
+        if chunk:
+            HeadTokenLogprobs.apply(hb, Wb, ids, 1.0, None, chunk).sum().backward()
+        else:
+            brute(hb, Wb, ids, 1.0, None).float().sum().backward()
+        return ((Wb.grad.double() - W64.grad).norm() / W64.grad.norm()).item()
+    assert err(64) <= 1.5 * err(0), (err(64), err(0))
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_policy_gives_the_whole_forwards_log_probs_and_gradients(tiny_world, packing, monkeypatch):
     """HFPolicy's default (LM head alone, chunked: here 7 positions a chunk) against the model's
@@ -89,3 +109,52 @@ def test_the_head_never_forms_all_positions_logits_at_once():
         head_token_logprobs(h, head, torch.randint(0, V, (B, T), generator=g), chunk=C).sum().backward()
     mm = [e.cpu_memory_usage for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::matmul")]
     assert mm and max(mm) <= B * C * V * 4 < B * T * V * 4
+
+
+def _scaled(model):
+    """The model, its forward halving the logits (as remote code or an unknown family might)."""
+    base = type(model)
+
+    class Scaled(base):
+        def forward(self, *a, **kw):
+            out = base.forward(self, *a, **kw)
+            out.logits = out.logits * 0.5
+            return out
+    model.__class__ = Scaled
+    return model
+
+
+def _biased(model):
+    W = model.get_output_embeddings().weight
+    head = torch.nn.Linear(W.shape[1], W.shape[0], bias=True, dtype=W.dtype)
+    with torch.no_grad():
+        head.weight.copy_(W)
+        head.bias.uniform_(-3, 3)
+    model.set_output_embeddings(head)
+    return model
+
+
+@pytest.mark.parametrize("change", [_scaled, _biased])
+def test_a_model_whose_forward_is_more_than_backbone_then_head_is_scored_by_its_forward(tiny_world, change):
+    """No config key tells: the first rows scored show that the logits are not the head alone on
+    the backbone's states; the sampled tokens' log-probs then come from the model's own forward,
+    and what needs the head alone (packing, fused objectives, top-K scores) is refused."""
+    from opd_exp.config import ConfigError
+    from opd_exp.engines.hf_policy import head_alone_check
+
+    r = rollouts()
+    m = r.response_mask_B_T.bool()
+    model = change(AutoModelForCausalLM.from_pretrained(tiny_world / "student"))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_world / "student")
+    assert head_alone_check(plain, plain, r) is None and head_alone_check(model, model, r)
+    view = HFPolicy(model)
+    assert view.head_alone
+    with torch.no_grad():
+        got = view.token_logprobs(r)
+        whole = HFPolicy(model, head_alone=False).token_logprobs(r)
+    assert not view.head_alone and torch.equal(got, whole)
+    with pytest.raises(ConfigError, match="on the LM head alone is not allowed"):
+        view.response_hidden(r)
+    with pytest.raises(ConfigError, match="learner.packing=true is not allowed"):
+        HFPolicy(model, packing=True).token_logprobs(r)
+    assert (got - HFPolicy(plain).token_logprobs(r))[m].abs().max() > 1e-3  # they do differ

@@ -63,27 +63,67 @@ PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 # config keys of models whose forward changes the LM head's logits (Gemma 2/3 soft-capping,
-# Cohere's scale, Granite's divisor), with the value that changes nothing
-LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+# Cohere's scale, Granite's divisor, Falcon-H1's multiplier), with the value that changes nothing:
+# refused at once where the head is applied alone; any other change (remote code, a head with a
+# bias) is found by `head_alone_check` on the first rows scored
+LOGIT_POSTPROCESSING = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                        "lm_head_multiplier": 1.0}
 
 
 def logit_postprocessing(config) -> dict:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {k: getattr(config, k) for k, neutral in LOGIT_POSTPROCESSING.items()
             if getattr(config, k, neutral) not in (neutral, None)}
+
+
+@torch.no_grad()
+def head_alone_check(model: torch.nn.Module, forward: torch.nn.Module, r: Rollouts) -> str | None:
+    """None if `forward`'s logits on row 0 of `r` are exactly the LM head (a Linear without bias)
+    applied to the backbone's final hidden states — what opd_exp computes when it applies the
+    head alone; else what the model does besides. Exact (the same kernels run), so any dtype."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return "its LM head is not a Linear without bias"
+    seen = {}
+
+    def backbone_hook(module, args, out) -> None:  # returns None: the output stays as it is
+        seen.setdefault("hidden", out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    def head_hook(module, args, out) -> None:
+        seen.update(head_in=args[0], head_out=out)
+
+    hooks = [model.base_model.register_forward_hook(backbone_hook), head.register_forward_hook(head_hook)]
+    one = r.select(slice(0, 1))
+    try:
+        logits = forward(input_ids=one.input_ids_B_L, attention_mask=one.attention_mask_B_L,
+                         position_ids=one.position_ids_B_L, logits_to_keep=one.response_ids_B_T.shape[1] + 1,
+                         use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    if "hidden" not in seen or "head_in" not in seen:
+        return "its forward does not run its backbone, then its LM head"
+    n = seen["head_in"].shape[1]
+    if not torch.equal(seen["head_in"], seen["hidden"][:, -n:]):
+        return "its LM head reads other than the backbone's final hidden states"
+    if not torch.equal(logits, seen["head_out"]):
+        return "its forward changes the LM head's logits"
+    return None
 
 
 class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself.
     `head_alone`: the sampled tokens' log-probs from the backbone and the LM head a chunk of
-    positions at a time (no [B, T, V] logits) — unless the model post-processes its logits, or
-    the forward must run through `forward` (ZeRO-3): then from the whole forward."""
+    positions at a time (no [B, T, V] logits) — unless the model's forward does more than its
+    backbone then its head (`head_alone_check`, on the first rows scored): then from the whole
+    forward, as with head_alone=False (DeepSpeed: its forward must run through the engine)."""
 
     def __init__(self, model: torch.nn.Module, forward: torch.nn.Module | None = None,
                  vocab_size: int | None = None, packing: bool = False,
                  packing_key: str = "learner.packing", head_alone: bool = True):
         self.model, self.forward = model, forward if forward is not None else model
-        self.vocab_size, self.packing = vocab_size, packing
+        self.vocab_size, self.packing, self.packing_key = vocab_size, packing, packing_key
         attention = getattr(model.config, "_attn_implementation", None)
         if packing and attention not in PACKED_ATTENTION:
             raise ConfigError(f"{packing_key}=true is not allowed with attention {attention!r}: "
@@ -91,32 +131,41 @@ class HFPolicy:
                               "come from the position ids)")
         self.postprocessing = logit_postprocessing(model.config)
         if packing:
-            self._plain_head(f"{packing_key}=true")
+            self._refuse(f"{packing_key}=true", str(self.postprocessing) if self.postprocessing else None)
         self.head_alone = head_alone and not self.postprocessing
+        self.verdict: str | None = None  # head_alone_check's, once it ran
+        self.checked = False
 
-    def _plain_head(self, what: str) -> None:
-        """Packing, the fused objectives and the teacher's top-K / hidden scores apply the LM head
-        themselves (its matmul alone): a model whose forward changes its logits is refused there
-        instead of giving other log-probs than the model's."""
-        if self.postprocessing:
+    def _refuse(self, what: str, why: str | None) -> None:
+        if why:
             name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-            raise ConfigError(f"{what} is not allowed with {name!r}, whose forward post-processes its "
-                              f"logits ({self.postprocessing}): opd_exp applies the LM head alone there; "
-                              "use the sampled-token objective without packing")
+            raise ConfigError(f"{what} is not allowed with {name!r}: {why}; opd_exp applies the LM "
+                              "head alone there — use the sampled-token objective without packing")
+
+    def _check(self, rollouts: Rollouts) -> str | None:
+        """Why the head alone would not give the model's logits (None: it does); checked once."""
+        if not self.checked and rollouts.size and rollouts.response_ids_B_T.shape[1]:
+            self.verdict = (f"its forward post-processes its logits ({self.postprocessing})"
+                            if self.postprocessing else head_alone_check(self.model, self.forward, rollouts))
+            self.checked = True
+        return self.verdict
 
     @property
-    def lm_head(self) -> torch.nn.Module:
-        self._plain_head("an objective, teacher score or diagnostic on the LM head alone")
+    def lm_head(self) -> torch.nn.Module:  # used with response_hidden, which checks the model
         return self.model.get_output_embeddings()
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+        if self.packing:
+            self._refuse(f"{self.packing_key}=true", self._check(rollouts))
+        elif self.head_alone and self._check(rollouts):
+            self.head_alone = False  # the model's whole forward gives its log-probs
         # head alone or packed: the HF module itself (its backbone and head), as response_hidden
         alone = self.packing or self.head_alone
         return token_logprobs(self.model if alone else self.forward, rollouts, temperature,
                               self.vocab_size, self.packing, self.head_alone)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
-        self._plain_head("an objective, teacher score or diagnostic on the LM head alone")
+        self._refuse("an objective, teacher score or diagnostic on the LM head alone", self._check(rollouts))
         return response_hidden(self.model, rollouts, self.packing)
 
 

@@ -89,10 +89,11 @@ class DeepSpeedLearner:
         self.model = self.engine.module
         self.policy = policy if policy is not None else self.model
         # the forward runs through the engine: ZeRO-3 accumulation needs it (calling the module
-        # itself broke it: step-1 grad norm 0.068 instead of 0.162)
+        # itself broke it: step-1 grad norm 0.068 instead of 0.162), and the engine's forward
+        # registers the hooks that open its backward (accumulation boundary, autocast) — so the
+        # sampled tokens' log-probs come from the whole forward, not the head alone
         self.view = HFPolicy(self.model, forward=self.engine, vocab_size=vocab_size,
-                             packing=self.cfg.packing,
-                             head_alone=not self.stage3)
+                             packing=self.cfg.packing, head_alone=False)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)
