@@ -29,6 +29,7 @@ class Stub:
         self.bad = False  # answer 400 (a request the server refuses)
         self.short = False  # answer one position short of every sequence
         self.asked = []  # prompt_logprobs of each completion request
+        self.failed = 0  # requests answered with an error
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,12 +45,13 @@ class Stub:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self.answer(200, {"data": [{"id": "teacher"}]})
+                self.answer(200, {"data": [{"id": "teacher", "root": "/models/Teacher-8B"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if stub.dead or stub.fail_left > 0:
                     stub.fail_left -= 1
+                    stub.failed += 1
                     return self.answer(stub.code, {"error": "overloaded"})
                 if "prompt_logprobs" not in body or stub.bad:
                     return self.answer(400, {"error": "bad request"})
@@ -197,6 +199,12 @@ def test_a_share_is_sent_as_requests_of_request_rows(pair):
         assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
         assert torch.equal(got.topk_logq_B_T_K, whole.topk_logq_B_T_K)
         assert [s.seen for s in stubs] == [[4, 2, 2], [5, 2, 2, 1]]
+        for s in stubs:
+            s.seen.clear()
+        stubs[0].dead = True  # its share's requests go on at the other replica, tried once a share
+        got = split.score(r, "topk", K)
+        assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
+        assert stubs[0].failed == 1 and stubs[1].seen == [2, 2, 2, 2, 1]
     finally:
         for s in stubs:
             s.close()
@@ -206,11 +214,12 @@ def test_a_replica_serving_another_model_is_refused_at_start(pair):
     from opd_exp.config import ConfigError
 
     tok, teacher, _ = pair
-    stub = Stub(teacher)  # serves "teacher"
+    stub = Stub(teacher)  # serves "teacher" from "/models/Teacher-8B"
     try:
-        VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="/models/teacher")
-        with pytest.raises(ConfigError, match=f"^teacher.server_urls: {stub.url} serves 'teacher', "
-                                              "not pair.teacher.path='Qwen/Qwen3-8B'"):
+        for same in ("/models/teacher", "org/teacher-8b", "/hf/models--org--Teacher-8B/snapshots/" + "a" * 40):
+            VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect=same)
+        with pytest.raises(ConfigError, match=f"^teacher.server_urls: {stub.url} serves 'teacher' "
+                                              r"\(from '/models/Teacher-8B'\), not 'Qwen/Qwen3-8B'"):
             VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="Qwen/Qwen3-8B")
     finally:
         stub.close()

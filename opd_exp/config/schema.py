@@ -127,6 +127,9 @@ class TeacherConfig:
     timeout_s: float = 600.0  # vllm_server: per request
     retries: int = 3  # vllm_server: per request and replica, before the request goes to the next
     request_rows: int = 32  # vllm_server: sequences per request (0 = a replica's whole share)
+    # vllm_server: the name the servers serve pair.teacher under (checked at start against each
+    # replica's model id and path); "" = pair.teacher.path's last part
+    served_model: str = ""
     # a folder for teacher scores of sequences that do not change with training (prompt selection),
     # content-addressed and shared by a sweep's runs (opd_exp/runtime/score_cache.py); None = off
     cache_dir: Optional[str] = None

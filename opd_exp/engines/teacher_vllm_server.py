@@ -31,6 +31,17 @@ from opd_exp.engines.rollout_vllm_server import BadRequest, ServerSampler, reque
 from opd_exp.engines.teacher_vllm import ScoreRequest, check_needs
 
 
+def model_names(path: str | None) -> set[str]:
+    """The names a model goes by, lower-case: its folder's or hub id's last part, and for a folder
+    of the HF cache (…/models--org--name/snapshots/<commit>) the repository's name."""
+    if not path:
+        return set()
+    parts = PurePath(path).parts
+    names = {parts[-1].lower()} if parts else set()
+    names |= {x.split("--")[-1].lower() for x in parts if x.startswith("models--")}
+    return names
+
+
 class VLLMServerTeacher:
     """`expect`: the model the servers must serve (pair.teacher.path as `serve` names it; None: not
     checked); `request_rows`: sequences per request (0: a replica's whole share in one)."""
@@ -40,19 +51,20 @@ class VLLMServerTeacher:
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout, self.retries, self.request_rows = timeout_s, retries, request_rows
         self.vocab_size, self.padded = vocab_size, max(0, rows - vocab_size)
-        self.models = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0]["id"]
-                       for u in self.urls]
-        for url, served in zip(self.urls, self.models):  # another model's scores are no error later
-            if expect is not None and PurePath(served).name != PurePath(expect).name:
-                raise ConfigError(f"teacher.server_urls: {url} serves {served!r}, not pair.teacher.path="
-                                  f"{expect!r} (the same name, any folder)")
+        served = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0] for u in self.urls]
+        self.models = [m["id"] for m in served]
+        for url, m in zip(self.urls, served):  # another model's scores are no error later
+            if expect is not None and not model_names(expect) & (model_names(m["id"]) | model_names(m.get("root"))):
+                raise ConfigError(f"teacher.server_urls: {url} serves {m['id']!r} (from {m.get('root')!r}), "
+                                  f"not {expect!r} (pair.teacher.path, or teacher.served_model if the "
+                                  "servers name it otherwise)")
 
     def _positions(self, replica: int, seqs: list[list[int]], starts: list[int], lengths: list[int],
-                   logprobs: int) -> list[list[dict[int, tuple[int | None, float]]]]:
-        """{token id: (rank, log q)} at each scored response position of each sequence, from one
-        replica (the next ones if it fails or answers short)."""
+                   logprobs: int) -> tuple[int, list[list[dict[int, tuple[int | None, float]]]]]:
+        """(the replica that answered, {token id: (rank, log q)} at each scored response position
+        of each sequence): from `replica`, the next ones if it fails or answers short."""
         if not seqs:
-            return []
+            return replica, []
         errors = []
         for r in [*range(replica, len(self.urls)), *range(replica)]:
             try:
@@ -70,17 +82,20 @@ class VLLMServerTeacher:
                 errors.append(f"{self.urls[r]}: {e!r}" if not isinstance(e, RuntimeError) else str(e))
         else:
             raise RuntimeError("every teacher server failed: " + " | ".join(errors))
-        return [[{int(tok): (lp.get("rank"), lp["logprob"]) for tok, lp in pos.items()}
-                 for pos in c["prompt_logprobs"][start:start + n]]
-                for c, start, n in zip(choices, starts, lengths)]
+        return r, [[{int(tok): (lp.get("rank"), lp["logprob"]) for tok, lp in pos.items()}
+                    for pos in c["prompt_logprobs"][start:start + n]]
+                   for c, start, n in zip(choices, starts, lengths)]
 
     def _share(self, replica: int, seqs, starts, lengths, logprobs: int) -> list:
         """One replica's share, `request_rows` sequences per request, one request after another
-        (`teacher.timeout_s` bounds each)."""
-        step = self.request_rows or max(1, len(seqs))
-        return [p for i in range(0, len(seqs), step)
-                for p in self._positions(replica, seqs[i:i + step], starts[i:i + step],
-                                         lengths[i:i + step], logprobs)]
+        (`teacher.timeout_s` bounds each); after a fall-over the rest of the share goes on from
+        the replica that answered, so a hung replica costs its timeouts once a share."""
+        step, out = self.request_rows or max(1, len(seqs)), []
+        for i in range(0, len(seqs), step):
+            replica, part = self._positions(replica, seqs[i:i + step], starts[i:i + step],
+                                            lengths[i:i + step], logprobs)
+            out += part
+        return out
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
@@ -108,5 +123,6 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     t = cfg.teacher
     rows = model_shape(cfg.pair.teacher, "pair.teacher")[0]
     teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows,
-                                expect=resolve_path(cfg.pair.teacher.path), request_rows=t.request_rows)
+                                expect=t.served_model or resolve_path(cfg.pair.teacher.path),
+                                request_rows=t.request_rows)
     return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, max(t.timeout_s, 3600.0))

@@ -121,15 +121,16 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
                         "skipped_too_long")
 
 
-def check_routes(routes, pool: list) -> None:
+def check_routes(routes, prompts: PromptSource) -> None:
     """A route whose tag no prompt has would load its teacher for nothing (a field read as text:
     a tag 5.0 is "5.0", not "5")."""
-    tags = {p.tag for p in pool}
+    tags = {p.tag for p in prompts.pool}
     for tag in routes:
         if tag not in tags:
             seen = ", ".join(repr(t) for t in sorted(tags)[:8]) + (" …" if len(tags) > 8 else "")
+            left = {k: v for k, v in prompts.skipped.items() if v}
             raise ConfigError(f"pair.routes.{tag}: no training prompt has the tag {tag!r} "
-                              f"(the pool's tags: {seen})")
+                              f"(the pool's tags: {seen}{'; left out: ' + str(left) if left else ''})")
 
 
 def routed_teachers(cfg: DictConfig, main: Teacher, main_tok, tokenizer, stop_ids: set[int],
@@ -190,7 +191,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     routed = list(teachers.encoders.values()) if teachers else []  # each teacher's own rendering
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode, *routed) if e],
                           [c for _, c in shapes.values()])
-    check_routes(cfg.pair.routes, prompts.pool)
+    check_routes(cfg.pair.routes, prompts)
     cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           student_encoder(cfg, tokenizer, teacher_tok, cfg.eval.prompt_suffix), dist,

@@ -49,7 +49,8 @@ def teacher_identity(model_cfg, backend: str, local_dir: str | None, vocab_size:
 
 def hub_commit(repo_id: str, revision: str | None) -> str | None:
     """The commit a hub model's revision resolves to in the local HF cache (its snapshot
-    folder's name), None when it is not there."""
+    folder's name), None when it is not there. With teacher=vllm_server this is the trainer's
+    cache (its config.json), not necessarily the servers' weights: pin pair.teacher.revision."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
