@@ -216,7 +216,7 @@ def test_a_replica_serving_another_model_is_refused_at_start(pair):
     tok, teacher, _ = pair
     stub = Stub(teacher)  # serves "teacher" from "/models/Teacher-8B"
     try:
-        for same in ("/models/teacher", "org/teacher-8b", "/hf/models--org--Teacher-8B/snapshots/" + "a" * 40):
+        for same in ("/models/Teacher-8B", "org/teacher-8b", "teacher"):
             VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect=same)
         with pytest.raises(ConfigError, match=f"^teacher.server_urls: {stub.url} serves 'teacher' "
                                               r"\(from '/models/Teacher-8B'\), not 'Qwen/Qwen3-8B'"):
@@ -252,3 +252,14 @@ def test_padded_rows_are_asked_for_only_where_they_crowd_the_top_k(pair, tiny_wo
     finally:
         for s in (quiet, crowded):
             s.close()
+
+
+def test_which_served_models_count_as_the_teacher():
+    from opd_exp.engines.teacher_vllm_server import same_model
+
+    snapshot = "/hf/models--Qwen--Qwen3-8B/snapshots/" + "a" * 40
+    assert same_model(snapshot, "Qwen/Qwen3-8B", "Qwen/Qwen3-8B")  # the run reads the HF cache
+    assert same_model("Qwen/Qwen3-8B", "teacher", "/data/Qwen3-8B")  # --served-model-name teacher
+    assert same_model("/runs/a/final", "/runs/a/final", "/runs/a/final")
+    assert not same_model("/runs/a/final", "/runs/b/final", "/runs/b/final")  # a stale teacher
+    assert not same_model("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B")

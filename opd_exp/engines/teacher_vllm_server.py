@@ -42,6 +42,14 @@ def model_names(path: str | None) -> set[str]:
     return names
 
 
+def same_model(expect: str, served_id: str, root: str | None) -> bool:
+    """Two absolute paths (the run's folder, the server's): the same path; else by name, as
+    folders move between machines and servers rename models."""
+    if root and PurePath(expect).is_absolute() and PurePath(root).is_absolute():
+        return PurePath(expect) == PurePath(root)
+    return bool(model_names(expect) & (model_names(served_id) | model_names(root)))
+
+
 class VLLMServerTeacher:
     """`expect`: the model the servers must serve (pair.teacher.path as `serve` names it; None: not
     checked); `request_rows`: sequences per request (0: a replica's whole share in one)."""
@@ -54,7 +62,7 @@ class VLLMServerTeacher:
         served = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0] for u in self.urls]
         self.models = [m["id"] for m in served]
         for url, m in zip(self.urls, served):  # another model's scores are no error later
-            if expect is not None and not model_names(expect) & (model_names(m["id"]) | model_names(m.get("root"))):
+            if expect is not None and not same_model(expect, m["id"], m.get("root")):
                 raise ConfigError(f"teacher.server_urls: {url} serves {m['id']!r} (from {m.get('root')!r}), "
                                   f"not {expect!r} (pair.teacher.path, or teacher.served_model if the "
                                   "servers name it otherwise)")

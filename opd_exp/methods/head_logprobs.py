@@ -7,9 +7,10 @@ logits over the first `vocab` rows of W (padded rows past the tokenizer never en
 log p(y_t) = z_t[y_t] / τ − logsumexp(z_t / τ), keeping only the logsumexp per position. Backward,
 given g_t = ∂L/∂log p(y_t), recomputes each chunk's logits and uses
     ∂L/∂z_t = (g_t / τ) · (onehot(y_t) − p_t),
-then ∂L/∂h = (∂L/∂z) W and ∂L/∂W += (∂L/∂z)ᵀ h, accumulated in one [V_rows, H] buffer
-(float32 for half-precision weights: a [V, H] float32 buffer and one chunk's product in
-backward).
+then ∂L/∂h = (∂L/∂z) W and ∂L/∂W += (∂L/∂z)ᵀ h, accumulated in one [V_rows, H] buffer of the
+weights' dtype (as fused linear cross-entropy kernels do: a float32 one would hold 2x a bf16
+head's gradient more; summing bf16 over 32 chunks measured 0.0070 relative error against float64,
+one matmul over all positions 0.0026 — tests/test_head_logprobs.py).
 """
 
 from __future__ import annotations
@@ -42,10 +43,7 @@ class HeadTokenLogprobs(torch.autograd.Function):
         tau, chunk = ctx.temperature, ctx.chunk
         W_V_H = W_rows_H[:ctx.vocab]
         grad_h = torch.empty_like(h_B_T_H) if ctx.needs_input_grad[0] else None
-        # summed over chunks in float32 (bf16 weights: rounded once at the end, as one matmul
-        # over all positions would be, not once per chunk)
-        grad_W_rows = (torch.zeros_like(W_rows_H, dtype=torch.promote_types(W_rows_H.dtype, torch.float32))
-                       if ctx.needs_input_grad[1] else None)
+        grad_W_rows = torch.zeros_like(W_rows_H) if ctx.needs_input_grad[1] else None
         grad_W = None if grad_W_rows is None else grad_W_rows[:ctx.vocab]
         for c in range(0, h_B_T_H.shape[1], chunk):
             h_C = h_B_T_H[:, c:c + chunk]
@@ -58,12 +56,8 @@ class HeadTokenLogprobs(torch.autograd.Function):
             dz = dz.to(W_V_H.dtype)
             if grad_h is not None:
                 grad_h[:, c:c + chunk] = dz @ W_V_H
-            if grad_W is not None and grad_W.dtype == dz.dtype:
+            if grad_W is not None:
                 grad_W.addmm_(dz.flatten(0, 1).T, h_C.flatten(0, 1))
-            elif grad_W is not None:  # the chunk's product in the weights' dtype, summed in float32
-                grad_W += dz.flatten(0, 1).T @ h_C.flatten(0, 1)
-        if grad_W_rows is not None:
-            grad_W_rows = grad_W_rows.to(W_rows_H.dtype)
         return grad_h, grad_W_rows, None, None, None, None
 
 

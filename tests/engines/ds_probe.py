@@ -35,7 +35,7 @@ FIXED = ["learner.lr=5e-3", "learner.max_grad_norm=1.0", "rollout.max_new_tokens
          "data.prompts_per_step=4", "rollout.n=2"]
 
 
-def fixed_batches(cfg, student, teacher_model, tok) -> list[StepBatch]:
+def fixed_batches(cfg, student, teacher_model, tok, needs: str = "sampled") -> list[StepBatch]:
     sampler = HFRollout(copy.deepcopy(student), tok, stop_token_ids(cfg.pair.student, tok))
     teacher = HFTeacher(teacher_model, cfg.learner.micro_batch_size, cfg.objective.chunk_size)
     encode = make_encoder(tok, cfg.data.chat_template)
@@ -44,7 +44,7 @@ def fixed_batches(cfg, student, teacher_model, tok) -> list[StepBatch]:
     for step in range(STEPS):
         torch.manual_seed(1_000 + step)
         r = sampler.generate([encode(p.prompt) for p in prompts.batch(step)], Sampling.from_cfg(cfg.rollout))
-        out.append(StepBatch(r, teacher.score(r, "sampled"),
+        out.append(StepBatch(r, teacher.score(r, needs, cfg.objective.k),
                              correct_B=torch.zeros(r.size)))
     return out
 
@@ -64,7 +64,9 @@ def main() -> None:
     dist = distributed.init()
     tok = load_tokenizer(cfg.pair.student, "pair.student")
     student = load_model(cfg.pair.student, "pair.student")
-    batches = fixed_batches(cfg, student, load_model(cfg.pair.teacher, "pair.teacher"), tok)
+    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
+    batches = fixed_batches(cfg, student, load_model(cfg.pair.teacher, "pair.teacher"), tok,
+                            objective.teacher_needs)
     start = 0
     if args.resume is not None:
         saved = OmegaConf.merge(cfg.pair.student, {"path": str(args.resume / "student")})
@@ -73,7 +75,6 @@ def main() -> None:
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist)
     if args.resume is not None:
         learner.load(args.resume)
-    objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature)
     losses, norms = [], []
     for step in range(start, STEPS):
         full = batches[step]
