@@ -85,6 +85,15 @@ class Stub:
         self.server.shutdown()
 
 
+@pytest.fixture
+def stub():
+    """make(model, **kw) → a Stub, shut down after the test."""
+    made = []
+    yield lambda *a, **kw: made.append(Stub(*a, **kw)) or made[-1]
+    for s in made:
+        s.close()
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_world):
     tok = AutoTokenizer.from_pretrained(tiny_world / "student", padding_side="left")
@@ -98,134 +107,105 @@ def pair(tiny_world):
     return tok, teacher, rollouts
 
 
-def test_pool_scores_equal_the_hf_teacher_in_row_order(pair):
+def test_pool_scores_equal_the_hf_teacher_in_row_order(pair, stub):
     tok, teacher, r = pair
-    stubs = [Stub(teacher), Stub(teacher)]
-    try:
-        server = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok))
-        hf = HFTeacher(teacher, micro_batch_size=4, chunk_size=7)
-        m = r.response_mask_B_T.bool()
-        got, want = server.score(r, "sampled"), hf.score(r, "sampled")
-        assert (got.logp_B_T - want.logp_B_T)[m].abs().max() <= 1e-5
-        assert [s.seen for s in stubs] == [[4], [5]]  # 9 rows: one contiguous share per replica
-        got, want = server.score(r, "topk", K), hf.score(r, "topk", K)
-        assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
-        assert (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m].abs().max() <= 1e-5
-        assert (got.topk_logq_B_T_K[~m] == 0).all()
-    finally:
-        for s in stubs:
-            s.close()
+    stubs = [stub(teacher), stub(teacher)]
+    server = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok))
+    hf = HFTeacher(teacher, micro_batch_size=4, chunk_size=7)
+    m = r.response_mask_B_T.bool()
+    got, want = server.score(r, "sampled"), hf.score(r, "sampled")
+    assert (got.logp_B_T - want.logp_B_T)[m].abs().max() <= 1e-5
+    assert [s.seen for s in stubs] == [[4], [5]]  # 9 rows: one contiguous share per replica
+    got, want = server.score(r, "topk", K), hf.score(r, "topk", K)
+    assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
+    assert (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m].abs().max() <= 1e-5
+    assert (got.topk_logq_B_T_K[~m] == 0).all()
 
 
-def test_a_failing_replica_is_retried_then_its_share_moves_on(pair):
+def test_a_failing_replica_is_retried_then_its_share_moves_on(pair, stub):
     tok, teacher, r = pair
-    flaky, dead, good = Stub(teacher, fail_first=1), Stub(teacher), Stub(teacher)
-    try:
-        ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
-        good.seen.clear()
-        got = VLLMServerTeacher([flaky.url], 30, 1, len(tok), len(tok)).score(r, "sampled").logp_B_T
-        assert torch.equal(got, ref) and flaky.seen == [9]  # one 503, retried once
-        pool = VLLMServerTeacher([dead.url, good.url], 30, 0, len(tok), len(tok))
-        dead.dead = True  # dies after start-up
-        assert torch.equal(pool.score(r, "sampled").logp_B_T, ref)
-        assert dead.seen == [] and sorted(good.seen) == [4, 5]  # its own share and the dead one's
-        good.dead = True
-        with pytest.raises(RuntimeError, match="every teacher server failed"):
-            pool.score(r, "sampled")
-    finally:
-        for s in (flaky, dead, good):
-            s.close()
+    flaky, dead, good = stub(teacher, fail_first=1), stub(teacher), stub(teacher)
+    ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
+    good.seen.clear()
+    got = VLLMServerTeacher([flaky.url], 30, 1, len(tok), len(tok)).score(r, "sampled").logp_B_T
+    assert torch.equal(got, ref) and flaky.seen == [9]  # one 503, retried once
+    pool = VLLMServerTeacher([dead.url, good.url], 30, 0, len(tok), len(tok))
+    dead.dead = True  # dies after start-up
+    assert torch.equal(pool.score(r, "sampled").logp_B_T, ref)
+    assert dead.seen == [] and sorted(good.seen) == [4, 5]  # its own share and the dead one's
+    good.dead = True
+    with pytest.raises(RuntimeError, match="every teacher server failed"):
+        pool.score(r, "sampled")
 
 
-def test_a_bad_request_is_never_retried(pair):
+def test_a_bad_request_is_never_retried(pair, stub):
     _, teacher, _ = pair
-    stub = Stub(teacher, fail_first=0)
-    try:
-        with pytest.raises(RuntimeError, match="HTTP 400"):
-            request_json(stub.url, "/v1/completions", {"prompt": [[1, 2]]}, 30, retries=5)
-        assert stub.seen == []
-    finally:
-        stub.close()
+    one = stub(teacher, fail_first=0)
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        request_json(one.url, "/v1/completions", {"prompt": [[1, 2]]}, 30, retries=5)
+    assert one.seen == []
 
 
-def test_a_request_one_replica_refuses_is_never_sent_to_the_others(pair):
+def test_a_request_one_replica_refuses_is_never_sent_to_the_others(pair, stub):
     from opd_exp.engines.rollout_vllm_server import BadRequest
 
     tok, teacher, r = pair
-    refusing, good = Stub(teacher), Stub(teacher)
-    try:
-        pool = VLLMServerTeacher([refusing.url, good.url], 30, 3, len(tok), len(tok))
-        refusing.bad = True
-        with pytest.raises(BadRequest, match="HTTP 400"):
-            pool.score(r, "sampled")
-        assert good.seen == [5]  # its own share only: the refused one did not move on
-    finally:
-        for s in (refusing, good):
-            s.close()
+    refusing, good = stub(teacher), stub(teacher)
+    pool = VLLMServerTeacher([refusing.url, good.url], 30, 3, len(tok), len(tok))
+    refusing.bad = True
+    with pytest.raises(BadRequest, match="HTTP 400"):
+        pool.score(r, "sampled")
+    assert good.seen == [5]  # its own share only: the refused one did not move on
 
 
 @pytest.mark.parametrize("code", [408, 429])
-def test_a_gateway_timeout_or_too_many_requests_is_retried(pair, code):
+def test_a_gateway_timeout_or_too_many_requests_is_retried(pair, code, stub):
     tok, teacher, r = pair
-    stub = Stub(teacher, fail_first=1, code=code)
-    try:
-        VLLMServerTeacher([stub.url], 30, 1, len(tok), len(tok)).score(r, "sampled")
-        assert stub.seen == [9]
-    finally:
-        stub.close()
+    one = stub(teacher, fail_first=1, code=code)
+    VLLMServerTeacher([one.url], 30, 1, len(tok), len(tok)).score(r, "sampled")
+    assert one.seen == [9]
 
 
-def test_a_short_answer_moves_on_to_the_next_replica(pair):
+def test_a_short_answer_moves_on_to_the_next_replica(pair, stub):
     tok, teacher, r = pair
-    short, good = Stub(teacher), Stub(teacher)
-    try:
-        ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
-        good.seen.clear()
-        short.short = True
-        got = VLLMServerTeacher([short.url, good.url], 30, 0, len(tok), len(tok)).score(r, "sampled")
-        assert torch.equal(got.logp_B_T, ref) and sorted(good.seen) == [4, 5]
-    finally:
-        for s in (short, good):
-            s.close()
+    short, good = stub(teacher), stub(teacher)
+    ref = VLLMServerTeacher([good.url], 30, 0, len(tok), len(tok)).score(r, "sampled").logp_B_T
+    good.seen.clear()
+    short.short = True
+    got = VLLMServerTeacher([short.url, good.url], 30, 0, len(tok), len(tok)).score(r, "sampled")
+    assert torch.equal(got.logp_B_T, ref) and sorted(good.seen) == [4, 5]
 
 
-def test_a_share_is_sent_as_requests_of_request_rows(pair):
+def test_a_share_is_sent_as_requests_of_request_rows(pair, stub):
     tok, teacher, r = pair
-    stubs = [Stub(teacher), Stub(teacher)]
-    try:
-        whole = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok)).score(r, "topk", K)
-        split = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok), request_rows=2)
-        got = split.score(r, "topk", K)
-        assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
-        assert torch.equal(got.topk_logq_B_T_K, whole.topk_logq_B_T_K)
-        assert [s.seen for s in stubs] == [[4, 2, 2], [5, 2, 2, 1]]
-        for s in stubs:
-            s.seen.clear()
-        stubs[0].dead = True  # its share's requests go on at the other replica, tried once a share
-        got = split.score(r, "topk", K)
-        assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
-        assert stubs[0].failed == 1 and stubs[1].seen == [2, 2, 2, 2, 1]
-    finally:
-        for s in stubs:
-            s.close()
+    stubs = [stub(teacher), stub(teacher)]
+    whole = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok)).score(r, "topk", K)
+    split = VLLMServerTeacher([s.url for s in stubs], 30, 0, len(tok), len(tok), request_rows=2)
+    got = split.score(r, "topk", K)
+    assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
+    assert torch.equal(got.topk_logq_B_T_K, whole.topk_logq_B_T_K)
+    assert [s.seen for s in stubs] == [[4, 2, 2], [5, 2, 2, 1]]
+    for s in stubs:
+        s.seen.clear()
+    stubs[0].dead = True  # its share's requests go on at the other replica, tried once a share
+    got = split.score(r, "topk", K)
+    assert torch.equal(got.topk_idx_B_T_K, whole.topk_idx_B_T_K)
+    assert stubs[0].failed == 1 and stubs[1].seen == [2, 2, 2, 2, 1]
 
 
-def test_a_replica_serving_another_model_is_refused_at_start(pair):
+def test_a_replica_serving_another_model_is_refused_at_start(pair, stub):
     from opd_exp.config import ConfigError
 
     tok, teacher, _ = pair
-    stub = Stub(teacher)  # serves "teacher" from "/models/Teacher-8B"
-    try:
-        for same in ("/models/Teacher-8B", "org/teacher-8b", "teacher"):
-            VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect=same)
-        with pytest.raises(ConfigError, match=f"^teacher.server_urls: {stub.url} serves 'teacher' "
-                                              r"\(from '/models/Teacher-8B'\), not 'Qwen/Qwen3-8B'"):
-            VLLMServerTeacher([stub.url], 30, 0, len(tok), len(tok), expect="Qwen/Qwen3-8B")
-    finally:
-        stub.close()
+    one = stub(teacher)  # serves "teacher" from "/models/Teacher-8B"
+    for same in ("/models/Teacher-8B", "org/teacher-8b", "teacher"):
+        VLLMServerTeacher([one.url], 30, 0, len(tok), len(tok), expect=same)
+    with pytest.raises(ConfigError, match=f"^teacher.server_urls: {one.url} serves 'teacher' "
+                                          r"\(from '/models/Teacher-8B'\), not 'Qwen/Qwen3-8B'"):
+        VLLMServerTeacher([one.url], 30, 0, len(tok), len(tok), expect="Qwen/Qwen3-8B")
 
 
-def test_padded_rows_are_asked_for_only_where_they_crowd_the_top_k(pair, tiny_world):
+def test_padded_rows_are_asked_for_only_where_they_crowd_the_top_k(pair, tiny_world, stub):
     """Qwen3's 267 padded rows would make every top-K request K + 267 entries a position: asked
     K + 8 first, and K + all padded only for rows where padded ids took the room of real ones
     (here: 13 loud padded rows that top every position, tests/test_vocab.py)."""
@@ -234,24 +214,20 @@ def test_padded_rows_are_asked_for_only_where_they_crowd_the_top_k(pair, tiny_wo
     tok, teacher, r = pair
     V, extra = len(tok), EXTRA["teacher"]
     loud = _pad(AutoModelForCausalLM.from_pretrained(tiny_world / "teacher"), extra).eval()
-    quiet, crowded = Stub(teacher), Stub(loud)  # quiet: no padded id is ever in the answer
-    try:
-        want = HFTeacher(teacher, 4, 7, vocab_size=V).score(r, "topk", K)
-        got = VLLMServerTeacher([quiet.url], 30, 0, V, V + extra).score(r, "topk", K)
-        assert quiet.asked == [K + 8] and torch.equal(got.topk_idx_B_T_K, want.topk_idx_B_T_K)
-        want = HFTeacher(loud, 4, 7, vocab_size=V).score(r, "topk", K)
-        got = VLLMServerTeacher([crowded.url], 30, 0, V, V + extra).score(r, "topk", K)
-        # asked again: only the rows with a position where padded ids took a real one's room
-        assert crowded.asked == [K + 8, K + extra] and crowded.seen[0] == 9 and 0 < crowded.seen[1] <= 9
-        m = r.response_mask_B_T.bool()
-        assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
-        # the values: vLLM normalises over every row, the HF teacher over the real ones (loud
-        # padding holds mass here, not in trained models): the same up to a shift per position
-        shift = (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m]
-        assert (shift - shift[:, :1]).abs().max() <= 1e-5 and int(got.topk_idx_B_T_K.max()) < V
-    finally:
-        for s in (quiet, crowded):
-            s.close()
+    quiet, crowded = stub(teacher), stub(loud)  # quiet: no padded id is ever in the answer
+    want = HFTeacher(teacher, 4, 7, vocab_size=V).score(r, "topk", K)
+    got = VLLMServerTeacher([quiet.url], 30, 0, V, V + extra).score(r, "topk", K)
+    assert quiet.asked == [K + 8] and torch.equal(got.topk_idx_B_T_K, want.topk_idx_B_T_K)
+    want = HFTeacher(loud, 4, 7, vocab_size=V).score(r, "topk", K)
+    got = VLLMServerTeacher([crowded.url], 30, 0, V, V + extra).score(r, "topk", K)
+    # asked again: only the rows with a position where padded ids took a real one's room
+    assert crowded.asked == [K + 8, K + extra] and crowded.seen[0] == 9 and 0 < crowded.seen[1] <= 9
+    m = r.response_mask_B_T.bool()
+    assert torch.equal(got.topk_idx_B_T_K[m], want.topk_idx_B_T_K[m])
+    # the values: vLLM normalises over every row, the HF teacher over the real ones (loud
+    # padding holds mass here, not in trained models): the same up to a shift per position
+    shift = (got.topk_logq_B_T_K - want.topk_logq_B_T_K)[m]
+    assert (shift - shift[:, :1]).abs().max() <= 1e-5 and int(got.topk_idx_B_T_K.max()) < V
 
 
 def test_which_served_models_count_as_the_teacher():
