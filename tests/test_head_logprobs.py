@@ -158,3 +158,31 @@ def test_a_model_whose_forward_is_more_than_backbone_then_head_is_scored_by_its_
     with pytest.raises(ConfigError, match="learner.packing=true is not allowed"):
         HFPolicy(model, packing=True).token_logprobs(r)
     assert (got - HFPolicy(plain).token_logprobs(r))[m].abs().max() > 1e-3  # they do differ
+
+
+@pytest.mark.parametrize("who,overrides", [
+    ("student", ["objective=topk", "objective.k=4"]), ("student", ["diag.every=2"]),
+    ("teacher", ["objective=full_vocab"]), ("teacher", ["teacher.packing=true"])])
+def test_what_needs_the_head_alone_is_refused_at_start_for_a_model_whose_logits_are_more(
+        tmp_path, use_tiny_world, monkeypatch, who, overrides):
+    """A biased LM head (Phi-2's kind) on the student or the teacher: refused while the run is
+    built, before its first step (not at the first diagnostics step, hours in)."""
+    from opd_exp.config import ConfigError
+    from opd_exp.engines import hf_models
+    from opd_exp.train import train
+
+    from .conftest import TINY_RUN, compose
+
+    load = hf_models.load_model
+
+    def loaded(mcfg, field):
+        model = load(mcfg, field)
+        return _biased(model) if field == f"pair.{who}" else model
+
+    monkeypatch.setattr(hf_models, "load_model", loaded)
+    for module in ("opd_exp.loop.build", "opd_exp.engines.teacher_hf"):
+        monkeypatch.setattr(f"{module}.load_model", loaded)
+    field = {"objective": "objective.name"}.get(overrides[0].split("=")[0], overrides[0].split("=")[0])
+    with pytest.raises(ConfigError, match=rf"^{field}=.* \(pair.{who}\) is not allowed with .*: its LM head is not a Linear"):
+        train(compose(TINY_RUN + overrides + ["trainer.steps=1", "eval.every=0"]), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() or "train/loss" not in (tmp_path / "metrics.jsonl").read_text()

@@ -131,6 +131,24 @@ def _compare(model, forward, W: torch.Tensor, one: Rollouts) -> str | None:
     return None
 
 
+def refuse(model: torch.nn.Module, what: str, why: str | None) -> None:
+    """ConfigError: `what` needs the LM head applied alone, which `model` does not allow (`why`)."""
+    if why:
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        raise ConfigError(f"{what} is not allowed with {name!r}: {why}; opd_exp applies the LM "
+                          "head alone there — use the sampled-token objective without packing")
+
+
+def refuse_unless_head_alone(model: torch.nn.Module, what: str) -> None:
+    """At start-up, before any step: `head_alone_check` on a short row of token ids 1..4."""
+    ids = torch.arange(1, 5, device=next(model.parameters()).device)[None]
+    one = Rollouts(prompt_ids_B_P=ids, prompt_mask_B_P=torch.ones_like(ids), response_ids_B_T=ids,
+                   response_mask_B_T=torch.ones_like(ids, dtype=torch.float), group_B=ids.new_zeros(1))
+    post = logit_postprocessing(model.config)
+    refuse(model, what, f"its forward post-processes its logits ({post})" if post
+           else head_alone_check(model, model, one))
+
+
 class HFPolicy:
     """`PolicyView` of an HF causal LM. `forward` is what runs the whole model (the model, or the
     DeepSpeed engine wrapping it, so ZeRO sees the forward); `model` the HF module itself.
@@ -157,10 +175,7 @@ class HFPolicy:
         self.checked = False
 
     def _refuse(self, what: str, why: str | None) -> None:
-        if why:
-            name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-            raise ConfigError(f"{what} is not allowed with {name!r}: {why}; opd_exp applies the LM "
-                              "head alone there — use the sampled-token objective without packing")
+        refuse(self.model, what, why)
 
     def _check(self, rollouts: Rollouts) -> str | None:
         """Why the head alone would not give the model's logits (None: it does); checked once."""

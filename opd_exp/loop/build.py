@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 from opd_exp.config import ConfigError, validate_vocab
+from opd_exp.config import registry
 from opd_exp.config.registry import LEARNERS, OBJECTIVES, ROLLOUTS, TEACHERS, resolve
 from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
 from opd_exp.core.ranks import Dist
@@ -24,7 +25,7 @@ from opd_exp.data import PromptSource, make_encoder, make_prompts, student_encod
 from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
                                        load_tokenizer, model_shape, resolve_path, save_model,
                                        stop_token_ids)
-from opd_exp.engines.hf_policy import HFPolicy
+from opd_exp.engines.hf_policy import HFPolicy, refuse_unless_head_alone
 from opd_exp.loop.ahead import AheadSampler
 from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
@@ -121,6 +122,23 @@ def prompt_pool(cfg: DictConfig, encoders: list, contexts: list) -> PromptSource
                         "skipped_too_long")
 
 
+def head_alone_at_start(cfg: DictConfig, model: torch.nn.Module, who: str) -> None:
+    """What applies `who`'s LM head alone (packing, the LM-head objectives, token diagnostics,
+    overlap prompt scores, a teacher's top-K or hidden scores) is refused at start-up, not at its
+    first step, for a model whose logits are more than that head (engines/hf_policy.py)."""
+    needs = registry.teacher_needs(cfg.objective)
+    uses = {"student": [("objective.name", cfg.objective.name, cfg.objective.name in registry.READS_LM_HEAD),
+                        ("learner.packing", cfg.learner.packing, cfg.learner.packing)],
+            "teacher": [("objective.name", cfg.objective.name, needs in ("topk", "hidden")),
+                        ("teacher.packing", cfg.teacher.packing, cfg.teacher.packing)]}[who]
+    uses += [("diag.every", cfg.diag.every, cfg.diag.every > 0),
+             ("prompts.score", cfg.prompts.score, cfg.prompts.score == "overlap")]
+    for field, value, on in uses:
+        if on:
+            refuse_unless_head_alone(model, f"{field}={value!r} (pair.{who})")
+            return
+
+
 def check_routes(routes, prompts: PromptSource) -> None:
     """A route whose tag no prompt has would load its teacher for nothing (a field read as text:
     a tag 5.0 is "5.0", not "5")."""
@@ -173,6 +191,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         i for mc, tok in [(cfg.pair.teacher, teacher_tok), *others.values()]
         for i in stop_token_ids(mc, tok) if i < vocab and i not in unshared}
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
+    head_alone_at_start(cfg, learner.policy, "student")
     diag = Diagnostics.make(cfg, run_dir, dist.is_main, learner.policy,
                             None if resume_from is None else checkpoint.load_step(resume_from))
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
@@ -180,6 +199,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
                                                      work_dir, dist.rank)
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
                                                                       dist.device)
+    if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
+        head_alone_at_start(cfg, teacher.model, "teacher")
     teachers = (routed_teachers(cfg, teacher, teacher_tok, tokenizer, stop_ids, dist, others)
                 if others else None)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
