@@ -65,7 +65,7 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     if impl == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
     extra_inputs, chunk_arg = None, chunk or None
-    chunk = chunk or 64  # the other objectives' default
+    chunk = chunk or schema_cfg({}).objective.chunk_size  # the other objectives' default
     if impl.startswith("sampled"):  # the sampled tokens and their advantages
         extra_inputs = (torch.randint(0, V, (1, T)), torch.randn(1, T))
     if impl == "topk":

@@ -90,8 +90,10 @@ def head_alone_check(model: torch.nn.Module, forward: torch.nn.Module, r: Rollou
     may run): soft-capping, scales and other heads are far outside that. One verdict per module."""
     if model in _VERDICTS:
         return _VERDICTS[model]
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+    head, post = model.get_output_embeddings(), logit_postprocessing(model.config)
+    if post:
+        verdict = f"its forward post-processes its logits ({post})"
+    elif not isinstance(head, torch.nn.Linear) or head.bias is not None:
         verdict = "its LM head is not a Linear without bias"
     elif model.base_model is model:
         verdict = "it has no backbone module apart from its head"
@@ -144,9 +146,7 @@ def refuse_unless_head_alone(model: torch.nn.Module, what: str) -> None:
     ids = torch.arange(1, 5, device=next(model.parameters()).device)[None]
     one = Rollouts(prompt_ids_B_P=ids, prompt_mask_B_P=torch.ones_like(ids), response_ids_B_T=ids,
                    response_mask_B_T=torch.ones_like(ids, dtype=torch.float), group_B=ids.new_zeros(1))
-    post = logit_postprocessing(model.config)
-    refuse(model, what, f"its forward post-processes its logits ({post})" if post
-           else head_alone_check(model, model, one))
+    refuse(model, what, head_alone_check(model, model, one))
 
 
 class HFPolicy:
@@ -169,21 +169,15 @@ class HFPolicy:
                               "come from the position ids)")
         self.postprocessing = logit_postprocessing(model.config)
         if packing:
-            self._refuse(f"{packing_key}=true", str(self.postprocessing) if self.postprocessing else None)
+            refuse(model, f"{packing_key}=true", str(self.postprocessing) if self.postprocessing else None)
         self.head_alone = head_alone and not self.postprocessing
-        self.verdict: str | None = None  # head_alone_check's, once it ran
-        self.checked = False
-
-    def _refuse(self, what: str, why: str | None) -> None:
-        refuse(self.model, what, why)
 
     def _check(self, rollouts: Rollouts) -> str | None:
-        """Why the head alone would not give the model's logits (None: it does); checked once."""
-        if not self.checked and rollouts.size and rollouts.response_ids_B_T.shape[1]:
-            self.verdict = (f"its forward post-processes its logits ({self.postprocessing})"
-                            if self.postprocessing else head_alone_check(self.model, self.forward, rollouts))
-            self.checked = True
-        return self.verdict
+        """Why the head alone would not give the model's logits (None: it does; one verdict per
+        module); no rows to check on: None, asked again with the next ones."""
+        if rollouts.size and rollouts.response_ids_B_T.shape[1]:
+            return head_alone_check(self.model, self.forward, rollouts)
+        return None
 
     @property
     def lm_head(self) -> torch.nn.Module:  # used with response_hidden, which checks the model
@@ -191,7 +185,7 @@ class HFPolicy:
 
     def token_logprobs(self, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
         if self.packing:
-            self._refuse(f"{self.packing_key}=true", self._check(rollouts))
+            refuse(self.model, f"{self.packing_key}=true", self._check(rollouts))
         elif self.head_alone and self._check(rollouts):
             self.head_alone = False  # the model's whole forward gives its log-probs
         # head alone or packed: the HF module itself (its backbone and head), as response_hidden
@@ -200,7 +194,7 @@ class HFPolicy:
                               self.vocab_size, self.packing, self.head_alone)
 
     def response_hidden(self, rollouts: Rollouts) -> torch.Tensor:
-        self._refuse("an objective, teacher score or diagnostic on the LM head alone", self._check(rollouts))
+        refuse(self.model, "an objective, teacher score or diagnostic on the LM head alone", self._check(rollouts))
         return response_hidden(self.model, rollouts, self.packing)
 
 
