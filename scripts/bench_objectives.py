@@ -54,6 +54,8 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
     for p in head_t.parameters():
         p.requires_grad_(False)
     mask = torch.ones(1, T)
+    extra_inputs, chunk_arg = None, chunk or None
+    chunk = chunk or schema_cfg({}).objective.chunk_size  # the other objectives' default
     cfg = schema_cfg({"objective": {"divergence": "reverse_kl", "beta": 0.5, "chunk_size": chunk,
                                           "k": K, "support": "teacher", "renormalize": True,
                                           "gradient": "analytic", "weight": "student"},
@@ -64,8 +66,6 @@ def run_one(impl: str, T: int, V: int, H: int, chunk: int, K: int) -> dict:
 
     if impl == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    extra_inputs, chunk_arg = None, chunk or None
-    chunk = chunk or schema_cfg({}).objective.chunk_size  # the other objectives' default
     if impl.startswith("sampled"):  # the sampled tokens and their advantages
         extra_inputs = (torch.randint(0, V, (1, T)), torch.randn(1, T))
     if impl == "topk":
