@@ -28,22 +28,25 @@ from opd_exp.runtime.plots import write_plots
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     t0 = time.time()
     validate(cfg)
-    dist = distributed.init(cfg.launcher.dist_backend)  # one plain process unless launched
+    # one plain process unless launched (DeepSpeed: a group of one rank)
+    dist = distributed.init(cfg.launcher.dist_backend, group_of_one=cfg.learner.backend == "deepspeed")
     if dist.is_main:
         print(f"run dir: {run_dir}", flush=True)
     distributed.check_world(dist, cfg.launcher)
     run = build(cfg, run_dir, dist)
     steps, every = cfg.trainer.steps, cfg.eval.every
+    progress = Progress(run.start, steps, cfg.eval.k, enabled=dist.is_main)
     if run.start == 0:
         run.logger.log(run.prompts.stats(), step=0)  # data/prompts, data/skipped_*
     if run.start == 0 and every:
-        if cfg.eval.teacher:
-            run.logger.log(run.evaluator(run.teacher_rollout, 0, prefix="teacher/eval"), step=0)
-        run.logger.log(run.evaluator(run.rollout, 0), step=0)
+        evals = [(run.teacher_rollout, "teacher/eval")] if cfg.eval.teacher else []
+        for rollout, prefix in evals + [(run.rollout, "eval")]:
+            metrics = run.evaluator(rollout, 0, prefix=prefix)
+            run.logger.log(metrics, step=0)
+            progress.evaluation(metrics)  # printed: a cluster log shows where the run started
 
     last: dict[str, float] = {}
     bad_in_a_row = 0
-    progress = Progress(run.start, steps, cfg.eval.k, enabled=dist.is_main)
     for step in range(run.start, steps):
         batch, metrics = run_step(run, step)
         done = step + 1

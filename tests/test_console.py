@@ -24,9 +24,13 @@ def test_run_dir_first_then_step_lines_then_a_summary_and_no_library_noise(tmp_p
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout.splitlines()
     assert out[0] == f"run dir: {tmp_path}"
-    assert out[1].startswith("step 1/2 loss ") and out[2].startswith("step 2/2 loss ")
-    assert "avg@2" in out[2]
-    text = "\n".join(out[3:])
+    assert out[1].startswith("step 0 teacher avg@2 ") and out[2].startswith("step 0 student avg@2 ")
+    assert out[3].startswith("step 1/2 loss ") and out[4].startswith("step 2/2 loss ")
+    assert "avg@2" in out[4]
+    for line in out[3:5]:  # what a cluster log needs, and each number once
+        assert " tok/s elapsed 0:00:" in line and "reward" not in line
+    assert " eta 0:00:00" in out[4]
+    text = "\n".join(out[5:])
     assert text.startswith("done in ") and "student avg@2" in text and "teacher" in text
     assert f"last checkpoint {tmp_path}/checkpoints/step_000002" in text
     for noise in ("Loading weights", "Writing model shards", "font_manager", "Setting accelerator"):
@@ -57,6 +61,12 @@ def test_progress_bar_on_a_terminal(monkeypatch, capsys):
     bar.close()
     err = capsys.readouterr()
     assert "3/3" in err.err and "loss=0.4" in err.err and "step 2/3" not in err.out
+
+
+def test_the_reward_is_printed_only_where_it_is_not_the_loss_flipped():
+    bar = Progress(start=0, steps=4, k=8, enabled=True)
+    assert "reward" not in bar.fields({"train/loss": -0.25, "train/reward_mean": 0.25})
+    assert bar.fields({"train/loss": 0.1, "train/reward_mean": 0.25})["reward"] == "0.2500"
 
 
 def test_unknown_option_is_one_line_without_internal_entries():

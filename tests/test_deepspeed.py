@@ -134,6 +134,22 @@ def train_cmd(*overrides: str) -> list[str]:
             "eval.teacher=false", *overrides]
 
 
+def test_one_process_deepspeed_trains_without_a_launcher(tiny_world, tmp_path):
+    """`python -m opd_exp train learner=deepspeed` in a plain process: no rank variables, so
+    DeepSpeed's own init would try MPI discovery (`import mpi4py`, not installed) and crash; the
+    run makes a one-rank group and trains."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.run(train_cmd("trainer.steps=2", "eval.every=0", f"hydra.run.dir={tmp_path}"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**env, "OPD_EXP_TOY_DIR": str(tiny_world)})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "torch.distributed.run" not in p.stdout  # no launcher underneath
+    steps = [r for r in records(tmp_path) if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in steps)
+    assert (tmp_path / "checkpoints/step_000002/deepspeed/state").is_dir()
+
+
 def test_two_ranks_vllm_rollouts_deepspeed_learner_one_command(tiny_world, tmp_path):
     p = run(train_cmd("rollout=vllm", "rollout.max_model_len=256", "launcher.nproc_per_node=2",
                       f"launcher.master_port={free_port()}", "learner.zero_stage=3",

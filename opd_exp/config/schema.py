@@ -158,6 +158,10 @@ class LearnerConfig:
     # opd_exp/engines/packing.py)
     packing: bool = False
     minibatches: int = 1  # optimizer steps per rollout batch (> 1: PPO-clipped ratio)
+    # recompute each decoder layer's activations in the backward instead of keeping them (HF's
+    # gradient checkpointing, non-reentrant): the same loss and gradients, activations ~1 hidden
+    # state per token and layer, ~1/3 more compute
+    gradient_checkpointing: bool = False
     # deepspeed backend (opd_exp/engines/learner_deepspeed.py)
     zero_stage: int = 2  # ZeRO stage 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights and compute, fp32 master weights)

@@ -30,7 +30,7 @@ from opd_exp.core.ranks import Dist
 from opd_exp.core.types import StepBatch
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.engines.learner_torch import (batch_logprobs, make_optimizer, make_scheduler,
-                                           minibatch_updates)
+                                           minibatch_updates, prepare_for_training)
 
 
 def micro_batches_per_step(lc, sequences: int) -> int:
@@ -79,7 +79,7 @@ class DeepSpeedLearner:
         policy = copy.deepcopy(model).eval() if self.stage3 else None
         if policy is not None and policy_on_cpu:
             policy.to("cpu")  # only written to disk for the engine
-        model.train()
+        prepare_for_training(model, learner_cfg)
         c = self.cfg
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

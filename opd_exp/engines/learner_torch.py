@@ -84,6 +84,17 @@ def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyV
     return dict(totals)
 
 
+def prepare_for_training(model: torch.nn.Module, c) -> None:
+    """Training mode, and `learner.gradient_checkpointing` switched on through the model's own
+    HF API (non-reentrant checkpoints: correct under no_grad, with frozen inputs and ZeRO)."""
+    if c.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"learner.gradient_checkpointing=true is not allowed for "
+                             f"{type(model).__name__}: the model does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 class TorchLearner:
     """AdamW with linear warm-up then a constant learning rate; global-norm gradient clipping.
 
@@ -100,7 +111,7 @@ class TorchLearner:
         self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg, *cold)
-        model.train()
+        prepare_for_training(model, self.cfg)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)

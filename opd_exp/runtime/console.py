@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,11 +33,19 @@ def _fmt(m: dict, key: str, spec: str = ".4f") -> str | None:
     return None if v is None or not math.isfinite(v) else format(v, spec)
 
 
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Progress:
-    """`update(step, metrics)` after each step: a tqdm bar on a terminal, else one line."""
+    """`update(step, metrics)` after each step: a tqdm bar on a terminal, else one line a step
+    that a cluster log can be read by — the step's fields, its tokens/s, the time since this
+    process started training and the ETA of the rest (from the mean step time so far)."""
 
     def __init__(self, start: int, steps: int, k: int, enabled: bool = True):
-        self.k, self.steps, self.enabled = k, steps, enabled
+        self.k, self.start, self.steps, self.enabled = k, start, steps, enabled
+        self.t0 = time.time()
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
@@ -45,9 +54,40 @@ class Progress:
             self.bar = tqdm(total=steps, initial=start, unit="step", ncols=width or 100)
 
     def fields(self, m: dict) -> dict[str, str]:
+        """Each number once: the mean reward is left out where it is the loss with its sign
+        flipped (sampled-token objectives on their own rollouts)."""
         keys = (("loss", "train/loss", ".4f"), ("grad_norm", "train/grad_norm", ".3g"),
                 ("reward", "train/reward_mean", ".4f"), (f"avg@{self.k}", f"eval/avg@{self.k}", ".3f"))
-        return {name: v for name, key, spec in keys if (v := _fmt(m, key, spec)) is not None}
+        out = {name: v for name, key, spec in keys if (v := _fmt(m, key, spec)) is not None}
+        loss, reward = m.get("train/loss"), m.get("train/reward_mean")
+        if "reward" in out and loss is not None and abs(loss + reward) <= 1e-6 * max(1.0, abs(loss)):
+            del out["reward"]
+        return out
+
+    def timing(self, step: int, m: dict) -> str:
+        elapsed = time.time() - self.t0
+        done = step - self.start
+        eta = elapsed / done * (self.steps - step) if done > 0 else float("nan")
+        parts = []
+        tokens, secs = m.get("rollout/tokens"), m.get("train/step_seconds")
+        if tokens and secs:
+            parts.append(f"{tokens / secs:.0f} tok/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if math.isfinite(eta):
+            parts.append(f"eta {_clock(eta)}")
+        return " ".join(parts)
+
+    def evaluation(self, m: dict) -> None:
+        """The step-0 evaluation (student, or the teacher with `teacher/eval/` metrics), one line."""
+        if not self.enabled:
+            return
+        for who, prefix in (("teacher", "teacher/eval"), ("student", "eval")):
+            v, se = m.get(f"{prefix}/avg@{self.k}"), m.get(f"{prefix}/avg@{self.k}_stderr")
+            if v is not None:
+                line = f"step 0 {who} avg@{self.k} {v:.3f}" + (f" ± {se:.3f}" if se else "")
+                p = m.get(f"{prefix}/pass@{self.k}")
+                line += f" pass@{self.k} {p:.3f}" if p is not None else ""
+                (self.bar.write if self.bar is not None else print)(line)
 
     def update(self, step: int, m: dict) -> None:
         if not self.enabled:
@@ -57,7 +97,8 @@ class Progress:
             self.bar.set_postfix(f, refresh=False)
             self.bar.update(1)
         else:
-            print(f"step {step}/{self.steps} " + " ".join(f"{k} {v}" for k, v in f.items()), flush=True)
+            print(f"step {step}/{self.steps} " + " ".join(f"{k} {v}" for k, v in f.items())
+                  + " | " + self.timing(step, m), flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -27,17 +27,35 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(backend: str = "auto", timeout_minutes: int = 60) -> Dist:
-    """Join the job torchrun set up (env:// rendezvous); one plain process otherwise."""
+def init(backend: str = "auto", timeout_minutes: int = 60, group_of_one: bool = False) -> Dist:
+    """Join the job torchrun set up (env:// rendezvous); one plain process otherwise.
+
+    `group_of_one`: a process no launcher started still gets a one-rank process group (over an
+    in-memory store: no port, no rank variables). DeepSpeed needs one: without it
+    `deepspeed.initialize` → `init_distributed` looks for RANK/WORLD_SIZE/MASTER_ADDR/… and,
+    missing them, tries MPI discovery (`import mpi4py`) and fails; its engine then reads
+    LOCAL_RANK, set here (with RANK and WORLD_SIZE) where no launcher did."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
-        return Dist()
+        if group_of_one and not tdist.is_initialized():
+            for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(k, v)  # DeepSpeed's engine reads LOCAL_RANK itself
+            tdist.init_process_group(backend=_backend(backend, 0), store=tdist.HashStore(), rank=0,
+                                     world_size=1, timeout=timedelta(minutes=timeout_minutes))
+        return Dist(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not tdist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
         local_rank = int(os.environ["LOCAL_RANK"])
-        if backend == "nccl":  # CUDA tensors over NCCL; the loop's CPU scalars over gloo
-            torch.cuda.set_device(local_rank)
-            backend = "cpu:gloo,cuda:nccl"
-        tdist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        tdist.init_process_group(backend=_backend(backend, local_rank),
+                                 timeout=timedelta(minutes=timeout_minutes))
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
                 local_rank=int(os.environ["LOCAL_RANK"]))
+
+
+def _backend(backend: str, local_rank: int) -> str:
+    """`auto`: NCCL for CUDA tensors (this rank's GPU made current) with gloo for the loop's CPU
+    scalars; gloo on a CPU-only machine."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    return backend
