@@ -1,10 +1,11 @@
-"""Command line: `python -m opd_exp {train,eval,serve,probe,diagnose,tables,toy} …`.
+"""Command line: `python -m opd_exp {train,eval,serve,probe,plan,diagnose,tables,toy} …`.
 
     python -m opd_exp train [+experiment=NAME] [group=option] [key=value …] [--multirun] [--cfg job]
     python -m opd_exp train learner=deepspeed launcher.nproc_per_node=2   # 2 ranks under torchrun
     python -m opd_exp eval  [same overrides]          # Avg@k / Pass@k of pair.student (and teacher)
     python -m opd_exp serve [same overrides]         # a vLLM server for rollout=vllm_server
     python -m opd_exp probe [same overrides]         # will this pair distil? checks + verdict
+    python -m opd_exp plan  [same overrides]         # per-GPU memory plan; exit 1 if it does not fit
     python -m opd_exp diagnose RUN_DIR               # parameter geometry over a run's checkpoints
     python -m opd_exp tables SWEEP_DIR --table NAME  # a paper-shaped table (markdown, CSV, PNGs)
     python -m opd_exp toy build [--out DIR] [--seed N] # rebuild the toy world from a seed
@@ -142,11 +143,13 @@ def _eval(cfg, run_dir: Path) -> None:
 def _train(cfg, run_dir: Path) -> None:
     from opd_exp.config import validate
     from opd_exp.runtime.launcher import launch, wants_launch
+    from opd_exp.runtime.memory_plan import check_fits
 
     if wants_launch(cfg.launcher):  # re-run this command under torchrun, on this node's ranks
         from hydra.core.hydra_config import HydraConfig
 
         validate(cfg)
+        check_fits(cfg)  # refused here, before any rank starts or loads a weight
         code = launch(cfg.launcher, "train", list(HydraConfig.get().overrides.task), run_dir)
         if code:
             print(f"error: the launched ranks failed (exit code {code})", file=sys.stderr)
@@ -161,6 +164,12 @@ def _serve(cfg, run_dir: Path) -> None:
     from opd_exp.commands import run_serve
 
     sys.exit(run_serve(cfg, run_dir))
+
+
+def _plan(cfg, run_dir: Path) -> None:
+    from opd_exp.commands.plan import run_plan
+
+    sys.exit(run_plan(cfg, run_dir))
 
 
 def _probe(cfg, run_dir: Path) -> None:
@@ -214,15 +223,16 @@ def _toy(argv: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "probe", "diagnose", "tables",
-                                                       "toy"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "serve", "probe", "plan", "diagnose",
+                                                       "tables", "toy"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
     if command in ("toy", "diagnose", "tables"):
         {"toy": _toy, "diagnose": _diagnose, "tables": _tables}[command](sys.argv[1:])
     else:
-        _hydra_command({"train": _train, "eval": _eval, "serve": _serve, "probe": _probe}[command])
+        _hydra_command({"train": _train, "eval": _eval, "serve": _serve, "probe": _probe,
+                        "plan": _plan}[command])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ This file never imports an engine (vLLM, DeepSpeed, W&B): docs/architecture.md.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from opd_exp.config import RunStopped, validate
 from opd_exp.loop.build import Run, build, save_checkpoint
 from opd_exp.loop.step import run_step
-from opd_exp.runtime import distributed
+from opd_exp.runtime import distributed, memory_plan
 from opd_exp.runtime.console import Progress, summary
 from opd_exp.runtime.plots import write_plots
 
@@ -28,6 +29,7 @@ from opd_exp.runtime.plots import write_plots
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     t0 = time.time()
     validate(cfg)
+    memory_plan.check_fits(cfg, is_main=int(os.environ.get("RANK", 0)) == 0)  # before any weight
     # one plain process unless launched (DeepSpeed: a group of one rank)
     dist = distributed.init(cfg.launcher.dist_backend, group_of_one=cfg.learner.backend == "deepspeed")
     if dist.is_main:

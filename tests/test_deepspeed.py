@@ -164,6 +164,13 @@ def test_two_ranks_vllm_rollouts_deepspeed_learner_one_command(tiny_world, tmp_p
         assert r["rollout/tokens"] > r["rollout/response_len"] * 4
     assert "eval/avg@2" in steps[-1]
     assert (tmp_path / "rank0/vllm_weights").is_dir() and (tmp_path / "rank1/vllm_weights").is_dir()
+    # each rank's engine: vLLM's external launcher (its rank from RANK, not local rank 0 on every
+    # rank), on the rank's own device, its own weights folder
+    engines = [json.loads((tmp_path / f"rank{r}/vllm_engine.json").read_text()) for r in (0, 1)]
+    for r, e in enumerate(engines):
+        assert e["distributed_executor_backend"] == "external_launcher" and e["rank"] == str(r)
+        assert e["worker_rank"] == r  # its compile cache: rank_<r>_0, one folder per rank
+        assert e["device"] == "cpu" and e["model"] == str(tmp_path / f"rank{r}/vllm_weights")
     ckpt = tmp_path / "checkpoints/step_000003"
     assert (ckpt / "student/model.safetensors").is_file()  # gathered from ZeRO-3 shards
     assert len(list((ckpt / "deepspeed/state").glob("*optim_states.pt"))) == 2  # one per rank

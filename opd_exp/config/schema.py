@@ -113,6 +113,13 @@ class RolloutConfig:
     # and the teacher's activations are then in memory while the learner trains
     score_ahead: bool = False
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: the server `python -m opd_exp serve` runs
+    # vllm: the engine's dtype; "" = pair.student.dtype (a bf16 engine for an fp32 student: half the
+    # memory, FlashAttention; the log-prob mismatch is logged, rollout.is_cap corrects it)
+    dtype: str = ""
+    # vllm: tokens per engine step and sequences in flight; 0 = vLLM's defaults (GPU: 16,384 / 1,024
+    # for the LLM class on an 80 GB card). Lower them to bound the engine's activations.
+    max_num_batched_tokens: int = 0
+    max_num_seqs: int = 0
 
 
 @dataclass
@@ -130,6 +137,9 @@ class TeacherConfig:
     # vllm_server: the name the servers serve pair.teacher under (checked at start against each
     # replica's model id and path); "" = pair.teacher.path's last part
     served_model: str = ""
+    # vllm: tokens per engine step; each step's prompt_logprobs hold [tokens, V] float32 logits and
+    # their log-softmax outside the engine's memory share (the plan counts them); 0 = vLLM's default
+    max_num_batched_tokens: int = 0
     # a folder for teacher scores of sequences that do not change with training (prompt selection),
     # content-addressed and shared by a sweep's runs (opd_exp/runtime/score_cache.py); None = off
     cache_dir: Optional[str] = None
@@ -302,6 +312,14 @@ class ProbeConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The per-GPU memory plan (opd_exp/runtime/memory_plan.py; `python -m opd_exp plan`)."""
+    gpu_memory_gib: float = 0.0  # one GPU's memory; 0 = the visible GPU's (none: an 80 GB H100's 79.1)
+    prompt_tokens: int = 1024  # the longest prompt the plan allows for (sequence = this + max_new_tokens)
+    check: bool = True  # train on a GPU refuses, at start, a run whose plan does not fit
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 200  # the toy default: ~9 min on 2 CPU cores, evals included
     seed: int = 0
@@ -332,6 +350,7 @@ class Config:
     diag: DiagConfig = field(default_factory=DiagConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     experiment: Optional[str] = None  # set by +experiment=… files, for the record
 
 

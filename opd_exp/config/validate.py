@@ -76,8 +76,10 @@ def validate_teachers(cfg: DictConfig) -> None:
              cfg.objective.rollouts_from, why + "student)")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check ranges and names; raise ConfigError on the first bad field."""
+def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
+    """Check ranges and names; raise ConfigError on the first bad field. `on_this_machine=False`
+    (plan, offline checks of GPU configs): leave out what only this machine's hardware decides
+    (vLLM sleep mode needs CUDA)."""
     for who in ("student", "teacher"):
         m = cfg.pair[who]
         _require(bool(m.path), f"pair.{who}.path", m.path, "a hub id, a folder or toy:<name>")
@@ -120,7 +122,7 @@ def validate(cfg: DictConfig) -> None:
     _require(r.sync_every >= 1, "rollout.sync_every", r.sync_every, "an integer >= 1")
     _require(not r.sleep or r.backend == "vllm", "rollout.sleep", r.sleep,
              "false unless rollout.backend=vllm (GPU only)")
-    if r.sleep:
+    if r.sleep and on_this_machine:
         import torch
 
         _require(torch.cuda.is_available(), "rollout.sleep", r.sleep,
@@ -128,6 +130,15 @@ def validate(cfg: DictConfig) -> None:
     _require(r.server_url.startswith(("http://", "https://")), "rollout.server_url", r.server_url,
              "an http(s):// address")
     _choice("rollout.weight_sync", r.weight_sync, {"memory", "disk"})
+    _choice("rollout.dtype", r.dtype, {"", "float32", "bfloat16", "float16"})
+    _require(r.max_num_batched_tokens >= 0, "rollout.max_num_batched_tokens", r.max_num_batched_tokens,
+             "0 (vLLM's default) or a number of tokens")
+    _require(r.max_num_seqs >= 0, "rollout.max_num_seqs", r.max_num_seqs, "0 (vLLM's default) or an integer")
+    _require(cfg.teacher.max_num_batched_tokens >= 0, "teacher.max_num_batched_tokens",
+             cfg.teacher.max_num_batched_tokens, "0 (vLLM's default) or a number of tokens")
+    _require(cfg.plan.gpu_memory_gib >= 0, "plan.gpu_memory_gib", cfg.plan.gpu_memory_gib,
+             "0 (the visible GPU's) or a size in GiB")
+    _require(cfg.plan.prompt_tokens >= 1, "plan.prompt_tokens", cfg.plan.prompt_tokens, "an integer >= 1")
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
     _require(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness,
              "0 (each step samples from its own weights) or 1 (one step ahead, in the background)")
@@ -196,6 +207,12 @@ def validate(cfg: DictConfig) -> None:
     _require(lc.minibatches >= 1, "learner.minibatches", lc.minibatches, "an integer >= 1")
     _choice("learner.zero_stage", lc.zero_stage, {1, 2, 3})
     _choice("learner.precision", lc.precision, {"fp32", "bf16"})
+    # pure-bf16 AdamW rounds an update smaller than ~1/256 of a weight to nothing (at lr 2e-6 most
+    # of them): low-precision students train with fp32 master weights (DeepSpeed bf16)
+    _require(lc.backend != "torch" or cfg.pair.student.dtype == "float32", "pair.student.dtype",
+             cfg.pair.student.dtype, "float32 with learner=torch (its AdamW steps the weights in "
+             "their own dtype); a bf16 student: learner=deepspeed learner.precision=bf16 "
+             "(fp32 master weights)")
     if lc.backend == "deepspeed":
         if lc.deepspeed_config:
             _require(Path(lc.deepspeed_config).is_file(), "learner.deepspeed_config",

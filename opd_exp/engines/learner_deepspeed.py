@@ -88,12 +88,13 @@ class DeepSpeedLearner:
             config=self.ds_config)
         self.model = self.engine.module
         self.policy = policy if policy is not None else self.model
-        # the forward runs through the engine: ZeRO-3 accumulation needs it (calling the module
-        # itself broke it: step-1 grad norm 0.068 instead of 0.162), and the engine's forward
-        # registers the hooks that open its backward (accumulation boundary, autocast) — so the
-        # sampled tokens' log-probs come from the whole forward, not the head alone
+        # ZeRO-3: the forward runs through the engine, which gathers the partitioned weights and
+        # opens its backward (calling the module itself broke accumulation: step-1 grad norm
+        # 0.068 instead of 0.162) — so the sampled tokens' log-probs come from the whole forward.
+        # ZeRO-1/2 hold whole weights: the backbone, then the head a chunk of positions at a time
+        # (no [B, T, V] logits), as the torch learner — tested against it (tests/test_deepspeed.py)
         self.view = HFPolicy(self.model, forward=self.engine, vocab_size=vocab_size,
-                             packing=self.cfg.packing, head_alone=False)
+                             packing=self.cfg.packing, head_alone=not self.stage3)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
         return batch_logprobs(self.view, batch, temperature, self.cfg.micro_batch_size)

@@ -11,9 +11,10 @@ on GPU) no memory path is implemented. Sampled-token log-probs
 come from vLLM (`logprobs=0`, raw = the model's own distribution) when the temperature is 1;
 otherwise they are left to the learner.
 
-`rollout.sleep=true` (CUDA only): the engine sleeps (level 1: weights to CPU memory, KV cache
-freed) after each generation, so the learner has the GPU memory, and wakes before it is next
-used. Not exercised in CI (this CPU build has no sleep mode).
+`rollout.sleep=true` (CUDA only): the engine sleeps after each generation, so the learner has the
+GPU memory, and wakes before it is next used — level 2 (weights discarded, KV cache freed) where
+every update reloads the weights anyway (`rollout.sync_every=1`): nothing is copied out to CPU
+memory and back only to be overwritten; level 1 (weights kept in CPU memory) otherwise. Not exercised in CI (this CPU build has no sleep mode).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class VLLMSampler:
         # the engine's kernels run in the calling thread (not in vLLM's engine process)
         self.kernels_in_process = vllm_in_process()
         self.sleep, self.asleep = sleep, False
+        self.sleep_level = 1  # the weights are kept (a fixed model's engine: the teacher's)
         self.allowed = list(range(vocab_size)) if vocab_size else None
 
     def _wake(self) -> None:
@@ -67,7 +69,7 @@ class VLLMSampler:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
         if self.sleep:  # give the learner the memory until the engine is next needed
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=self.sleep_level)
             self.asleep = True
         samples = [[(list(c.token_ids),
                      [st[t].logprob for st, t in zip(c.logprobs, c.token_ids)] if want_logp else None)
@@ -81,26 +83,44 @@ class VLLMRollout(VLLMSampler):
     def __init__(self, model: torch.nn.Module, tokenizer, stop_ids: set[int], work_dir: Path,
                  dtype: str, max_model_len: int, gpu_memory_utilization: float, sync_every: int,
                  seed: int, sleep: bool = False, weight_sync: str = "memory", kv_cache_mib: int = 0,
-                 enforce_eager: bool = True):
+                 enforce_eager: bool = True, engine_kw: dict | None = None, sleep_level: int = 1):
+        """`sleep_level` 2 (weights discarded while asleep) only where every sampling follows a
+        sync of the last update (`sync_every=1`, no sampling ahead)."""
         self.weights_dir = Path(work_dir) / "vllm_weights"
         save_untied(model, self.weights_dir)
         tokenizer.save_pretrained(self.weights_dir)
         kw = {"max_model_len": max_model_len} if max_model_len else {}
+        kw.update(engine_kw or {})
         if sleep:
             kw["enable_sleep_mode"] = True
         if kv_cache_mib:
             kw["kv_cache_memory_bytes"] = kv_cache_mib * 2**20
         rows = model.get_output_embeddings().weight.shape[0]
         super().__init__(start_engine(str(self.weights_dir), dtype, gpu_memory_utilization,
-                                      enforce_eager, seed=seed, **kw), tokenizer, stop_ids, sleep,
+                                      enforce_eager, seed=seed,
+                                      record=Path(work_dir) / "vllm_engine.json", **kw),
+                         tokenizer, stop_ids, sleep,
                          vocab_size=len(tokenizer) if rows > len(tokenizer) else None)
         self.sync_every, self.calls, self.weight_sync = sync_every, 0, weight_sync
+        self.sleep_level, self.model = sleep_level, model
+
+    def _wake(self, reload: bool = True) -> None:
+        """Level 2 discarded the weights: the learner's current ones are loaded back on waking
+        (the same ones a sync would push: every sampling follows the last update's sync)."""
+        lost = self.asleep and self.sleep_level == 2
+        super()._wake()
+        if lost and reload:
+            self._load(self.model)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.calls += 1
         if self.calls % self.sync_every:
             return
-        self._wake()
+        self._wake(reload=False)
+        self._load(model)
+
+    def _load(self, model: torch.nn.Module) -> None:
+        self.model = model
         if self.weight_sync == "memory" and vllm_in_process():
             source = {"weights_iterator": named_weights(model)}
         else:
@@ -110,16 +130,59 @@ class VLLMRollout(VLLMSampler):
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
 
-def start_engine(path: str, dtype: str, gpu_memory_utilization: float, enforce_eager: bool = True, **kw):
+def start_engine(path: str, dtype: str, gpu_memory_utilization: float, enforce_eager: bool = True,
+                 record: Path | None = None, **kw):
     """An in-process vLLM engine (eager: starts in seconds, ENGINES.md; else compiled at start,
     faster to decode). `generation_config="vllm"`: the model's generation_config.json never
     supplies sampling defaults — every request carries exactly the configured SamplingParams (as
-    the server, `--generation-config vllm`)."""
+    the server, `--generation-config vllm`). Under a launcher with several ranks each rank's
+    engine is its own, on the rank's device (`launcher_kwargs`), checked once built
+    (`check_engine_device`). `record`: a JSON file that keeps the engine's arguments and device."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    return LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, generation_config="vllm",
-               gpu_memory_utilization=gpu_memory_utilization, **kw)
+    args = dict(model=path, dtype=dtype, enforce_eager=enforce_eager, generation_config="vllm",
+                gpu_memory_utilization=gpu_memory_utilization, **launcher_kwargs(), **kw)
+    llm = LLM(**args)
+    device, worker_rank = check_engine_device(llm)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**args, "device": device, "rank": os.environ.get("RANK", "0"),
+                                      "worker_rank": worker_rank}, indent=2, default=str))
+    return llm
+
+
+def launcher_kwargs() -> dict:
+    """In a job of several ranks (torchrun's WORLD_SIZE > 1): vLLM's external launcher, which
+    takes the rank and local rank from the environment (RANK / LOCAL_RANK), puts the engine on
+    the rank's GPU and names its compile cache by the rank (`rank_<RANK>_0`). vLLM's default
+    single-process executor would take local rank 0 on every rank — all engines on cuda:0, made
+    the current device of every trainer process — and one compile-cache folder for all
+    (`rank_0_0`). It needs VLLM_ENABLE_V1_MULTIPROCESSING=0, as every engine here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"distributed_executor_backend": "external_launcher"}
+    return {}
+
+
+def _worker_place(worker) -> tuple[str, int]:
+    """(device, rank) of an engine's worker; the rank names its compile cache (rank_<rank>_0)."""
+    return str(worker.device), int(worker.rank)
+
+
+def check_engine_device(llm) -> tuple[str, int]:
+    """The rank's own device (cuda:<LOCAL_RANK>, or the CPU) made current again after the engine
+    was built (vLLM's worker sets it; the learner allocates on the current device), and the
+    engine's worker checked to be on it. Returns (the worker's device, its rank)."""
+    cuda = torch.cuda.is_available()
+    want = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(want)
+    places = llm.collective_rpc(_worker_place)
+    got = [torch.device(d) for d, _ in places]
+    if any(d != want for d in got):
+        raise RuntimeError(f"the vLLM engine of rank {os.environ.get('RANK', 0)} runs on "
+                           f"{', '.join(map(str, got))}, not on this rank's {want}")
+    return places[0]
 
 
 def hub_source(revision: str | None, trust_remote_code: bool) -> dict:
@@ -171,10 +234,18 @@ def save_untied(model: torch.nn.Module, out: Path) -> None:
         model.generation_config.to_json_file(out / "generation_config.json")
 
 
+def batching_kwargs(max_num_batched_tokens: int, max_num_seqs: int = 0) -> dict:
+    """vLLM's scheduler limits where set (0: vLLM's own defaults)."""
+    kw = {"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}
+    return {**kw, "max_num_seqs": max_num_seqs} if max_num_seqs else kw
+
+
 def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBackend:
     r = cfg.rollout
-    return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=cfg.pair.student.dtype,
+    return VLLMRollout(model, tokenizer, stop_ids, work_dir, dtype=r.dtype or cfg.pair.student.dtype,
                        max_model_len=r.max_model_len, gpu_memory_utilization=r.gpu_memory_utilization,
                        sync_every=r.sync_every, seed=cfg.trainer.seed + 7_919 * rank,
                        sleep=r.sleep, weight_sync=r.weight_sync, kv_cache_mib=r.kv_cache_mib,
-                       enforce_eager=r.enforce_eager)
+                       enforce_eager=r.enforce_eager,
+                       engine_kw=batching_kwargs(r.max_num_batched_tokens, r.max_num_seqs),
+                       sleep_level=2 if r.sync_every == 1 and r.max_staleness == 0 else 1)

@@ -16,13 +16,14 @@ import torch
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
 from opd_exp.engines.hf_models import model_shape, resolve_path
-from opd_exp.engines.rollout_vllm import VLLMSampler, hub_source, start_engine
+from opd_exp.engines.rollout_vllm import VLLMSampler, batching_kwargs, hub_source, start_engine
 
 
 class VLLMTeacher:
     def __init__(self, path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float,
                  max_logprobs: int, seed: int = 0, vocab_size: int | None = None,
-                 rows: int | None = None, revision: str | None = None, trust_remote_code: bool = False):
+                 rows: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
+                 max_num_batched_tokens: int = 0):
         """`vocab_size`: the tokenizer's real tokens of a model with `rows` output rows; padded rows
         past it never enter the top-K and are never sampled (vLLM's log-probs are normalised over
         every row: padding holds ~no mass in trained models). `revision`: of the hub model (its
@@ -32,7 +33,8 @@ class VLLMTeacher:
         self.padded = max(0, rows - vocab_size) if vocab_size and rows else 0
         self.llm = start_engine(path, dtype, gpu_memory_utilization,
                                 max_logprobs=max_logprobs + self.padded, seed=seed,
-                                **hub_source(revision, trust_remote_code), **kw)
+                                **hub_source(revision, trust_remote_code),
+                                **batching_kwargs(max_num_batched_tokens), **kw)
 
     def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
         """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
@@ -156,5 +158,6 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
                           seed=cfg.trainer.seed, vocab_size=len(tokenizer),
                           rows=model_shape(cfg.pair.teacher, "pair.teacher")[0],
                           revision=cfg.pair.teacher.revision,
-                          trust_remote_code=cfg.pair.teacher.trust_remote_code)
+                          trust_remote_code=cfg.pair.teacher.trust_remote_code,
+                          max_num_batched_tokens=t.max_num_batched_tokens)
     return teacher, teacher.sampler(tokenizer, stop_ids)

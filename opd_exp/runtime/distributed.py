@@ -20,6 +20,11 @@ def check_world(dist: Dist, launcher_cfg) -> None:
         raise ConfigError(f"launcher.nproc_per_node * launcher.nnodes = {want} is not allowed: "
                           f"this job has {dist.world_size} processes (started by another launcher?); "
                           "set them to match")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dist.is_main and gpus > launcher_cfg.nproc_per_node:
+        print(f"warning: this node has {gpus} GPUs and the job {launcher_cfg.nproc_per_node} "
+              f"rank(s) on it: {gpus - launcher_cfg.nproc_per_node} stay idle "
+              f"(launcher.nproc_per_node={gpus} uses them all)", flush=True)
 
 
 def launched() -> bool:
