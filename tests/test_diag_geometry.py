@@ -229,3 +229,35 @@ def test_layer_type_and_model_matrices():
     params = [("a.weight", torch.zeros(3, 4)), ("a.bias", torch.zeros(3)),
               ("n.weight", torch.zeros(4)), ("e.weight", torch.zeros(5, 2))]
     assert list(geo.model_matrices(params)) == ["a.weight", "e.weight"]
+
+
+def test_w0s_spectrum_is_taken_once_and_gives_the_same_metrics(monkeypatch, tmp_path):
+    """matrix_metrics with W_0's stored spectrum equals the one that decomposes W_0 itself, and
+    a run's Geometry decomposes each W_0 once, however many diagnostic steps."""
+    from omegaconf import OmegaConf
+
+    from opd_exp.loop import geometry as loop_geo
+
+    g = torch.Generator().manual_seed(7)
+    w0 = torch.randn(24, 40, generator=g)
+    wt = w0 + 0.01 * torch.randn(24, 40, generator=g)
+    fresh = geo.matrix_metrics(w0, wt, 4, 1e-3, 0.05, 3)
+    stored = geo.matrix_metrics(w0, wt, 4, 1e-3, 0.05, 3, start=geo.start_spectrum(w0, 4, 3))
+    assert fresh.keys() == stored.keys()
+    assert all(fresh[k] == pytest.approx(stored[k], rel=1e-12, abs=1e-12) for k in fresh)
+
+    calls = []
+    real = loop_geo.start_spectrum
+    monkeypatch.setattr(loop_geo, "start_spectrum", lambda *a: calls.append(1) or real(*a))
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].mlp = torch.nn.Module()
+    model.layers[0].mlp.up_proj = torch.nn.Linear(40, 24, bias=False)
+    start = loop_geo.cpu_copy(loop_geo.block_matrices(model))
+    cfg = OmegaConf.create({"param_k": 4, "eta": 1e-3, "mask_fraction": 0.05, "mask_rank": 3})
+    geometry = loop_geo.Geometry(start, cfg, tmp_path, write=False)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.layers[0].mlp.up_proj.weight.add_(0.01)
+        geometry.metrics(model, step)
+    assert len(calls) == 1

@@ -51,22 +51,25 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
     serve.role=teacher: on pair.teacher as it is (opd_exp/engines/teacher_vllm_server.py), allowed
     enough log-probs per position for every top-K the run asks (plus padded rows)."""
     validate(cfg)
-    if cfg.serve.role == "teacher":
+    sv = cfg.serve
+    if sv.role == "teacher":
         t, p = cfg.teacher, cfg.pair.teacher
         rows, _ = model_shape(p, "pair.teacher")
         vocab = min(len(load_tokenizer(p, "pair.teacher")), len(load_tokenizer(cfg.pair.student, "pair.student")))
         padded = max(0, rows - vocab)  # as the run counts it (the student's vocabulary)
         most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
         cmd = serve_command(cfg.serve.url or t.server_urls[0], resolve_path(p.path), p.dtype,
-                            cfg.trainer.seed, t.gpu_memory_utilization, t.max_model_len, most,
-                            hub_source(p.revision, p.trust_remote_code))
+                            cfg.trainer.seed, sv.gpu_memory_utilization or t.gpu_memory_utilization,
+                            t.max_model_len, most, hub_source(p.revision, p.trust_remote_code),
+                            tensor_parallel_size=sv.tensor_parallel_size)
     else:
         weights = run_dir / "server_weights"
         save_untied(load_model(cfg.pair.student, "pair.student"), weights)
         load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
         r = cfg.rollout
-        cmd = serve_command(cfg.serve.url or r.server_url, weights, cfg.pair.student.dtype,
-                            cfg.trainer.seed, r.gpu_memory_utilization, r.max_model_len)
+        cmd = serve_command(cfg.serve.url or r.server_url, weights, r.dtype or cfg.pair.student.dtype,
+                            cfg.trainer.seed, sv.gpu_memory_utilization or r.gpu_memory_utilization,
+                            r.max_model_len, tensor_parallel_size=sv.tensor_parallel_size)
     print("serving: " + " ".join(cmd), flush=True)
     dev = {"VLLM_SERVER_DEV_MODE": "1"} if cfg.serve.role == "student" else {}  # weight pushes only
     return subprocess.run(cmd, env={**os.environ, **dev}).returncode

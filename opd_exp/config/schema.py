@@ -153,6 +153,11 @@ class ServeConfig:
     """`python -m opd_exp serve`: which model a vLLM server holds, and where it listens."""
     role: str = "student"  # student (rollout=vllm_server; weights pushed by the run) | teacher
     url: str = ""  # "" = rollout.server_url (student) or teacher.server_urls[0] (teacher)
+    # GPUs one server spans (vLLM tensor parallelism: a 32B teacher over 4 of a node's GPUs)
+    tensor_parallel_size: int = 1
+    # share of each of its GPUs the server takes; 0 = rollout.* / teacher.gpu_memory_utilization
+    # (shares meant for an engine beside the learner — a server on GPUs of its own: 0.9)
+    gpu_memory_utilization: float = 0.0
 
 
 @dataclass

@@ -138,6 +138,10 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
              cfg.teacher.max_num_batched_tokens, "0 (vLLM's default) or a number of tokens")
     _require(cfg.plan.gpu_memory_gib >= 0, "plan.gpu_memory_gib", cfg.plan.gpu_memory_gib,
              "0 (the visible GPU's) or a size in GiB")
+    _require(cfg.serve.tensor_parallel_size >= 1, "serve.tensor_parallel_size",
+             cfg.serve.tensor_parallel_size, "an integer >= 1 (GPUs one server spans)")
+    _require(0 <= cfg.serve.gpu_memory_utilization <= 1, "serve.gpu_memory_utilization",
+             cfg.serve.gpu_memory_utilization, "0 (the rollout's / teacher's share) or a share in (0, 1]")
     _require(cfg.plan.prompt_tokens >= 1, "plan.prompt_tokens", cfg.plan.prompt_tokens, "an integer >= 1")
     _require(r.is_cap == 0 or r.is_cap >= 1, "rollout.is_cap", r.is_cap, "0 (off) or a number >= 1")
     _require(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness,

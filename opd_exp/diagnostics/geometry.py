@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -146,19 +147,39 @@ def layer_type(name: str) -> str:
     return parts[-2] if len(parts) >= 2 else parts[0]
 
 
+@dataclass(frozen=True)
+class StartSpectrum:
+    """What the metrics need of W_0's SVD, taken once per run (W_0 never changes): its singular
+    values, its top-k left singular vectors and the factors of its rank-r reconstruction —
+    (out + in)·max(k, r) numbers, not the whole decomposition."""
+    s0: torch.Tensor
+    u0_k: torch.Tensor
+    us_r: torch.Tensor  # U_r diag(S_r)
+    vh_r: torch.Tensor
+
+
+def start_spectrum(w0: torch.Tensor, k: int = 16, rank: int = 16) -> StartSpectrum:
+    u0, s0, vh0 = _svd(w0)
+    k = min(k, *w0.shape)
+    return StartSpectrum(s0, u0[:, :k].clone(), (u0[:, :rank] * s0[:rank]).clone(), vh0[:rank].clone())
+
+
 def matrix_metrics(w0: torch.Tensor, wt: torch.Tensor, k: int = 16, eta: float = 1e-3,
-                   fraction: float = 0.05, rank: int = 16) -> dict[str, float]:
+                   fraction: float = 0.05, rank: int = 16,
+                   start: StartSpectrum | None = None) -> dict[str, float]:
     """All per-matrix geometry numbers for W_0 → W_t (k capped at min(out, in)); one SVD each of
-    W_0, W_t and ΔW. ``update_rel_norm`` = ‖ΔW‖_F / ‖W_0‖_F."""
+    W_t and ΔW, and of W_0 unless its `start_spectrum(w0, k, rank)` is given. Computed in float64
+    on the tensors' device. ``update_rel_norm`` = ‖ΔW‖_F / ‖W_0‖_F."""
     a, b = _f64(w0), _f64(wt)
     k = min(k, *a.shape)
-    u0, s0, vh0 = _svd(a)
+    sp = start if start is not None else start_spectrum(a, k, rank)
+    s0 = sp.s0
     ut, st, _ = _svd(b)
     dw = b - a
     s_dw = torch.linalg.svdvals(dw)
     unchanged = unchanged_bf16(w0, wt, eta)
-    cos = _cos_from_u(u0[:, :k], ut[:, :k])
-    princ, low = _overlaps(a, _rank_r(u0, s0, vh0, rank), ~unchanged, fraction)
+    cos = _cos_from_u(sp.u0_k[:, :k], ut[:, :k])
+    princ, low = _overlaps(a, sp.us_r @ sp.vh_r, ~unchanged, fraction)
     w0_norm = torch.linalg.matrix_norm(a).item()
     return {
         "sparsity": unchanged.float().mean().item(),

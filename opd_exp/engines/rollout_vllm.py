@@ -34,15 +34,15 @@ class VLLMSampler:
     """Sampling from an in-process vLLM engine `llm` (fixed weights: e.g. the teacher's)."""
 
     def __init__(self, llm, tokenizer, stop_ids: set[int], sleep: bool = False,
-                 vocab_size: int | None = None):
-        """`vocab_size`: set for a model with padded embedding rows — only the tokenizer's real
-        tokens may be sampled (vLLM samples over every row otherwise)."""
+                 vocab_size: int | None = None, rows: int | None = None):
+        """`vocab_size`: set for a model with padded embedding rows (`rows` of them) — only the
+        tokenizer's real tokens may be sampled (vLLM samples over every row otherwise)."""
         self.llm, self.tokenizer, self.stop_ids = llm, tokenizer, sorted(stop_ids)
         # the engine's kernels run in the calling thread (not in vLLM's engine process)
         self.kernels_in_process = vllm_in_process()
         self.sleep, self.asleep = sleep, False
         self.sleep_level = 1  # the weights are kept (a fixed model's engine: the teacher's)
-        self.allowed = list(range(vocab_size)) if vocab_size else None
+        self.excluded = excluded_rows(vocab_size, rows) if vocab_size and rows else {}
 
     def _wake(self) -> None:
         if self.asleep:
@@ -64,7 +64,7 @@ class VLLMSampler:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k if s.top_k > 0 else -1, max_tokens=s.max_new_tokens,
                                 stop_token_ids=self.stop_ids, logprobs=0 if want_logp else None,
-                                allowed_token_ids=self.allowed, detokenize=False)
+                                detokenize=False, **self.excluded)
         self._wake()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
@@ -75,6 +75,20 @@ class VLLMSampler:
                      [st[t].logprob for st, t in zip(c.logprobs, c.token_ids)] if want_logp else None)
                     for c in out.outputs] for out in outs]
         return rollouts_from_samples(prompts, samples, self.tokenizer.pad_token_id, self.stop_ids)
+
+
+MAX_BIASED_ROWS = 1024  # vLLM's GPU sampler (model runner v2) takes at most 1,024 logit-bias ids
+
+
+def excluded_rows(vocab_size: int, rows: int) -> dict:
+    """SamplingParams keywords that keep the padded rows past the tokenizer's `vocab_size` from
+    ever being sampled: a -inf logit bias on those few rows (Qwen3: 267; every request carried
+    all 151,669 allowed ids before, and vLLM's v2 GPU sampler takes at most 1,024 of either). The
+    returned log-probs are the raw model's, unaffected. More padded rows than that: the allowed
+    ids instead."""
+    if rows - vocab_size <= MAX_BIASED_ROWS:
+        return {"logit_bias": {i: float("-inf") for i in range(vocab_size, rows)}}
+    return {"allowed_token_ids": list(range(vocab_size))}
 
 
 class VLLMRollout(VLLMSampler):
@@ -100,7 +114,7 @@ class VLLMRollout(VLLMSampler):
                                       enforce_eager, seed=seed,
                                       record=Path(work_dir) / "vllm_engine.json", **kw),
                          tokenizer, stop_ids, sleep,
-                         vocab_size=len(tokenizer) if rows > len(tokenizer) else None)
+                         vocab_size=len(tokenizer) if rows > len(tokenizer) else None, rows=rows)
         self.sync_every, self.calls, self.weight_sync = sync_every, 0, weight_sync
         self.sleep_level, self.model = sleep_level, model
 

@@ -118,7 +118,8 @@ class VLLMServerRollout(ServerSampler):
             self._push(model)
 
 def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_memory_utilization: float,
-                  max_model_len: int = 0, max_logprobs: int = 0, source: dict | None = None) -> list[str]:
+                  max_model_len: int = 0, max_logprobs: int = 0, source: dict | None = None,
+                  tensor_parallel_size: int = 1) -> list[str]:
     """vLLM's OpenAI-compatible server (`vllm serve`, run as its module: the CPU build's `vllm`
     script looks for a package named vllm) on `model_dir`, at `url`; `max_logprobs`: the most
     log-probs per position a request may ask (a teacher's top-K), 0 = vLLM's default; `source`:
@@ -133,6 +134,8 @@ def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_me
            "--gpu-memory-utilization", str(gpu_memory_utilization)]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
+    if tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if max_logprobs:
         cmd += ["--max-logprobs", str(max_logprobs)]
     for key, value in (source or {}).items():

@@ -38,7 +38,8 @@ class VLLMTeacher:
 
     def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
         """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
-        return VLLMSampler(self.llm, tokenizer, stop_ids, vocab_size=self.vocab_size if self.padded else None)
+        return VLLMSampler(self.llm, tokenizer, stop_ids, vocab_size=self.vocab_size if self.padded else None,
+                           rows=self.vocab_size + self.padded if self.padded else None)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from opd_exp.diagnostics.geometry import (aggregate, layer_type, matrix_metrics, model_matrices,
-                                          project_rows, subspace_similarity, top_right_singular)
+from opd_exp.diagnostics.geometry import (StartSpectrum, aggregate, layer_type, matrix_metrics,
+                                          model_matrices, project_rows, start_spectrum,
+                                          subspace_similarity, top_right_singular)
 
 SKIPPED_TYPES = ("embed_tokens", "lm_head")
 
@@ -43,6 +44,7 @@ class Geometry:
         resumed at `resume_step` reads back its last one as the previous step's."""
         self.w0, self.c, self.out_dir, self.write = start, diag_cfg, out_dir, write
         self.prev: dict[str, torch.Tensor] | None = None
+        self.start: dict[str, StartSpectrum] = {}  # W_0's spectra, by matrix, taken at first use
         done = [f for f in sorted((out_dir / "subspaces").glob("step_*.pt"))
                 if int(f.stem.split("_")[1]) <= resume_step] if resume_step else []
         if done:
@@ -60,9 +62,13 @@ class Geometry:
         stored under out_dir/subspaces/."""
         c, per, bases, t0 = self.c, {}, {}, time.time()
         for n, w in block_matrices(model).items():
-            w0, wt = self.w0[n], w.detach().cpu()
-            per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank), w.numel())
-            bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k)
+            # on the weights' own device (a GPU's float64 SVD), one matrix at a time
+            w0, wt = self.w0[n].to(w.device), w.detach()
+            if n not in self.start:  # W_0's spectrum: once per run
+                self.start[n] = start_spectrum(w0, c.param_k, c.mask_rank)
+            per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank,
+                                     start=self.start[n]), w.numel())
+            bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k).cpu()
         out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
         numel = {n: size for n, (_, size) in per.items()}
         if self.prev is not None:
