@@ -141,23 +141,29 @@ def _eval(cfg, run_dir: Path) -> None:
 
 
 def _train(cfg, run_dir: Path) -> None:
-    from opd_exp.config import validate
+    from opd_exp.config import validate, validate_training
     from opd_exp.runtime.launcher import launch, wants_launch
-    from opd_exp.runtime.memory_plan import check_fits
+    from opd_exp.runtime.memory_plan import CHECKED, check_fits
 
     if wants_launch(cfg.launcher):  # re-run this command under torchrun, on this node's ranks
         from hydra.core.hydra_config import HydraConfig
 
         validate(cfg)
+        validate_training(cfg)
         check_fits(cfg)  # refused here, before any rank starts or loads a weight
-        code = launch(cfg.launcher, "train", list(HydraConfig.get().overrides.task), run_dir)
+        code = launch(cfg.launcher, "train", list(HydraConfig.get().overrides.task), run_dir,
+                      extra_env={CHECKED: "1"})
         if code:
             print(f"error: the launched ranks failed (exit code {code})", file=sys.stderr)
             sys.exit(code)
         return
+    from opd_exp.runtime.distributed import restore_env
     from opd_exp.train import train
 
-    train(cfg, run_dir)
+    try:
+        train(cfg, run_dir)
+    finally:
+        restore_env()  # a sweep's next job in this process starts clean
 
 
 def _serve(cfg, run_dir: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from opd_exp.config import RunStopped, validate
+from opd_exp.config import RunStopped, validate, validate_training
 from opd_exp.loop.build import Run, build, save_checkpoint
 from opd_exp.loop.step import run_step
 from opd_exp.runtime import distributed, memory_plan
@@ -29,6 +29,7 @@ from opd_exp.runtime.plots import write_plots
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     t0 = time.time()
     validate(cfg)
+    validate_training(cfg)
     memory_plan.check_fits(cfg, is_main=int(os.environ.get("RANK", 0)) == 0)  # before any weight
     # one plain process unless launched (DeepSpeed: a group of one rank)
     dist = distributed.init(cfg.launcher.dist_backend, group_of_one=cfg.learner.backend == "deepspeed")
@@ -46,6 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics = run.evaluator(rollout, 0, prefix=prefix)
             run.logger.log(metrics, step=0)
             progress.evaluation(metrics)  # printed: a cluster log shows where the run started
+    progress.restart_clock()  # elapsed / ETA of the steps alone
 
     last: dict[str, float] = {}
     bad_in_a_row = 0

@@ -18,12 +18,13 @@ case $paper in
     # main: every reward family (PowerOPD at the file's α = 0.5) and full-vocabulary OPD; the α grid
     # adds the other α values. The α table reads the log-ratio and power runs of both dirs.
     train +sweep=reward_families +experiment=powerOPD_qwen3 "hydra.sweep.dir=$out/main/sampled_token" "$@"
-    train +sweep=seeds +experiment=powerOPD_qwen3 objective=full_vocab "hydra.sweep.dir=$out/main/full_vocab" "$@"
+    # full-vocabulary OPD needs the teacher's hidden states: the HF teacher, not the file's vLLM one
+    train +sweep=seeds +experiment=powerOPD_qwen3 objective=full_vocab teacher=hf "hydra.sweep.dir=$out/main/full_vocab" "$@"
     train +sweep=poweropd_alpha +experiment=powerOPD_qwen3 reward.alpha=0.1,0.25,1,2,5 "hydra.sweep.dir=$out/alpha" "$@"
     python -m opd_exp tables "$out/main" --table poweropd_main
     python -m opd_exp tables "$out" --table poweropd_alpha ;;
   lsm)
-    lsm=(+sweep=seeds +experiment=lsm_qwen25 learner=deepspeed)  # the file's torch learner is one rank
+    lsm=(+sweep=seeds +experiment=lsm_qwen25)
     train "${lsm[@]}" objective=sampled_token objective.special_mask=false,true "hydra.sweep.dir=$out/sampled_token" "$@"
     train "${lsm[@]}" "hydra.sweep.dir=$out/lsm" "$@"
     python -m opd_exp tables "$out" --table lsm_single_task ;;

@@ -76,3 +76,15 @@ def test_unknown_option_is_one_line_without_internal_entries():
                                 "log_tanh, mix, power, verifiable, zscore")
     p = _cli("train", "--multirun", "reward=power,nope")
     assert p.returncode == 2 and p.stderr.strip().startswith("error: reward=nope is not allowed")
+
+
+def test_eta_counts_the_steps_not_the_step_zero_evaluation(monkeypatch):
+    import opd_exp.runtime.console as console
+
+    now = [0.0]
+    monkeypatch.setattr(console.time, "time", lambda: now[0])
+    bar = Progress(start=0, steps=11, k=8, enabled=True)
+    now[0] = 1800.0  # a 30-minute step-0 evaluation
+    bar.restart_clock()
+    now[0] = 1920.0  # then a 2-minute step
+    assert bar.timing(1, {}) == "elapsed 0:02:00 eta 0:20:00"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opd_exp.analysis.tables import TABLES
-from opd_exp.config import validate
+from opd_exp.config import validate, validate_training
 
 from .conftest import compose, sweep_jobs
 
@@ -41,7 +41,8 @@ def check(calls: list[list[str]], slurm: bool) -> tuple[int, set[str]]:
         assert call[2] == "train"
         for job in sweep_jobs(call[3:]):  # the sweep file's grid and the command line's
             cfg = compose(job, return_hydra_config=True)
-            validate(cfg)
+            validate(cfg, on_this_machine=not slurm)  # Slurm runs meet a GPU node's CUDA
+            validate_training(cfg)
             assert cfg.trainer.resume  # a re-run script skips what it finished
             assert ("SlurmLauncher" in cfg.hydra.launcher._target_) == slurm
             runs += 1

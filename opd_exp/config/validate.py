@@ -76,6 +76,16 @@ def validate_teachers(cfg: DictConfig) -> None:
              cfg.objective.rollouts_from, why + "student)")
 
 
+def validate_training(cfg: DictConfig) -> None:
+    """What only training needs (eval, probe and serve may load a bf16 student): pure-bf16 AdamW
+    rounds an update smaller than ~1/256 of a weight to nothing (at lr 2e-6, most of them), so a
+    low-precision student trains with fp32 master weights (DeepSpeed bf16)."""
+    _require(cfg.learner.backend != "torch" or cfg.pair.student.dtype == "float32", "pair.student.dtype",
+             cfg.pair.student.dtype, "float32 with learner=torch (its AdamW steps the weights in "
+             "their own dtype); a bf16 student: learner=deepspeed learner.precision=bf16 "
+             "(fp32 master weights)")
+
+
 def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     """Check ranges and names; raise ConfigError on the first bad field. `on_this_machine=False`
     (plan, offline checks of GPU configs): leave out what only this machine's hardware decides
@@ -211,12 +221,6 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _require(lc.minibatches >= 1, "learner.minibatches", lc.minibatches, "an integer >= 1")
     _choice("learner.zero_stage", lc.zero_stage, {1, 2, 3})
     _choice("learner.precision", lc.precision, {"fp32", "bf16"})
-    # pure-bf16 AdamW rounds an update smaller than ~1/256 of a weight to nothing (at lr 2e-6 most
-    # of them): low-precision students train with fp32 master weights (DeepSpeed bf16)
-    _require(lc.backend != "torch" or cfg.pair.student.dtype == "float32", "pair.student.dtype",
-             cfg.pair.student.dtype, "float32 with learner=torch (its AdamW steps the weights in "
-             "their own dtype); a bf16 student: learner=deepspeed learner.precision=bf16 "
-             "(fp32 master weights)")
     if lc.backend == "deepspeed":
         if lc.deepspeed_config:
             _require(Path(lc.deepspeed_config).is_file(), "learner.deepspeed_config",

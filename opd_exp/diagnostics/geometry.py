@@ -157,6 +157,9 @@ class StartSpectrum:
     us_r: torch.Tensor  # U_r diag(S_r)
     vh_r: torch.Tensor
 
+    def to(self, device) -> "StartSpectrum":
+        return StartSpectrum(*(t.to(device) for t in (self.s0, self.u0_k, self.us_r, self.vh_r)))
+
 
 def start_spectrum(w0: torch.Tensor, k: int = 16, rank: int = 16) -> StartSpectrum:
     u0, s0, vh0 = _svd(w0)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.config import ConfigError
 from opd_exp.config.registry import vllm_in_process
 from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
@@ -46,6 +47,8 @@ class VLLMSampler:
 
     def _wake(self) -> None:
         if self.asleep:
+            if torch.cuda.is_available():  # what the learner freed goes back to the driver, for
+                torch.cuda.empty_cache()  # vLLM's own allocator to take on waking
             self.llm.wake_up()
             self.asleep = False
 
@@ -84,11 +87,13 @@ def excluded_rows(vocab_size: int, rows: int) -> dict:
     """SamplingParams keywords that keep the padded rows past the tokenizer's `vocab_size` from
     ever being sampled: a -inf logit bias on those few rows (Qwen3: 267; every request carried
     all 151,669 allowed ids before, and vLLM's v2 GPU sampler takes at most 1,024 of either). The
-    returned log-probs are the raw model's, unaffected. More padded rows than that: the allowed
-    ids instead."""
-    if rows - vocab_size <= MAX_BIASED_ROWS:
-        return {"logit_bias": {i: float("-inf") for i in range(vocab_size, rows)}}
-    return {"allowed_token_ids": list(range(vocab_size))}
+    returned log-probs are the raw model's, unaffected. More padded rows than that are refused
+    (the allowed ids would be even more)."""
+    if rows - vocab_size > MAX_BIASED_ROWS:
+        raise ConfigError(f"rollout.backend=vllm is not allowed for a model with {rows - vocab_size} "
+                          f"padded rows past its {vocab_size} tokens: vLLM's GPU sampler excludes "
+                          f"at most {MAX_BIASED_ROWS}; rollout=hf samples over the real tokens only")
+    return {"logit_bias": {i: float("-inf") for i in range(vocab_size, rows)}}
 
 
 class VLLMRollout(VLLMSampler):

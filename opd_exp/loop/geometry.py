@@ -64,10 +64,10 @@ class Geometry:
         for n, w in block_matrices(model).items():
             # on the weights' own device (a GPU's float64 SVD), one matrix at a time
             w0, wt = self.w0[n].to(w.device), w.detach()
-            if n not in self.start:  # W_0's spectrum: once per run
-                self.start[n] = start_spectrum(w0, c.param_k, c.mask_rank)
+            if n not in self.start:  # W_0's spectrum: once per run, kept in CPU memory
+                self.start[n] = start_spectrum(w0, c.param_k, c.mask_rank).to("cpu")
             per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank,
-                                     start=self.start[n]), w.numel())
+                                     start=self.start[n].to(w.device)), w.numel())
             bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k).cpu()
         out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
         numel = {n: size for n, (_, size) in per.items()}

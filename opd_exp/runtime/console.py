@@ -64,6 +64,9 @@ class Progress:
             del out["reward"]
         return out
 
+    def restart_clock(self) -> None:
+        self.t0 = time.time()
+
     def timing(self, step: int, m: dict) -> str:
         elapsed = time.time() - self.t0
         done = step - self.start

@@ -43,7 +43,9 @@ def init(backend: str = "auto", timeout_minutes: int = 60, group_of_one: bool = 
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         if group_of_one and not tdist.is_initialized():
             for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(k, v)  # DeepSpeed's engine reads LOCAL_RANK itself
+                if k not in os.environ:  # DeepSpeed's engine reads LOCAL_RANK itself
+                    os.environ[k] = v
+                    _ADDED_ENV.append(k)
             tdist.init_process_group(backend=_backend(backend, 0), store=tdist.HashStore(), rank=0,
                                      world_size=1, timeout=timedelta(minutes=timeout_minutes))
         return Dist(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
@@ -53,6 +55,16 @@ def init(backend: str = "auto", timeout_minutes: int = 60, group_of_one: bool = 
                                  timeout=timedelta(minutes=timeout_minutes))
     return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
                 local_rank=int(os.environ["LOCAL_RANK"]))
+
+
+_ADDED_ENV: list[str] = []  # rank variables `init` set for a group of one
+
+
+def restore_env() -> None:
+    """Remove the rank variables `init` set, so a later job in this process (a sweep's next run)
+    is not taken for a launched rank."""
+    while _ADDED_ENV:
+        os.environ.pop(_ADDED_ENV.pop(), None)
 
 
 def _backend(backend: str, local_rank: int) -> str:

@@ -32,10 +32,12 @@ def torchrun_command(launcher_cfg, command: str, overrides: list[str], run_dir: 
             "hydra.mode=RUN"]  # a sweep's job: each rank runs this one job, never the sweep again
 
 
-def launch(launcher_cfg, command: str, overrides: list[str], run_dir: Path) -> int:
-    """Run `python -m opd_exp <command> <overrides>` on this node's ranks; the exit code."""
+def launch(launcher_cfg, command: str, overrides: list[str], run_dir: Path,
+           extra_env: dict[str, str] | None = None) -> int:
+    """Run `python -m opd_exp <command> <overrides>` on this node's ranks; the exit code.
+    `extra_env`: variables the ranks get beyond this process's own."""
     cmd = torchrun_command(launcher_cfg, command, overrides, run_dir)
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     # each rank gets its share of the cores (torchrun would otherwise force 1 thread)
     cores = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launcher_cfg.nproc_per_node)))

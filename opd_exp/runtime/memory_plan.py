@@ -204,9 +204,12 @@ def learner_state(cfg, s: Shape, W: int) -> dict[str, float]:
         return {"student weights": P * b, "student gradients": P * b, "optimizer (AdamW)": 2 * P * b}
     stage = lc.zero_stage
     w, g, o = (2, 2, 12) if lc.precision == "bf16" else (4, 4, 8)
-    return {"student weights": P * w / (W if stage >= 3 else 1),
-            "student gradients": P * g / (W if stage >= 2 else 1),
-            "optimizer (AdamW)": 0.0 if lc.offload_optimizer else P * o / (W if stage >= 1 else 1)}
+    out = {"student weights": P * w / (W if stage >= 3 else 1),
+           "student gradients": P * g / (W if stage >= 2 else 1),
+           "optimizer (AdamW)": 0.0 if lc.offload_optimizer else P * o / (W if stage >= 1 else 1)}
+    if stage >= 3 and cfg.rollout.backend == "hf":  # HF generate samples from a whole copy
+        out["student whole copy (ZeRO-3, HF generate)"] = P * w
+    return out
 
 
 def compute_dtype(cfg) -> str:
@@ -254,10 +257,13 @@ def make_plan(cfg, world_size: int | None = None, gpu_gib: float | None = None,
     teacher = shapes.get("teacher") or find_shape(cfg.pair.teacher.path, cfg.pair.teacher.revision)
     plan = Plan(gpu_gib=gpu_gib or cfg.plan.gpu_memory_gib or H100_80GB_GIB)
     learner = {**learner_state(cfg, student, W), **activations(cfg, student, whole_forward_head(cfg))}
+    if cfg.diag.param_every:  # float64 SVDs of one matrix at a time: W_0, W_t, ΔW and factors
+        biggest = max(student.hidden * student.intermediate, student.hidden * student.heads * student.head_dim)
+        learner["geometry diagnostics (float64 SVD of one matrix)"] = 6 * biggest * 8
     engine = rollout_engine(cfg, student, plan)
     teach = teacher_memory(cfg, teacher, plan)
     plan.items = {k: v / GIB for k, v in {**learner, **engine, **teach}.items()}
-    plan.phases = phases(cfg, list(engine), list(teach))
+    plan.phases = phases(cfg, list(engine), list(teach), list(learner))
     plan.shrink = {
         "activations (one micro-batch)": "learner.gradient_checkpointing=true, learner.micro_batch_size",
         "LM head (logits or chunks)": "learner.zero_stage=2 (the head a chunk at a time), learner.micro_batch_size",
@@ -272,7 +278,7 @@ def make_plan(cfg, world_size: int | None = None, gpu_gib: float | None = None,
     return plan
 
 
-def phases(cfg, engine: list[str], teach: list[str]) -> dict[str, list[str]]:
+def phases(cfg, engine: list[str], teach: list[str], learner_only: list[str]) -> dict[str, list[str]]:
     """What is live together in each phase of a step. Always: the student's weights, the
     optimizer, an HF teacher's weights; ZeRO's gradient partitions stay allocated between steps
     (the torch learner frees its gradients). A vLLM engine holds its share until it sleeps
@@ -281,8 +287,11 @@ def phases(cfg, engine: list[str], teach: list[str]) -> dict[str, list[str]]:
     if cfg.learner.backend == "deepspeed":
         persistent.append("student gradients")
     resident_teacher = [k for k in teach if k == "teacher vLLM engine"]
-    awake_engine = [] if cfg.rollout.sleep and cfg.rollout.backend == "vllm" else engine
+    # HF generate frees its KV cache when it returns; a vLLM engine holds its share unless asleep
+    awake_engine = [] if cfg.rollout.backend != "vllm" or cfg.rollout.sleep else engine
+    persistent += [k for k in learner_only if k.startswith("student whole copy")]
     learner = ["student gradients", "activations (one micro-batch)", "LM head (logits or chunks)"]
+    learner += [k for k in learner_only if k.startswith("geometry")]
     scoring = [k for k in teach if k not in persistent]
     out = {"sampling": persistent + engine + resident_teacher,
            "teacher scoring": persistent + awake_engine + scoring,
@@ -349,6 +358,9 @@ def visible_gpu_gib() -> float | None:
     return None
 
 
+CHECKED = "OPD_EXP_PLAN_CHECKED"  # set in the environment of ranks whose launcher checked the plan
+
+
 def check_fits(cfg, is_main: bool = True) -> Plan | None:
     """`train`'s start: the plan on the GPU it will use (plan.gpu_memory_gib, else the visible
     GPU; none: no check), refused in one line (ConfigError) when it cannot fit."""
@@ -357,7 +369,7 @@ def check_fits(cfg, is_main: bool = True) -> Plan | None:
     from opd_exp.config import ConfigError
 
     gpu = cfg.plan.gpu_memory_gib or visible_gpu_gib()
-    if not cfg.plan.check or not gpu or os.environ.get("OPD_EXP_PLAN_CHECKED"):
+    if not cfg.plan.check or not gpu or os.environ.get(CHECKED):
         return None  # no GPU to plan for, or checked by the command that launched this rank
     try:
         plan = make_plan(cfg, gpu_gib=gpu)
@@ -371,5 +383,4 @@ def check_fits(cfg, is_main: bool = True) -> Plan | None:
     if is_main:
         print(f"memory plan: {plan.peak_gib:.1f} of {plan.gpu_gib:.1f} GiB per GPU at the peak "
               f"({plan.peak_phase}), {plan.headroom:.0%} free", flush=True)
-    os.environ["OPD_EXP_PLAN_CHECKED"] = "1"  # the ranks this process launches inherit it
     return plan
