@@ -6,7 +6,8 @@
   a step, on the toy student and a mid-size random Qwen3;
 - activations within ±25 % of the bytes autograd really keeps for one micro-batch's backward
   (the learner's own loss path), random Qwen3 models from toy size to ~0.5B, with and without
-  gradient checkpointing;
+  gradient checkpointing; and activations + head + gradients within ±25 % of the peak RSS of a
+  forward + backward in a fresh process;
 - every shipped real experiment fits an 80 GB GPU with ≥ 10 % headroom; an oversized run is
   refused in one line by `train` before any weight is loaded.
 """
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -227,3 +229,17 @@ def test_shape_is_read_from_a_local_config_before_the_table(tiny_world, monkeypa
     with pytest.raises(ValueError, match="no config.json"):
         find_shape("nobody/NoSuchModel-1B")
     assert copy.copy(REFERENCE_SHAPES["Qwen/Qwen3-8B"]).params == pytest.approx(8.19e9, rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["0", "1"])
+def test_activations_gradients_and_head_within_a_quarter_of_the_peak_rss(checkpointing):
+    """One micro-batch's forward + backward in a fresh process: the peak RSS above the resident
+    model against the plan's activations + LM-head chunks + gradients. Seen: 0.89 (no
+    checkpointing), 1.08 (checkpointing)."""
+    p = subprocess.run([sys.executable, "-m", "tests.engines.rss_probe", checkpointing], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 0.75 <= out["ratio"] <= 1.25, out
