@@ -4,6 +4,7 @@ closed forms (rank-1 / orthogonal stable rank, Pareto tail index, K/d for random
 
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,62 @@ def test_w0s_spectrum_is_taken_once_and_gives_the_same_metrics(monkeypatch, tmp_
             model.layers[0].mlp.up_proj.weight.add_(0.01)
         geometry.metrics(model, step)
     assert len(calls) == 1
+
+
+def _tiny_blocks(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList()
+    for _ in range(3):
+        layer = torch.nn.Module()
+        layer.mlp = torch.nn.Module()
+        layer.mlp.up_proj = torch.nn.Linear(20, 12, bias=False)
+        layer.mlp.down_proj = torch.nn.Linear(12, 20, bias=False)
+        model.layers.append(layer)
+    return model
+
+
+def _geometry_metrics(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a gloo job (or the whole job with world = 1): W_0 of its share, metrics of the
+    moved weights, gathered."""
+    from omegaconf import OmegaConf
+
+    from opd_exp.core.ranks import Dist
+    from opd_exp.loop import geometry as loop_geo
+
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist = Dist(rank=rank, world_size=world)
+    model = _tiny_blocks(0)
+    matrices = loop_geo.block_matrices(model)
+    mine = loop_geo.share(matrices, dist)
+    start = loop_geo.cpu_copy({n: w for n, w in matrices.items() if n in mine})
+    cfg = OmegaConf.create({"param_k": 4, "eta": 1e-3, "mask_fraction": 0.05, "mask_rank": 3})
+    geometry = loop_geo.Geometry(start, cfg, Path(out).parent, write=False, dist=dist, measured=mine)
+    moved = _tiny_blocks(1)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), moved.parameters()):
+            p.add_(0.01 * q)
+    first = geometry.metrics(model, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    second = geometry.metrics(model, 2)
+    if rank == 0:
+        torch.save((first, second, sorted(mine)), out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_share_the_matrices_and_gather_the_one_process_numbers(tmp_path):
+    """Two gloo ranks, each with W_0 of half the matrices: the same diag/param/* (locking_prev
+    included) as one process holding them all."""
+    import torch.multiprocessing as mp
+
+    _geometry_metrics(0, 1, "", str(tmp_path / "one.pt"))
+    mp.spawn(_geometry_metrics, args=(2, str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert len(two[2]) == 3 and len(one[2]) == 6  # rank 0 measured half of the 6 matrices
+    for a, b in zip(one[:2], two[:2]):
+        assert a.keys() == b.keys() and "diag/param/all/locking_prev" in two[1]
+        assert all(a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12) for k in a if not k.endswith("seconds"))

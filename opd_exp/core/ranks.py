@@ -69,6 +69,14 @@ class Dist:
             tdist.all_reduce(x)
         return x
 
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Combine the ranks' metrics: sums for counts (SUM_KEYS), min/max for extremes, the mean
         over ranks otherwise; a rank's NaN (no valid token) is left out. The ranks' key lists are

@@ -192,7 +192,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         for i in stop_token_ids(mc, tok) if i < vocab and i not in unshared}
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     head_alone_at_start(cfg, learner.policy, "student")
-    diag = Diagnostics.make(cfg, run_dir, dist.is_main, learner.policy,
+    diag = Diagnostics.make(cfg, run_dir, dist, learner.policy,
                             None if resume_from is None else checkpoint.load_step(resume_from))
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,

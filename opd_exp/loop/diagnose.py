@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.core.ranks import Dist
 from opd_exp.core.types import StepBatch, TeacherScores, micro_slices
 from opd_exp.engines.hf_models import load_model
 from opd_exp.diagnostics.tokens import (STATS, by_position, overlap_from_topk, position_edges,
                                         summarise, topk_entropy)
 from opd_exp.engines.hf_policy import HFPolicy, topk_and_entropy
-from opd_exp.loop.geometry import (Geometry, SubspaceConstraint, block_matrices, cpu_copy,
+from opd_exp.loop.geometry import (Geometry, SubspaceConstraint, block_matrices, cpu_copy, share,
                                    write_locking)
 
 def positional(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, edges: list[int], prefix: str) -> dict:
@@ -138,21 +139,26 @@ class Diagnostics:
         self.geometry, self.constraint = geometry, constraint
 
     @classmethod
-    def make(cls, cfg, run_dir: Path, is_main: bool, policy: torch.nn.Module,
+    def make(cls, cfg, run_dir: Path, dist: Dist, policy: torch.nn.Module,
              resume_step: int | None) -> "Diagnostics":
         """`policy`: the learner's whole-weight student, W_0 on a fresh run; a resumed run reloads
-        W_0 from pair.student in the policy's dtype. Rank 0 alone measures the geometry (only it
-        logs); every rank keeps W_0 when the subspace constraint needs it."""
+        W_0 from pair.student in the policy's dtype. The ranks share the geometry's matrices
+        (each keeps W_0 of its share, measures it on its device; rank 0 logs and writes); every
+        rank keeps all of W_0 when the subspace constraint needs it."""
         lc, geometry, constraint = cfg.learner, None, None
-        if (cfg.diag.param_every and is_main) or lc.subspace_constraint:
+        if cfg.diag.param_every or lc.subspace_constraint:
             dtype = next(policy.parameters()).dtype
             start = policy if resume_step is None else load_model(cfg.pair.student, "pair.student").to(dtype)
-            geometry = Geometry(cpu_copy(block_matrices(start)), cfg.diag, run_dir / "diag",
-                                write=is_main, resume_step=resume_step or 0)
+            matrices = block_matrices(start)
+            mine = share(matrices, dist)
+            held = set(matrices) if lc.subspace_constraint else mine  # the constraint needs all
+            geometry = Geometry(cpu_copy({n: w for n, w in matrices.items() if n in held}), cfg.diag,
+                                run_dir / "diag", write=dist.is_main, resume_step=resume_step or 0,
+                                dist=dist, measured=mine)
         if lc.subspace_constraint:
             constraint = SubspaceConstraint(max(1, int(lc.subspace_from * cfg.trainer.steps)),
                                             lc.subspace_k)
-        return cls(cfg, run_dir, is_main, geometry, constraint)
+        return cls(cfg, run_dir, dist.is_main, geometry, constraint)
 
     def token_due(self, step: int) -> bool:
         """Token diagnostics run before update `step` + 1."""
@@ -176,9 +182,10 @@ class Diagnostics:
         return out
 
     def after_update(self, done: int, policy: torch.nn.Module) -> dict[str, float]:
-        """diag/param/* on rank 0 (the only rank that logs) every diag.param_every steps."""
+        """diag/param/* every diag.param_every steps, the matrices shared by the ranks (every
+        rank calls it; rank 0 logs)."""
         every = self.cfg.diag.param_every
-        if self.geometry is None or not self.is_main or not every or done % every:
+        if self.geometry is None or not every or done % every:
             return {}
         return self.geometry.metrics(policy, done)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.core.ranks import Dist
 from opd_exp.diagnostics.geometry import (StartSpectrum, aggregate, layer_type, matrix_metrics,
                                           model_matrices, project_rows, start_spectrum,
                                           subspace_similarity, top_right_singular)
@@ -35,14 +36,26 @@ def cpu_copy(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: w.detach().to("cpu", copy=True) for n, w in matrices.items()}
 
 
+def share(names, dist: Dist | None) -> set[str]:
+    """The matrices one rank measures: every W-th by name, from its rank on (all with one rank)."""
+    names = sorted(names)
+    return set(names if dist is None else dist.shard(names))
+
+
 class Geometry:
-    """W_0 and the diag/param/* metrics of the weights against it (`diag.*`)."""
+    """W_0 and the diag/param/* metrics of the weights against it (`diag.*`). With several ranks
+    (`dist`) each rank holds W_0 of its share of the matrices and measures those (`share`); the
+    per-matrix numbers and subspaces are gathered, so every rank returns the same metrics — every
+    rank must call `metrics` at the same steps."""
 
     def __init__(self, start: dict[str, torch.Tensor], diag_cfg, out_dir: Path, write: bool,
-                 resume_step: int = 0):
-        """`out_dir/subspaces/` holds V_K per diagnostic step (rank 0 writes it, `write`); a run
+                 resume_step: int = 0, dist: Dist | None = None, measured: set[str] | None = None):
+        """`start`: W_0 of the matrices this rank holds; `measured`: those it measures (its
+        `share`; None: all it holds), the others' numbers gathered from the ranks of `dist`;
+        `out_dir/subspaces/` holds V_K per diagnostic step (rank 0 writes it, `write`); a run
         resumed at `resume_step` reads back its last one as the previous step's."""
-        self.w0, self.c, self.out_dir, self.write = start, diag_cfg, out_dir, write
+        self.w0, self.c, self.out_dir, self.write, self.dist = start, diag_cfg, out_dir, write, dist
+        self.measured = set(start) if measured is None else measured  # those this rank measures
         self.prev: dict[str, torch.Tensor] | None = None
         self.start: dict[str, StartSpectrum] = {}  # W_0's spectra, by matrix, taken at first use
         done = [f for f in sorted((out_dir / "subspaces").glob("step_*.pt"))
@@ -62,6 +75,8 @@ class Geometry:
         stored under out_dir/subspaces/."""
         c, per, bases, t0 = self.c, {}, {}, time.time()
         for n, w in block_matrices(model).items():
+            if n not in self.measured:  # another rank's share
+                continue
             # on the weights' own device (a GPU's float64 SVD), one matrix at a time
             w0, wt = self.w0[n].to(w.device), w.detach()
             if n not in self.start:  # W_0's spectrum: once per run, kept in CPU memory
@@ -69,6 +84,11 @@ class Geometry:
             per[n] = (matrix_metrics(w0, wt, c.param_k, c.eta, c.mask_fraction, c.mask_rank,
                                      start=self.start[n].to(w.device)), w.numel())
             bases[n] = top_right_singular(wt.float() - w0.float(), c.param_k).cpu()
+        if self.dist is not None and self.dist.world_size > 1:
+            for p, b in self.dist.all_gather((per, bases)):
+                per.update(p)
+                bases.update(b)
+            per, bases = dict(sorted(per.items())), dict(sorted(bases.items()))
         out = {f"diag/param/{k}": v for k, v in aggregate(per).items()}
         numel = {n: size for n, (_, size) in per.items()}
         if self.prev is not None:
