@@ -305,8 +305,7 @@ def _geometry_metrics(rank: int, world: int, store: str, out: str) -> None:
     second = geometry.metrics(model, 2)
     if rank == 0:
         torch.save((first, second, sorted(mine)), out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    dist.close()  # barrier, then the group destroyed and collected
 
 
 def test_the_ranks_share_the_matrices_and_gather_the_one_process_numbers(tmp_path):

@@ -91,6 +91,13 @@ def test_a_group_of_one_leaves_no_rank_variables_behind(monkeypatch):
     distributed.restore_env()
     assert not distributed.launched()
     assert not distributed.tdist.is_initialized()
+    # a run that failed before closing its group: the next job still gets its rank variables
+    distributed.init("gloo", group_of_one=True)
+    distributed.restore_env()
+    assert not distributed.tdist.is_initialized() and not distributed.launched()
+    distributed.init("gloo", group_of_one=True)
+    assert distributed.os.environ["LOCAL_RANK"] == "0"
+    distributed.restore_env()
 
 
 def test_a_fitting_plan_leaves_the_next_check_on():

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from opd_exp.config import validate
+from opd_exp.config import validate, validate_training
 from opd_exp.runtime.memory_plan import make_plan, visible_gpu_gib
 
 
 def run_plan(cfg: DictConfig, run_dir: Path) -> int:
     validate(cfg, on_this_machine=False)  # planned for a GPU node, from any machine
+    validate_training(cfg)
     gpu = cfg.plan.gpu_memory_gib or visible_gpu_gib()
     plan = make_plan(cfg, gpu_gib=gpu)
     W = cfg.launcher.nproc_per_node * cfg.launcher.nnodes

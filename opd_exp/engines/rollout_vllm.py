@@ -90,9 +90,10 @@ def excluded_rows(vocab_size: int, rows: int) -> dict:
     returned log-probs are the raw model's, unaffected. More padded rows than that are refused
     (the allowed ids would be even more)."""
     if rows - vocab_size > MAX_BIASED_ROWS:
-        raise ConfigError(f"rollout.backend=vllm is not allowed for a model with {rows - vocab_size} "
+        raise ConfigError(f"a vLLM engine is not allowed to sample from a model with {rows - vocab_size} "
                           f"padded rows past its {vocab_size} tokens: vLLM's GPU sampler excludes "
-                          f"at most {MAX_BIASED_ROWS}; rollout=hf samples over the real tokens only")
+                          f"at most {MAX_BIASED_ROWS}; rollout=hf / teacher=hf sample over the real "
+                          "tokens only")
     return {"logit_bias": {i: float("-inf") for i in range(vocab_size, rows)}}
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -48,6 +49,7 @@ def init(backend: str = "auto", timeout_minutes: int = 60, group_of_one: bool = 
                     _ADDED_ENV.append(k)
             tdist.init_process_group(backend=_backend(backend, 0), store=tdist.HashStore(), rank=0,
                                      world_size=1, timeout=timedelta(minutes=timeout_minutes))
+            _OWN_GROUP.append(True)
         return Dist(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not tdist.is_initialized():
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -58,11 +60,17 @@ def init(backend: str = "auto", timeout_minutes: int = 60, group_of_one: bool = 
 
 
 _ADDED_ENV: list[str] = []  # rank variables `init` set for a group of one
+_OWN_GROUP: list[bool] = []  # `init` made the one-rank group
 
 
 def restore_env() -> None:
-    """Remove the rank variables `init` set, so a later job in this process (a sweep's next run)
-    is not taken for a launched rank."""
+    """After a run (finished or failed): the one-rank group `init` made is gone (a failed run
+    never reached `Dist.close`) and so are the rank variables it set, so a later job in this
+    process (a sweep's next run) starts as a plain process again."""
+    if _OWN_GROUP and tdist.is_initialized():
+        tdist.destroy_process_group()
+        gc.collect()
+    _OWN_GROUP.clear()
     while _ADDED_ENV:
         os.environ.pop(_ADDED_ENV.pop(), None)
 

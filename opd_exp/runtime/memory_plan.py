@@ -291,11 +291,14 @@ def phases(cfg, engine: list[str], teach: list[str], learner_only: list[str]) ->
     awake_engine = [] if cfg.rollout.backend != "vllm" or cfg.rollout.sleep else engine
     persistent += [k for k in learner_only if k.startswith("student whole copy")]
     learner = ["student gradients", "activations (one micro-batch)", "LM head (logits or chunks)"]
-    learner += [k for k in learner_only if k.startswith("geometry")]
+
     scoring = [k for k in teach if k not in persistent]
     out = {"sampling": persistent + engine + resident_teacher,
            "teacher scoring": persistent + awake_engine + scoring,
            "training": persistent + awake_engine + resident_teacher + learner}
+    geometry = [k for k in learner_only if k.startswith("geometry")]
+    if geometry:  # after the update: the weights and ZeRO's partitions, no activations
+        out["parameter diagnostics"] = persistent + awake_engine + resident_teacher + geometry
     return {name: list(dict.fromkeys(ks)) for name, ks in out.items()}
 
 
