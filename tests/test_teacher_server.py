@@ -155,7 +155,9 @@ def test_a_request_one_replica_refuses_is_never_sent_to_the_others(pair, stub):
     refusing.bad = True
     with pytest.raises(BadRequest, match="HTTP 400"):
         pool.score(r, "sampled")
-    assert good.seen == [5]  # its own share only: the refused one did not move on
+    # its own share at most (never the refused one's): a share whose worker thread had not yet
+    # started when the refusal came is cancelled — seen under load, so both outcomes are right
+    assert good.seen in ([], [5])
 
 
 @pytest.mark.parametrize("code", [408, 429])
