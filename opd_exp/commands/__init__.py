@@ -58,7 +58,7 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
         vocab = min(len(load_tokenizer(p, "pair.teacher")), len(load_tokenizer(cfg.pair.student, "pair.student")))
         padded = max(0, rows - vocab)  # as the run counts it (the student's vocabulary)
         most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
-        cmd = serve_command(cfg.serve.url or t.server_urls[0], resolve_path(p.path), p.dtype,
+        cmd = serve_command(sv.url or t.server_urls[0], resolve_path(p.path), p.dtype,
                             cfg.trainer.seed, sv.gpu_memory_utilization or t.gpu_memory_utilization,
                             t.max_model_len, most, hub_source(p.revision, p.trust_remote_code),
                             tensor_parallel_size=sv.tensor_parallel_size)
@@ -67,9 +67,9 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
         save_untied(load_model(cfg.pair.student, "pair.student"), weights)
         load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
         r = cfg.rollout
-        cmd = serve_command(cfg.serve.url or r.server_url, weights, r.dtype or cfg.pair.student.dtype,
+        cmd = serve_command(sv.url or r.server_url, weights, r.dtype or cfg.pair.student.dtype,
                             cfg.trainer.seed, sv.gpu_memory_utilization or r.gpu_memory_utilization,
                             r.max_model_len, tensor_parallel_size=sv.tensor_parallel_size)
     print("serving: " + " ".join(cmd), flush=True)
-    dev = {"VLLM_SERVER_DEV_MODE": "1"} if cfg.serve.role == "student" else {}  # weight pushes only
+    dev = {"VLLM_SERVER_DEV_MODE": "1"} if sv.role == "student" else {}  # weight pushes only
     return subprocess.run(cmd, env={**os.environ, **dev}).returncode

@@ -14,7 +14,8 @@ otherwise they are left to the learner.
 `rollout.sleep=true` (CUDA only): the engine sleeps after each generation, so the learner has the
 GPU memory, and wakes before it is next used — level 2 (weights discarded, KV cache freed) where
 every update reloads the weights anyway (`rollout.sync_every=1`): nothing is copied out to CPU
-memory and back only to be overwritten; level 1 (weights kept in CPU memory) otherwise. Not exercised in CI (this CPU build has no sleep mode).
+memory and back only to be overwritten; level 1 (weights kept in CPU memory) otherwise. Not
+exercised in CI (this CPU build has no sleep mode; tests/test_vllm_sleep.py checks the order).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ class VLLMTeacher:
         self.vocab_size = vocab_size
         kw = {"max_model_len": max_model_len} if max_model_len else {}
         self.padded = max(0, rows - vocab_size) if vocab_size and rows else 0
+        self.rows = rows
         self.llm = start_engine(path, dtype, gpu_memory_utilization,
                                 max_logprobs=max_logprobs + self.padded, seed=seed,
                                 **hub_source(revision, trust_remote_code),
@@ -39,7 +40,7 @@ class VLLMTeacher:
     def sampler(self, tokenizer, stop_ids: set[int]) -> VLLMSampler:
         """The same engine as a rollout backend (teacher eval, off-policy teacher rollouts)."""
         return VLLMSampler(self.llm, tokenizer, stop_ids, vocab_size=self.vocab_size if self.padded else None,
-                           rows=self.vocab_size + self.padded if self.padded else None)
+                           rows=self.rows)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:

@@ -167,14 +167,12 @@ class Plan:
         return self.peak_gib <= self.gpu_gib and not self.problems
 
     def table(self) -> str:
-        peak = set(self.phases[self.peak_phase])
         lines = ["| component | GiB per GPU | live in |", "|---|---|---|"]
         for k, v in sorted(self.items.items(), key=lambda kv: -kv[1]):
             where = ", ".join(p for p, ks in self.phases.items() if k in ks)
             lines.append(f"| {k} | {v:.2f} | {where} |")
         lines.append(f"| **peak ({self.peak_phase})** | **{self.peak_gib:.2f}** of {self.gpu_gib:.1f} "
                      f"({self.headroom:.0%} free) | |")
-        assert peak  # every phase names items
         return "\n".join(lines + [f"- {n}" for n in self.notes + self.problems])
 
     def refusal(self) -> str | None:
@@ -194,6 +192,11 @@ class Plan:
 def sequence_tokens(cfg) -> int:
     """The longest sequence a micro-batch holds: prompt budget + new tokens."""
     return cfg.plan.prompt_tokens + cfg.rollout.max_new_tokens
+
+
+def micro_batch_tokens(cfg) -> int:
+    """The tokens of one micro-batch of `learner.micro_batch_size` longest sequences."""
+    return cfg.learner.micro_batch_size * sequence_tokens(cfg)
 
 
 def learner_state(cfg, s: Shape, W: int) -> dict[str, float]:
@@ -221,19 +224,17 @@ def compute_dtype(cfg) -> str:
 def activation_parts(cfg, s: Shape) -> tuple[float, float]:
     """(bytes kept for the backward over one micro-batch's forward, bytes of the one layer that
     gradient checkpointing recomputes at a time in the backward; 0 without it)."""
-    dtype, lc = compute_dtype(cfg), cfg.learner
-    tokens = lc.micro_batch_size * sequence_tokens(cfg)
+    dtype, tokens = compute_dtype(cfg), micro_batch_tokens(cfg)
     per_layer = s.layer_activation_bytes_per_token(dtype)
     outside = tokens * s.outside_layers_bytes_per_token(dtype)
-    if lc.gradient_checkpointing:  # each layer keeps its input hidden states
+    if cfg.learner.gradient_checkpointing:  # each layer keeps its input hidden states
         return tokens * s.layers * s.hidden * BYTES[dtype] + outside, tokens * per_layer
     return tokens * s.layers * per_layer + outside, 0.0
 
 
 def activations(cfg, s: Shape, whole_forward: bool) -> dict[str, float]:
     """One micro-batch's activations and its LM-head memory, bytes."""
-    dtype, lc = compute_dtype(cfg), cfg.learner
-    tokens = lc.micro_batch_size * sequence_tokens(cfg)
+    dtype, tokens = compute_dtype(cfg), micro_batch_tokens(cfg)
     layers = sum(activation_parts(cfg, s))
     if whole_forward:  # [tokens, V] logits, their fp32 copy and the log-softmax
         head = tokens * s.vocab_rows * (BYTES[dtype] + 8)
@@ -248,13 +249,12 @@ def whole_forward_head(cfg) -> bool:
     return cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage >= 3
 
 
-def make_plan(cfg, world_size: int | None = None, gpu_gib: float | None = None,
-              shapes: dict[str, Shape] | None = None) -> Plan:
-    """The plan of `cfg` on one of `world_size` ranks (default: the launcher's) of `gpu_gib`."""
-    W = world_size or cfg.launcher.nproc_per_node * cfg.launcher.nnodes
-    shapes = shapes or {}
-    student = shapes.get("student") or find_shape(cfg.pair.student.path, cfg.pair.student.revision)
-    teacher = shapes.get("teacher") or find_shape(cfg.pair.teacher.path, cfg.pair.teacher.revision)
+def make_plan(cfg, gpu_gib: float | None = None) -> Plan:
+    """The plan of `cfg` on one of the launcher's ranks, a GPU of `gpu_gib` (default
+    plan.gpu_memory_gib, else an 80 GB H100)."""
+    W = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
+    student = find_shape(cfg.pair.student.path, cfg.pair.student.revision)
+    teacher = find_shape(cfg.pair.teacher.path, cfg.pair.teacher.revision)
     plan = Plan(gpu_gib=gpu_gib or cfg.plan.gpu_memory_gib or H100_80GB_GIB)
     learner = {**learner_state(cfg, student, W), **activations(cfg, student, whole_forward_head(cfg))}
     if cfg.diag.param_every:  # float64 SVDs of one matrix at a time: W_0, W_t, ΔW and factors
@@ -291,7 +291,6 @@ def phases(cfg, engine: list[str], teach: list[str], learner_only: list[str]) ->
     awake_engine = [] if cfg.rollout.backend != "vllm" or cfg.rollout.sleep else engine
     persistent += [k for k in learner_only if k.startswith("student whole copy")]
     learner = ["student gradients", "activations (one micro-batch)", "LM head (logits or chunks)"]
-
     scoring = [k for k in teach if k not in persistent]
     out = {"sampling": persistent + engine + resident_teacher,
            "teacher scoring": persistent + awake_engine + scoring,
@@ -339,8 +338,7 @@ VLLM_DEFAULT_BATCHED_TOKENS = 16384  # vLLM's LLM class on an 80 GB GPU
 def teacher_memory(cfg, s: Shape, plan: Plan) -> dict[str, float]:
     t = cfg.teacher
     if t.backend == "hf":
-        b = BYTES[cfg.pair.teacher.dtype]
-        tokens = cfg.learner.micro_batch_size * sequence_tokens(cfg)
+        b, tokens = BYTES[cfg.pair.teacher.dtype], micro_batch_tokens(cfg)
         # no gradient: one layer's states at a time, and the head a chunk of positions at a time
         forward = tokens * (2 * s.hidden + 2 * s.intermediate) * b + 3 * min(tokens, 256) * s.vocab_rows * 4
         return {"teacher weights (HF)": (1 + len(cfg.pair.teachers)) * s.params * b,
