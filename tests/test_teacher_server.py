@@ -30,6 +30,8 @@ class Stub:
         self.short = False  # answer one position short of every sequence
         self.asked = []  # prompt_logprobs of each completion request
         self.failed = 0  # requests answered with an error
+        self.token = None  # a shared secret: requests without `Authorization: Bearer <it>` get 401
+        self.auth = []  # the Authorization header of every request
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,11 +46,21 @@ class Stub:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def refused(self) -> bool:
+                stub.auth.append(self.headers.get("Authorization"))
+                if stub.token and self.headers.get("Authorization") != f"Bearer {stub.token}":
+                    self.answer(401, {"error": "Unauthorized"})
+                    return True
+                return False
+
             def do_GET(self):
-                self.answer(200, {"data": [{"id": "teacher", "root": "/models/Teacher-8B"}]})
+                if not self.refused():
+                    self.answer(200, {"data": [{"id": "teacher", "root": "/models/Teacher-8B"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.refused():
+                    return
                 if stub.dead or stub.fail_left > 0:
                     stub.fail_left -= 1
                     stub.failed += 1
@@ -241,3 +253,20 @@ def test_which_served_models_count_as_the_teacher():
     assert same_model("/runs/a/final", "/runs/a/final", "/runs/a/final")
     assert not same_model("/runs/a/final", "/runs/b/final", "/runs/b/final")  # a stale teacher
     assert not same_model("Qwen/Qwen3-8B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-1.7B")
+
+
+def test_the_secret_goes_with_every_request_and_a_refusal_is_one_line(pair, stub):
+    from opd_exp.config import RunStopped
+
+    tok, teacher, r = pair
+    one = stub(teacher)
+    one.token = "s3cret-" + "x" * 20
+    with pytest.raises(RunStopped, match=r"HTTP 401: .* this run sent none; set serve.token_file") as e:
+        VLLMServerTeacher([one.url], 30, 3, len(tok), len(tok))
+    assert "\n" not in str(e.value) and one.auth == [None]  # refused once: never retried
+    with pytest.raises(RunStopped, match="this run sent another"):
+        VLLMServerTeacher([one.url], 30, 0, len(tok), len(tok), token="another-secret-0000")
+    one.auth.clear()
+    pool = VLLMServerTeacher([one.url], 30, 0, len(tok), len(tok), token=one.token, request_rows=4)
+    pool.score(r, "sampled")
+    assert one.auth == [f"Bearer {one.token}"] * 4 and one.seen == [4, 4, 1]  # models + 3 requests

@@ -158,6 +158,11 @@ class ServeConfig:
     # share of each of its GPUs the server takes; 0 = rollout.* / teacher.gpu_memory_utilization
     # (shares meant for an engine beside the learner — a server on GPUs of its own: 0.9)
     gpu_memory_utilization: float = 0.0
+    # a file (mode 600) holding the shared secret of the run's servers: `serve` guards every path
+    # but /health with it, `train` sends it (rollout=vllm_server, teacher=vllm_server); required
+    # to serve beyond loopback. "" = the file $OPD_EXP_SERVER_TOKEN_FILE names, else no secret.
+    # The path only: the secret itself never goes into a config (opd_exp/engines/server_guard.py)
+    token_file: str = ""
 
 
 @dataclass

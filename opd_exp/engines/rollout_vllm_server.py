@@ -1,14 +1,17 @@
 """vLLM server rollout backend (`rollout=vllm_server`): sampling from a separately started vLLM
 OpenAI-compatible server (other GPUs, another machine) instead of an engine in this process.
 
-Start the server with `python -m opd_exp serve [the run's overrides]` (opd_exp/commands.py): it writes an untied copy of
-`pair.student` (see `save_untied`) and runs vLLM's OpenAI server on it with `VLLM_SERVER_DEV_MODE=1`, on
-the host and port of `rollout.server_url`. The run then:
+Start the server with `python -m opd_exp serve [the run's overrides]` (opd_exp/commands/__init__.py):
+it writes an untied copy of `pair.student` (see `save_untied`) into `<serve run>/server_weights/`
+and runs vLLM's OpenAI server on that folder with `VLLM_SERVER_DEV_MODE=1`, on the host and port of
+`rollout.server_url`, behind opd_exp's guard (opd_exp/engines/server_guard.py). The run then:
 - samples with POST /v1/completions (prompts as token ids, `n`, temperature / top-p / top-k,
   `stop_token_ids`, `return_token_ids`, `logprobs=0` for the sampled tokens' log-probs at T = 1);
 - pushes the learner's weights every `rollout.sync_every` steps (and once at start, so a resumed
-  run samples from its checkpoint): written to `<run>/vllm_weights/` — a path the server must be
-  able to read — then POST /collective_rpc `reload_weights` and POST /reset_prefix_cache.
+  run samples from its checkpoint) into the folder the server was started on (its model's `root`
+  in /v1/models; the only folder the guard lets it reload from — the run must be able to write it)
+  then POST /collective_rpc `reload_weights` and POST /reset_prefix_cache.
+Every request carries the shared secret of `serve.token_file` when one is set.
 One training process per server (the launcher's ranks would push over each other).
 """
 
@@ -23,13 +26,30 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.config.errors import ConfigError, RunStopped
 from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
 from opd_exp.engines.rollout_vllm import save_untied
+from opd_exp.engines.server_guard import TOKEN_FILE_ENV, TokenError, read_token, token_file
 
 
 class BadRequest(RuntimeError):
     """A 4xx answer (but 408 and 429): the request itself is wrong — no retry, no other replica."""
+
+
+class Refused(BadRequest, RunStopped):
+    """401 or 403: the server does not let this run in (no secret, another secret) or refuses the
+    call (a reload from outside its folder); the CLI prints it as one line."""
+
+
+def server_token(cfg) -> str | None:
+    """The shared secret the run sends to its servers (`serve.token_file` or the file
+    $OPD_EXP_SERVER_TOKEN_FILE names); None when neither is set."""
+    try:
+        return read_token(token_file(cfg.serve.token_file),
+                          "serve.token_file" if cfg.serve.token_file else TOKEN_FILE_ENV)
+    except TokenError as e:
+        raise ConfigError(str(e)) from None
 
 
 RETRIED = {408, 429}  # a timeout or "too many requests" from the server or a gateway: try again
@@ -38,20 +58,28 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def request_json(url: str, path: str, body: dict | None = None, timeout_s: float = 3600.0,
-                 retries: int = 0, backoff_s: float = 1.0) -> dict:
-    """GET (no body) or POST JSON to a vLLM server; the decoded answer. Connection errors,
-    timeouts, cut-off answers, 5xx, 408 and 429 answers are retried `retries` times (backoff
-    doubling), then raised as RuntimeError; another 4xx answer — a bad request — raises BadRequest
-    at once with the server's message."""
+                 retries: int = 0, backoff_s: float = 1.0, token: str | None = None) -> dict:
+    """GET (no body) or POST JSON to a vLLM server, with `token` as `Authorization: Bearer`; the
+    decoded answer. Connection errors, timeouts, cut-off answers, 5xx, 408 and 429 answers are
+    retried `retries` times (backoff doubling), then raised as RuntimeError; 401 / 403 raise
+    Refused, another 4xx answer — a bad request — BadRequest, at once with the server's message."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     for attempt in range(retries + 1):
-        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url + path, data=data, headers=headers)
         try:
             with _OPENER.open(req, timeout=timeout_s) as resp:
                 text = resp.read().decode()
             return json.loads(text) if text.strip() else {}
         except urllib.error.HTTPError as e:
-            message = f"{url}{path}: HTTP {e.code}: {e.read().decode()[:500]}"
+            said = " ".join(e.read().decode(errors="replace").split())[:300]
+            message = f"{url}{path}: HTTP {e.code}: {said}"
+            if e.code == 401:
+                raise Refused(f"{url}{path}: HTTP 401: the server wants the shared secret it was started with"
+                              f" — {'this run sent another' if token else 'this run sent none'}; set "
+                              f"serve.token_file (or {TOKEN_FILE_ENV}) to that file") from None
+            if e.code == 403:
+                raise Refused(message) from None
             if e.code < 500 and e.code not in RETRIED:
                 raise BadRequest(message) from e
             if attempt == retries:
@@ -69,15 +97,16 @@ class ServerSampler:
     the teacher server's sampler (teacher eval, cold-start traces) and the base of the student's."""
 
     def __init__(self, url: str, tokenizer, stop_ids: set[int], rows: int, timeout_s: float = 3600.0,
-                 retries: int = 0):
+                 retries: int = 0, token: str | None = None):
         self.url, self.tokenizer, self.stop_ids = url.rstrip("/"), tokenizer, sorted(stop_ids)
-        self.timeout, self.retries = timeout_s, retries
+        self.timeout, self.retries, self.token = timeout_s, retries, token
         V = len(tokenizer)
         self.allowed = list(range(V)) if rows > V else None  # padded rows: never sampled
-        self.model_name = self._request("/v1/models")["data"][0]["id"]
+        self.served = self._request("/v1/models")["data"][0]
+        self.model_name = self.served["id"]
 
     def _request(self, path: str, body: dict | None = None) -> dict:
-        return request_json(self.url, path, body, self.timeout, self.retries)
+        return request_json(self.url, path, body, self.timeout, self.retries, token=self.token)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         pass
@@ -100,16 +129,27 @@ class VLLMServerRollout(ServerSampler):
     """The student's sampler: the server's weights follow the learner's (see the module doc)."""
 
     def __init__(self, model: torch.nn.Module, url: str, tokenizer, stop_ids: set[int],
-                 work_dir: Path, sync_every: int, timeout_s: float = 3600.0):
-        super().__init__(url, tokenizer, stop_ids, model.get_output_embeddings().weight.shape[0], timeout_s)
-        self.weights_dir = Path(work_dir) / "vllm_weights"
+                 sync_every: int, timeout_s: float = 3600.0, token: str | None = None):
+        super().__init__(url, tokenizer, stop_ids, model.get_output_embeddings().weight.shape[0], timeout_s,
+                         token=token)
+        root = self.served.get("root") or ""
+        if not Path(root).is_absolute():
+            raise ConfigError(f"rollout.server_url: {self.url} serves {root or self.model_name!r}, not a "
+                              "folder: start it with `python -m opd_exp serve`, whose folder the run's "
+                              "weights are pushed into")
+        self.weights_dir = Path(root)  # the folder the server was started for: the only one it reloads
         self.sync_every, self.calls = sync_every, 0
         self._push(model)
 
     def _push(self, model: torch.nn.Module) -> None:
-        save_untied(model, self.weights_dir)
+        try:
+            save_untied(model, self.weights_dir)
+        except OSError as e:
+            raise RunStopped(f"rollout.server_url: cannot write the server's weights folder {self.weights_dir} "
+                             f"({e.strerror or e}): the run pushes into the folder `serve` started the "
+                             "server on, on a filesystem both machines share, at the same path") from None
         self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
-            "weights_path": str(self.weights_dir.resolve()), "is_checkpoint_format": True}})
+            "weights_path": str(self.weights_dir), "is_checkpoint_format": True}})
         self._request("/reset_prefix_cache", {})  # cached prompt KV used the old weights
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -121,9 +161,10 @@ def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_me
                   max_model_len: int = 0, max_logprobs: int = 0, source: dict | None = None,
                   tensor_parallel_size: int = 1) -> list[str]:
     """vLLM's OpenAI-compatible server (`vllm serve`, run as its module: the CPU build's `vllm`
-    script looks for a package named vllm) on `model_dir`, at `url`; `max_logprobs`: the most
-    log-probs per position a request may ask (a teacher's top-K), 0 = vLLM's default; `source`:
-    `hub_source(...)`'s revision and remote-code keywords, as flags."""
+    script looks for a package named vllm) on `model_dir`, at `url`, behind opd_exp's guard
+    (server_guard.py; its settings come in the environment, never a secret on the command line);
+    `max_logprobs`: the most log-probs per position a request may ask (a teacher's top-K), 0 =
+    vLLM's default; `source`: `hub_source(...)`'s revision and remote-code keywords, as flags."""
     import sys
     from urllib.parse import urlparse
 
@@ -131,7 +172,8 @@ def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_me
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", u.hostname or "127.0.0.1", "--port", str(u.port or 8000), "--dtype", dtype,
            "--generation-config", "vllm", "--seed", str(seed),
-           "--gpu-memory-utilization", str(gpu_memory_utilization)]
+           "--gpu-memory-utilization", str(gpu_memory_utilization),
+           "--middleware", "opd_exp.engines.server_guard.ServerGuard"]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if tensor_parallel_size > 1:
@@ -147,5 +189,5 @@ def serve_command(url: str, model_dir: Path | str, dtype: str, seed: int, gpu_me
 
 
 def make(cfg, model, tokenizer, stop_ids, work_dir, rank: int = 0) -> RolloutBackend:
-    return VLLMServerRollout(model, cfg.rollout.server_url, tokenizer, stop_ids, work_dir,
-                             cfg.rollout.sync_every)
+    return VLLMServerRollout(model, cfg.rollout.server_url, tokenizer, stop_ids, cfg.rollout.sync_every,
+                             token=server_token(cfg))

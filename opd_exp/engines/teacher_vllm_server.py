@@ -27,7 +27,7 @@ from opd_exp.config.errors import ConfigError
 from opd_exp.core.protocols import RolloutBackend, Teacher
 from opd_exp.core.types import Rollouts, TeacherScores
 from opd_exp.engines.hf_models import model_shape, resolve_path
-from opd_exp.engines.rollout_vllm_server import BadRequest, ServerSampler, request_json
+from opd_exp.engines.rollout_vllm_server import BadRequest, ServerSampler, request_json, server_token
 from opd_exp.engines.teacher_vllm import ScoreRequest, check_needs
 
 
@@ -52,20 +52,25 @@ def same_model(expect: str, served_id: str, root: str | None) -> bool:
 
 class VLLMServerTeacher:
     """`expect`: the model the servers must serve (pair.teacher.path as `serve` names it; None: not
-    checked); `request_rows`: sequences per request (0: a replica's whole share in one)."""
+    checked); `request_rows`: sequences per request (0: a replica's whole share in one); `token`:
+    the servers' shared secret (None: none sent)."""
 
     def __init__(self, urls: list[str], timeout_s: float, retries: int, vocab_size: int, rows: int,
-                 expect: str | None = None, request_rows: int = 0):
+                 expect: str | None = None, request_rows: int = 0, token: str | None = None):
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout, self.retries, self.request_rows = timeout_s, retries, request_rows
         self.vocab_size, self.padded = vocab_size, max(0, rows - vocab_size)
-        served = [request_json(u, "/v1/models", None, timeout_s, retries)["data"][0] for u in self.urls]
+        self.token = token
+        served = [self._request(u, "/v1/models")["data"][0] for u in self.urls]
         self.models = [m["id"] for m in served]
         for url, m in zip(self.urls, served):  # another model's scores are no error later
             if expect is not None and not same_model(expect, m["id"], m.get("root")):
                 raise ConfigError(f"teacher.server_urls: {url} serves {m['id']!r} (from {m.get('root')!r}), "
                                   f"not {expect!r} (pair.teacher.path, or teacher.served_model if the "
                                   "servers name it otherwise)")
+
+    def _request(self, url: str, path: str, body: dict | None = None) -> dict:
+        return request_json(url, path, body, self.timeout, self.retries, token=self.token)
 
     def _positions(self, replica: int, seqs: list[list[int]], starts: list[int], lengths: list[int],
                    logprobs: int) -> tuple[int, list[list[dict[int, tuple[int | None, float]]]]]:
@@ -76,9 +81,9 @@ class VLLMServerTeacher:
         errors = []
         for r in [*range(replica, len(self.urls)), *range(replica)]:
             try:
-                out = request_json(self.urls[r], "/v1/completions", {
+                out = self._request(self.urls[r], "/v1/completions", {
                     "model": self.models[r], "prompt": seqs, "max_tokens": 1,
-                    "prompt_logprobs": logprobs, "temperature": 1.0}, self.timeout, self.retries)
+                    "prompt_logprobs": logprobs, "temperature": 1.0})
                 choices = sorted(out["choices"], key=lambda c: c["index"])
                 if len(choices) != len(seqs) or any(len(c["prompt_logprobs"] or []) < start + n
                                                     for c, start, n in zip(choices, starts, lengths)):
@@ -129,8 +134,9 @@ def make(cfg, tokenizer, stop_ids, device=None) -> tuple[Teacher, RolloutBackend
     cold-start traces) uses the first replica, with an hour per request and no retry (a whole
     benchmark share is one generation request: never sampled twice)."""
     t = cfg.teacher
-    rows = model_shape(cfg.pair.teacher, "pair.teacher")[0]
+    rows, token = model_shape(cfg.pair.teacher, "pair.teacher")[0], server_token(cfg)
     teacher = VLLMServerTeacher(list(t.server_urls), t.timeout_s, t.retries, len(tokenizer), rows,
                                 expect=t.served_model or resolve_path(cfg.pair.teacher.path),
-                                request_rows=t.request_rows)
-    return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, max(t.timeout_s, 3600.0))
+                                request_rows=t.request_rows, token=token)
+    return teacher, ServerSampler(t.server_urls[0], tokenizer, stop_ids, rows, max(t.timeout_s, 3600.0),
+                                  token=token)

@@ -1,7 +1,8 @@
 """Run in its own process by tests/test_vllm.py (vLLM binds threads and keeps global state).
 
     python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR   → prints one JSON line of measurements
-    python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR SERVER_URL     (rollout=vllm_server)
+    python -m tests.engines.vllm_probe WORLD_DIR WORK_DIR SERVER_URL     (rollout=vllm_server; the
+        secret's file in $OPD_EXP_SERVER_TOKEN_FILE)
     OPD_PROBE_WEIGHT_SYNC=disk python -m tests.engines.vllm_probe …      (rollout.weight_sync)
 """
 
@@ -30,8 +31,10 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(world / "teacher")
     if url:
         from opd_exp.engines.rollout_vllm_server import VLLMServerRollout
+        from opd_exp.engines.server_guard import read_token, token_file
 
-        engine = VLLMServerRollout(student, url, tok, {tok.eos_token_id}, work, sync_every=1)
+        engine = VLLMServerRollout(student, url, tok, {tok.eos_token_id}, sync_every=1,
+                                   token=read_token(token_file()))
     else:
         engine = VLLMRollout(student, tok, {tok.eos_token_id}, work, "float32", 256, 0.3, 1, seed=0,
                              weight_sync=os.environ.get("OPD_PROBE_WEIGHT_SYNC", "memory"))
@@ -57,7 +60,7 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
     batch.logp_old_B_T = learner.logprobs(batch, 1.0)
     batch, _ = obj.prepare(batch)
     learner.update(batch, obj)
-    weights_file = work / "vllm_weights" / "model.safetensors"
+    weights_file = getattr(engine, "weights_dir", work / "vllm_weights") / "model.safetensors"
     written = weights_file.stat().st_mtime_ns
     engine.sync_weights(student)
     rewritten = weights_file.stat().st_mtime_ns != written

@@ -2,6 +2,7 @@
 against the in-process vLLM teacher (`teacher=vllm`) on the same rollouts.
 
     python -m tests.engines.vllm_server_teacher_probe WORLD_DIR TEACHER_URL   → one JSON line
+    (the servers' secret: the file $OPD_EXP_SERVER_TOKEN_FILE names)
 """
 
 import json
@@ -20,6 +21,7 @@ def main(world: Path, url: str) -> dict:
     from opd_exp.core.types import Sampling
     from opd_exp.engines.rollout_hf import HFRollout
     from opd_exp.engines.teacher_vllm import VLLMTeacher
+    from opd_exp.engines.server_guard import read_token, token_file
     from opd_exp.engines.teacher_vllm_server import VLLMServerTeacher
 
     tok = AutoTokenizer.from_pretrained(world / "student", padding_side="left")
@@ -29,7 +31,8 @@ def main(world: Path, url: str) -> dict:
     torch.manual_seed(0)
     r = HFRollout(student, tok, {tok.eos_token_id}).generate(prompts, Sampling(n=4, max_new_tokens=24))
     local = VLLMTeacher(str(world / "teacher"), "float32", 256, 0.3, max_logprobs=20, vocab_size=len(tok))
-    server = VLLMServerTeacher([url, url], 120, 1, len(tok), len(tok))  # two "replicas": split batch
+    server = VLLMServerTeacher([url, url], 120, 1, len(tok), len(tok),  # two "replicas": split batch
+                               token=read_token(token_file()))
     m = r.response_mask_B_T.bool()
     s_l, s_s = local.score(r, "sampled").logp_B_T, server.score(r, "sampled").logp_B_T
     k_l, k_s = local.score(r, "topk", K), server.score(r, "topk", K)
