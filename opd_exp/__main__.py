@@ -151,6 +151,9 @@ def _train(cfg, run_dir: Path) -> None:
         validate(cfg)
         validate_training(cfg)
         check_fits(cfg)  # refused here, before any rank starts or loads a weight
+        from opd_exp.engines.rollout_vllm_server import check_access
+
+        check_access(cfg)  # a server that refuses the run's secret, likewise
         code = launch(cfg.launcher, "train", list(HydraConfig.get().overrides.task), run_dir,
                       extra_env={CHECKED: "1"})
         if code:

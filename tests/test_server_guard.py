@@ -81,17 +81,40 @@ def test_with_a_secret_every_path_but_health_wants_it(weights):
     assert call(guard, "/health", method="POST")[0] == 401  # only a read is open
     assert call(guard, "/v1/realtime", kind="websocket")[0] == 1008
     assert app.seen == [("/health", b"")]  # nothing else reached the app
-    assert call(guard, "/sleep", {}, token=TOKEN)[0] == 200
     assert call(guard, "/v1/completions", {"prompt": [1]}, token=TOKEN)[0] == 200
-    assert [p for p, _ in app.seen] == ["/health", "/sleep", "/v1/completions"]
+    assert call(guard, "/reset_prefix_cache/", {}, token=TOKEN)[0] == 200
+    assert [p for p, _ in app.seen] == ["/health", "/v1/completions", "/reset_prefix_cache/"]
 
 
-def test_collective_rpc_reloads_only_from_the_folder_it_was_started_for(weights, tmp_path):
+def test_only_the_routes_a_run_needs_are_let_through(weights):
+    """vLLM's dev mode also serves /sleep, /pause, /weight_checker (zeroes the weights),
+    /update_weights…: refused with the secret too, and on a loopback server without one."""
+    for token in (TOKEN, None):
+        app = App()
+        guard = ServerGuard(app, token=token, weights_dir=str(weights))
+        for path in ("/sleep", "/wake_up", "/pause", "/weight_checker", "/update_weights", "/abort_requests",
+                     "/release_kv_cache_memory", "/start_profile", "/scale_elastic_ep", "/server_info",
+                     "/is_sleeping", "/", "/docs", "/openapi.json", "/v1/collective_rpc", "/collective_rpc2"):
+            status, answer = call(guard, path, {}, token=token)
+            assert status == 403 and answer["error"].startswith(f"{path.rstrip('/') or '/'} is not served"), path
+        assert call(guard, "/v1/realtime", kind="websocket", token=token)[0] == 1008
+        assert app.seen == []
+        for path in ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/metrics/"):
+            assert call(guard, path, {}, token=token)[0] == 200
+    teacher = ServerGuard(App(), token=None, weights_dir=None)
+    for path in ("/collective_rpc", "/reset_prefix_cache"):
+        assert call(teacher, path, {})[0] == 403
+
+
+def test_collective_rpc_reloads_only_from_the_folder_it_was_started_for(weights, tmp_path, monkeypatch):
     app = App()
     guard = ServerGuard(app, token=None, weights_dir=str(weights))  # loopback: no secret
     (weights / "link").symlink_to(tmp_path / "elsewhere")
+    (weights / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative path is refused even where it would resolve inside
     refused = [reload(tmp_path / "elsewhere"), reload(f"{weights}/../elsewhere"), reload(weights / "link"),
-               reload(str(weights) + "-evil"), reload(tmp_path),
+               reload(str(weights) + "-evil"), reload(tmp_path), reload("server_weights/sub"),
+               reload(weights / "not-there"), reload(f"{weights}/sub\x00"),
                {"method": "sleep", "kwargs": {}}, {"method": "collective_rpc"}, {"kwargs": {}},
                {"method": "reload_weights", "args": ["/etc"]},
                {"method": "reload_weights", "kwargs": {"weights_path": str(weights), "weights_iterator": "x"}},
@@ -105,9 +128,6 @@ def test_collective_rpc_reloads_only_from_the_folder_it_was_started_for(weights,
     assert call(guard, "/collective_rpc", reload(weights / "sub"))[0] == 200
     assert call(guard, "/collective_rpc", {"method": "reload_weights"})[0] == 200  # its own folder
     assert app.seen[0] == ("/collective_rpc", json.dumps(body).encode())  # the body handed on whole
-    teacher = ServerGuard(App(), token=None, weights_dir=None)  # a teacher's server reloads nothing
-    assert call(teacher, "/collective_rpc", reload(weights)) == (403, {
-        "error": "collective_rpc refused: this server reloads no weights"})
     assert call(guard, "/collective_rpc", b"x" * (1 << 17), chunks=4)[0] == 413
 
 
@@ -137,9 +157,9 @@ def test_the_secret_file_must_be_private_and_long(tmp_path):
         read_token(str(f))
     f.chmod(0o600)
     assert read_token(str(f)) == TOKEN
-    for bad in ("", "short", "two words but long enough"):
+    for bad in ("", "short", "two words but long enough", "ünïcödé-sécret-0123456789"):
         f.write_text(bad)
-        with pytest.raises(TokenError, match="one secret of 16 characters or more"):
+        with pytest.raises(TokenError, match="one secret of 16 printable ASCII characters or more"):
             read_token(str(f))
 
 

@@ -32,6 +32,9 @@ class Stub:
         self.failed = 0  # requests answered with an error
         self.token = None  # a shared secret: requests without `Authorization: Bearer <it>` get 401
         self.auth = []  # the Authorization header of every request
+        self.root = "/models/Teacher-8B"  # the served model's folder (/v1/models)
+        self.rpc = []  # the bodies of /collective_rpc and /reset_prefix_cache requests
+        self.rpc_code = 200  # their answer
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,12 +58,15 @@ class Stub:
 
             def do_GET(self):
                 if not self.refused():
-                    self.answer(200, {"data": [{"id": "teacher", "root": "/models/Teacher-8B"}]})
+                    self.answer(200, {"data": [{"id": "teacher", "root": stub.root}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.refused():
                     return
+                if self.path in ("/collective_rpc", "/reset_prefix_cache"):
+                    stub.rpc.append((self.path, body))
+                    return self.answer(stub.rpc_code, {"error": "refused"} if stub.rpc_code != 200 else {})
                 if stub.dead or stub.fail_left > 0:
                     stub.fail_left -= 1
                     stub.failed += 1
@@ -270,3 +276,53 @@ def test_the_secret_goes_with_every_request_and_a_refusal_is_one_line(pair, stub
     pool = VLLMServerTeacher([one.url], 30, 0, len(tok), len(tok), token=one.token, request_rows=4)
     pool.score(r, "sampled")
     assert one.auth == [f"Bearer {one.token}"] * 4 and one.seen == [4, 4, 1]  # models + 3 requests
+
+
+def test_the_run_pushes_only_into_a_folder_serve_marked_each_push_a_folder_of_its_own(pair, stub, tiny_world,
+                                                                                     tmp_path):
+    from opd_exp.config import ConfigError, RunStopped
+    from opd_exp.engines.rollout_vllm_server import SERVED_MARK, VLLMServerRollout
+
+    tok, teacher, _ = pair
+    student = AutoModelForCausalLM.from_pretrained(tiny_world / "student")
+    one = stub(teacher)
+    for root in ("/models/Teacher-8B", "Qwen/Qwen3-8B", str(tmp_path)):  # a user's own vLLM, a hub id
+        one.root = root
+        with pytest.raises(ConfigError, match=f"holds no {SERVED_MARK} here"):
+            VLLMServerRollout(student, one.url, tok, {tok.eos_token_id}, 1)
+    assert one.rpc == [] and list(tmp_path.iterdir()) == []  # nothing written, nothing reloaded
+    (tmp_path / SERVED_MARK).write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"the served copy")
+    sampler = VLLMServerRollout(student, one.url, tok, {tok.eos_token_id}, 1)
+    first = sampler.weights_dir
+    assert first.parent == tmp_path and (first / "model.safetensors").is_file()
+    assert one.rpc == [("/collective_rpc", {"method": "reload_weights", "kwargs": {
+        "weights_path": str(first), "is_checkpoint_format": True}}), ("/reset_prefix_cache", {})]
+    sampler.sync_weights(student)
+    assert sampler.weights_dir != first and not first.exists() and (sampler.weights_dir / "config.json").is_file()
+    one.rpc_code = 403  # the server's guard refuses: the run stops in one line, its push removed
+    with pytest.raises(RunStopped, match="HTTP 403"):
+        sampler.sync_weights(student)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([SERVED_MARK, "model.safetensors",
+                                                                 sampler.weights_dir.name])
+    assert (tmp_path / "model.safetensors").read_bytes() == b"the served copy"  # never written over
+
+
+def test_a_launched_run_is_refused_before_its_ranks_start(pair, stub, tmp_path, monkeypatch):
+    from opd_exp.config import RunStopped
+    from opd_exp.engines.rollout_vllm_server import check_access
+
+    from .conftest import compose
+
+    monkeypatch.delenv("OPD_EXP_SERVER_TOKEN_FILE", raising=False)
+    _, teacher, _ = pair
+    one = stub(teacher)
+    one.token = "s3cret-" + "x" * 20
+    secret = tmp_path / "token"
+    secret.write_text(one.token)
+    secret.chmod(0o600)
+    args = ["teacher=vllm_server", f"teacher.server_urls=[{one.url}]"]
+    with pytest.raises(RunStopped, match="HTTP 401"):
+        check_access(compose(args))
+    check_access(compose([*args, f"serve.token_file={secret}"]))
+    check_access(compose(["teacher=vllm_server", "teacher.server_urls=[http://127.0.0.1:9]"]))  # not up yet

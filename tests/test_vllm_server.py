@@ -128,18 +128,25 @@ def test_without_the_secret_the_servers_answer_401_and_change_nothing(server, te
     assert post(server, "/health", None)[0] == 200
     # with the secret: a reload from outside the folder the server was started for, or any other
     # worker method, is refused all the same
-    for body in (rpc, {"method": "sleep", "kwargs": {"level": 1}}):
-        code, out = post(server, "/collective_rpc", body, TOKEN)
-        assert code == 403 and out["error"].startswith("collective_rpc refused"), out
+    for path, body in (("/collective_rpc", rpc), ("/collective%5Frpc", rpc), ("/collective_rpc/", rpc),
+                       ("/collective_rpc", {"method": "sleep", "kwargs": {"level": 1}})):
+        code, out = post(server, path, body, TOKEN)
+        assert code == 403 and out["error"].startswith("collective_rpc refused"), (path, out)
+    # and the dev routes a run never calls (/weight_checker zeroes the weights), secret or not
+    for path, body in (("/weight_checker", {"action": "reset"}), ("/pause", {}), ("/sleep", {}),
+                       ("/update_weights", {})):
+        code, out = post(server, path, body, TOKEN)
+        assert code == 403 and "is not served" in out["error"], (path, out)
     assert post(teacher_server, "/collective_rpc", rpc, TOKEN)[0] == 403
     assert scored(server, TOKEN) == before  # nothing reached the weights
 
 
 def test_a_run_without_the_secret_stops_in_one_line(server, tiny_world, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OPD_EXP_SERVER_TOKEN_FILE"}
     p = subprocess.run([sys.executable, "-m", "opd_exp", "train", "rollout=vllm_server",
                         f"rollout.server_url={server}", *TINY_RUN, "trainer.steps=1",
                         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                       env={**os.environ, "OPD_EXP_TOY_DIR": str(tiny_world)})
+                       env={**env, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 1, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {server}/v1/models: HTTP 401: the server wants the shared secret")
@@ -177,6 +184,7 @@ def test_server_logprobs_match_hf_and_follow_weight_push(server, tiny_world, tmp
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["rows"] == 12 and out["groups"] == [0] * 4 + [1] * 4 + [2] * 4 and out["stop_ok"]
     assert out["big_rows"] == 33 * 8
+    assert out["rewritten"]  # each push in a folder of its own, the previous one removed
     assert out["before"] <= 1e-3  # the server's sampled log-probs = HF forward of the same tokens
     assert out["after_new"] <= 1e-3 and out["after_old"] > 1e-2  # weights pushed over HTTP
 

@@ -17,7 +17,7 @@ from opd_exp.engines.hf_models import load_model, load_tokenizer, model_shape, r
 from opd_exp.engines.rollout_hf import HFRollout
 from opd_exp.engines.rollout_vllm import hub_source, save_untied
 from opd_exp.config.errors import ConfigError
-from opd_exp.engines.rollout_vllm_server import serve_command, server_token
+from opd_exp.engines.rollout_vllm_server import SERVED_MARK, serve_command, server_token
 from opd_exp.engines.server_guard import TOKEN_FILE_ENV, WEIGHTS_DIR_ENV, is_loopback, token_file
 from opd_exp.loop.evaluator import Evaluator
 
@@ -74,7 +74,7 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
     validate(cfg)
     sv = cfg.serve
     url = sv.url or (cfg.teacher.server_urls[0] if sv.role == "teacher" else cfg.rollout.server_url)
-    weights = None if sv.role == "teacher" else (run_dir / "server_weights").resolve()
+    weights = None if sv.role == "teacher" else (run_dir / "server_weights").absolute()
     env = guard_env(cfg, url, weights)  # refused before any weight is loaded
     if sv.role == "teacher":
         t, p = cfg.teacher, cfg.pair.teacher
@@ -89,6 +89,8 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
     else:
         save_untied(load_model(cfg.pair.student, "pair.student"), weights)
         load_tokenizer(cfg.pair.student, "pair.student").save_pretrained(weights)
+        (weights / SERVED_MARK).write_text(json.dumps({"served_by": "python -m opd_exp serve",
+                                                       "pushes": "push-<id>/ folders of the run"}) + "\n")
         r = cfg.rollout
         cmd = serve_command(url, weights, r.dtype or cfg.pair.student.dtype,
                             cfg.trainer.seed, sv.gpu_memory_utilization or r.gpu_memory_utilization,

@@ -8,9 +8,10 @@ and runs vLLM's OpenAI server on that folder with `VLLM_SERVER_DEV_MODE=1`, on t
 - samples with POST /v1/completions (prompts as token ids, `n`, temperature / top-p / top-k,
   `stop_token_ids`, `return_token_ids`, `logprobs=0` for the sampled tokens' log-probs at T = 1);
 - pushes the learner's weights every `rollout.sync_every` steps (and once at start, so a resumed
-  run samples from its checkpoint) into the folder the server was started on (its model's `root`
-  in /v1/models; the only folder the guard lets it reload from — the run must be able to write it)
-  then POST /collective_rpc `reload_weights` and POST /reset_prefix_cache.
+  run samples from its checkpoint) into a new folder `push-<id>` inside the one the server was
+  started on (its model's `root` in /v1/models, marked by `serve` with SERVED_MARK; the guard lets
+  it reload from inside it only — the run must be able to write it), then POST /collective_rpc
+  `reload_weights` and POST /reset_prefix_cache; the previous push is removed.
 Every request carries the shared secret of `serve.token_file` when one is set.
 One training process per server (the launcher's ranks would push over each other).
 """
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import time
+import uuid
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +34,9 @@ from opd_exp.core.protocols import RolloutBackend
 from opd_exp.core.types import Rollouts, Sampling, rollouts_from_samples
 from opd_exp.engines.rollout_vllm import save_untied
 from opd_exp.engines.server_guard import TOKEN_FILE_ENV, TokenError, read_token, token_file
+
+
+SERVED_MARK = "opd_exp_server.json"  # written by `serve` into the folder it serves (the student's)
 
 
 class BadRequest(RuntimeError):
@@ -55,6 +61,22 @@ def server_token(cfg) -> str | None:
 RETRIED = {408, 429}  # a timeout or "too many requests" from the server or a gateway: try again
 # the servers are the job's own machines: never reached through an http(s)_proxy of the environment
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def check_access(cfg) -> None:
+    """Every server the run calls (rollout.server_url, teacher.server_urls) lets it in: a refusal
+    stops a launched run in one line here, before its ranks start (each would print its own, under
+    torchrun's traceback). A server not reachable yet is left to the ranks' retries."""
+    urls = [cfg.rollout.server_url] if cfg.rollout.backend == "vllm_server" else []
+    urls += list(cfg.teacher.server_urls) if cfg.teacher.backend == "vllm_server" else []
+    token = server_token(cfg) if urls else None
+    for url in urls:
+        try:
+            request_json(url.rstrip("/"), "/v1/models", None, 60.0, 0, token=token)
+        except Refused:
+            raise
+        except RuntimeError:
+            pass
 
 
 def request_json(url: str, path: str, body: dict | None = None, timeout_s: float = 3600.0,
@@ -132,25 +154,38 @@ class VLLMServerRollout(ServerSampler):
                  sync_every: int, timeout_s: float = 3600.0, token: str | None = None):
         super().__init__(url, tokenizer, stop_ids, model.get_output_embeddings().weight.shape[0], timeout_s,
                          token=token)
-        root = self.served.get("root") or ""
-        if not Path(root).is_absolute():
-            raise ConfigError(f"rollout.server_url: {self.url} serves {root or self.model_name!r}, not a "
-                              "folder: start it with `python -m opd_exp serve`, whose folder the run's "
-                              "weights are pushed into")
-        self.weights_dir = Path(root)  # the folder the server was started for: the only one it reloads
+        root = Path(self.served.get("root") or "")
+        if not (root.is_absolute() and (root / SERVED_MARK).is_file()):
+            raise ConfigError(f"rollout.server_url: {self.url} serves {str(root) or self.model_name!r}, which "
+                              f"holds no {SERVED_MARK} here: not a folder `python -m opd_exp serve` wrote, or "
+                              "not visible from this machine (the run pushes its weights into it: a "
+                              "filesystem both machines share, at the same path)")
+        self.root = root  # the folder the server was started for: it reloads only from inside it
+        self.weights_dir: Path | None = None  # the latest push, a folder of its own in `root`
         self.sync_every, self.calls = sync_every, 0
         self._push(model)
 
     def _push(self, model: torch.nn.Module) -> None:
+        """The weights into a new folder `root/push-<id>` (never over the files the server started
+        from; a folder the server cannot see is refused by its guard, never reloaded stale), the
+        reload from it, then the previous push removed."""
+        new = self.root / f"push-{uuid.uuid4().hex[:12]}"
         try:
-            save_untied(model, self.weights_dir)
+            save_untied(model, new)
         except OSError as e:
-            raise RunStopped(f"rollout.server_url: cannot write the server's weights folder {self.weights_dir} "
+            raise RunStopped(f"rollout.server_url: cannot write into the server's weights folder {self.root} "
                              f"({e.strerror or e}): the run pushes into the folder `serve` started the "
                              "server on, on a filesystem both machines share, at the same path") from None
-        self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
-            "weights_path": str(self.weights_dir), "is_checkpoint_format": True}})
+        try:
+            self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {
+                "weights_path": str(new), "is_checkpoint_format": True}})
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
         self._request("/reset_prefix_cache", {})  # cached prompt KV used the old weights
+        if self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+        self.weights_dir = new
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.calls += 1

@@ -8,9 +8,12 @@ server also runs with VLLM_SERVER_DEV_MODE=1, whose /collective_rpc calls any wo
 of them, in vLLM's own process:
 - with a secret (OPD_EXP_SERVER_TOKEN_FILE names the file): every request but GET /health must
   carry `Authorization: Bearer <secret>`, else 401 — the dev endpoints, /metrics and /v1 alike;
-- POST /collective_rpc calls `reload_weights` only, and only from inside the folder the server was
-  started for (OPD_EXP_SERVER_WEIGHTS_DIR; unset: no call at all), else 403 — with or without a
-  secret, so a server on loopback does not load files of another local user's choosing either.
+- only the routes a run and its user need answer (`ROUTES`; a student's server also
+  /collective_rpc and /reset_prefix_cache); every other — /sleep, /pause, /weight_checker,
+  /update_weights, … — 403, with or without a secret;
+- POST /collective_rpc calls `reload_weights` only, and only from an existing folder inside the one
+  the server was started for (OPD_EXP_SERVER_WEIGHTS_DIR; unset: a teacher's server, no call at
+  all), else 403 — so a server on loopback does not load files of another local user's choosing.
 
 The secret lives in a file only the user can read (mode 600): `serve.token_file`, or the file the
 environment variable OPD_EXP_SERVER_TOKEN_FILE names. Its path goes into configs and command
@@ -30,6 +33,10 @@ from pathlib import Path
 TOKEN_FILE_ENV = "OPD_EXP_SERVER_TOKEN_FILE"  # names the file holding the shared secret
 WEIGHTS_DIR_ENV = "OPD_EXP_SERVER_WEIGHTS_DIR"  # the folder a student's server reloads from
 OPEN_PATHS = frozenset({"/health"})  # liveness, for the run's and the user's readiness checks
+# what the run and a user checking a server by hand call; the student's server adds RELOAD_ROUTES
+ROUTES = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+                    "/detokenize", "/version", "/metrics"})
+RELOAD_ROUTES = frozenset({"/collective_rpc", "/reset_prefix_cache"})
 RELOAD_KWARGS = frozenset({"weights_path", "is_checkpoint_format"})
 MAX_RPC_BODY = 1 << 16  # bytes: a reload request is a few hundred
 
@@ -56,8 +63,8 @@ def read_token(path: str, field: str = "serve.token_file") -> str | None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TokenError(f"{field}: {p} can be read by others (mode {stat.filemode(mode)}): chmod 600 {p}")
     token = text.strip()
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise TokenError(f"{field}: {p} must hold one secret of 16 characters or more, e.g. "
+    if len(token) < 16 or not (token.isascii() and token.isprintable()) or " " in token:
+        raise TokenError(f"{field}: {p} must hold one secret of 16 printable ASCII characters or more, e.g. "
                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
     return token
 
@@ -76,9 +83,12 @@ def is_loopback(host: str | None) -> bool:
 
 
 def inside(path: str, folder: str) -> bool:
-    """Whether `path`, links followed, is `folder` or lies under it."""
-    p, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    return p == root or root in p.parents
+    """Whether the absolute `path`, links followed, is `folder` or lies under it."""
+    try:
+        p, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    except ValueError:  # a NUL in the path
+        return False
+    return os.path.isabs(path) and (p == root or root in p.parents)
 
 
 async def _answer(send, code: int, error: str) -> None:
@@ -105,8 +115,12 @@ def rpc_refusal(body: bytes, weights_dir: str | None) -> str | None:
     if req.get("args") or not isinstance(kwargs, dict) or set(kwargs) - RELOAD_KWARGS:
         return f"reload_weights takes only the keywords {sorted(RELOAD_KWARGS)}"
     path = kwargs.get("weights_path")
-    if path is not None and (not isinstance(path, str) or not inside(path, weights_dir)):
-        return f"weights_path must lie in {weights_dir}, the folder this server was started for"
+    if path is None:
+        return None  # vLLM reloads the folder it last loaded: this one or a checked one
+    if not isinstance(path, str) or not inside(path, weights_dir):
+        return f"weights_path must be an absolute path in {weights_dir}, the folder this server was started for"
+    if not os.path.isdir(path):  # vLLM would take it for a hub id and download it
+        return f"{path} is no folder on the server's machine: is the run's filesystem the server's?"
     return None
 
 
@@ -119,6 +133,9 @@ class ServerGuard:
         self.token = token if token is not None else read_token(os.environ.get(TOKEN_FILE_ENV, ""),
                                                                 TOKEN_FILE_ENV)
         self.weights_dir = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV)
+
+    def routes(self) -> frozenset[str]:
+        return ROUTES | (RELOAD_ROUTES if self.weights_dir is not None else frozenset())
 
     def authorized(self, scope) -> bool:
         if self.token is None:
@@ -135,7 +152,13 @@ class ServerGuard:
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
             return await _answer(send, 401, "Unauthorized: this server wants the run's shared secret")
-        if path.rstrip("/") != "/collective_rpc":
+        route = path.rstrip("/") or "/"
+        if route not in ROUTES and not (self.weights_dir is not None and route in RELOAD_ROUTES):
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            return await _answer(send, 403, f"{route} is not served: opd_exp's guard lets through "
+                                            f"only {', '.join(sorted(self.routes()))}")
+        if route != "/collective_rpc":
             return await self.app(scope, receive, send)
         body, more = b"", True
         while more:  # the whole body, to check it and hand it on

@@ -60,10 +60,11 @@ def main(world: Path, work: Path, url: str | None = None) -> dict:
     batch.logp_old_B_T = learner.logprobs(batch, 1.0)
     batch, _ = obj.prepare(batch)
     learner.update(batch, obj)
-    weights_file = getattr(engine, "weights_dir", work / "vllm_weights") / "model.safetensors"
-    written = weights_file.stat().st_mtime_ns
+    pushed = engine.weights_dir  # the server's: a new folder each push; in process: one folder
+    written = (pushed / "model.safetensors").stat().st_mtime_ns
     engine.sync_weights(student)
-    rewritten = weights_file.stat().st_mtime_ns != written
+    now = engine.weights_dir / "model.safetensors"
+    rewritten = now.stat().st_mtime_ns != written or (engine.weights_dir != pushed and not pushed.exists())
     r2 = engine.generate(prompts, Sampling(n=4, max_new_tokens=24))
     m2 = r2.response_mask_B_T
     with torch.no_grad():
