@@ -57,18 +57,21 @@ def test_the_objective_phase_sees_the_prompts_of_an_objective_only_run():
         step_prompts(cold, s, True) for s in range(5)]
 
 
-def test_cold_start_lr_needs_one_optimizer_step_per_step():
-    with pytest.raises(ConfigError, match="schedule.cold_start_lr"):
-        validate(compose(["schedule=cold_start", "schedule.cold_start_lr=1e-3",
-                          "learner.minibatches=2"]))
+def test_the_cold_start_schedule_is_checked():
+    for key, value in (("cold_start_warmup_ratio", 1.5), ("cold_start_decay", "linear")):
+        with pytest.raises(ConfigError, match=f"schedule.{key}"):
+            validate(compose(["schedule=cold_start", f"schedule.{key}={value}"]))
+    validate(compose(["schedule=cold_start", "schedule.cold_start_lr=1e-3", "learner.minibatches=2"]))
 
 
 def test_cold_start_steps_take_their_own_learning_rate(tmp_path, use_tiny_world):
     train(compose(BASE + ["trainer.steps=4", "schedule.filter=false", "learner.lr=1e-4",
-                          "schedule.cold_start_lr=3e-3", "learner.warmup_steps=2"]), tmp_path)
+                          "schedule.cold_start_lr=3e-3", "schedule.cold_start_warmup_ratio=0.5",
+                          "learner.warmup_steps=2"]), tmp_path)
     lrs = [r["train/lr"] for r in _rows(tmp_path) if r["step"] > 0]
-    # the lr logged after step s is the one step s + 1 uses: warm-up 1/2, 2/2, then constant
-    assert lrs == pytest.approx([3e-3, 1e-4, 1e-4, 1e-4])
+    # the rate each step applied: the cold start's (warm-up of 1 step, cosine over 2), then the
+    # objective's warm-up from the switch: 1/2, 2/2
+    assert lrs == pytest.approx([3e-3, 1.5e-3, 5e-5, 1e-4])
 
 
 @pytest.mark.parametrize("killed_after", [1, 3])

@@ -243,3 +243,64 @@ def test_clip_frac_counts_tokens_whose_loss_is_the_clipped_term():
     batch = StepBatch(r, TeacherScores(old), logp_old_B_T=old, advantages_B_T=A)
     _, m = obj.loss(_FixedPolicy(ratio.log()), batch, 4.0)
     assert m["clip_frac"] == pytest.approx(1 / 4)
+
+
+def _step_batch(learner, obj, seed=3, B=5):
+    _, r = _rollouts(seed=seed, B=B)
+    batch = StepBatch(r, TeacherScores(torch.randn(r.response_ids_B_T.shape, dtype=torch.float64) - 3))
+    batch.logp_old_B_T = learner.logprobs(batch, 1.0)
+    return obj.prepare(batch)[0]
+
+
+def test_train_lr_is_the_rate_the_step_applied(tiny_world):
+    """AdamW's first step moves every coordinate with a clear gradient by the rate itself
+    (m̂/√v̂ = ±1, no decay): the largest |Δw| is the rate applied; during a warm-up of 4 steps
+    that is lr/4, which `lr` must report (it used to report the next step's, 2·lr/4)."""
+    student = _model(tiny_world)
+    cfg = _cfg()
+    cfg.learner.warmup_steps, cfg.learner.lr = 4, 1e-3
+    obj = _obj(SampledTokenOPD, cfg)
+    learner = TorchLearner(student, cfg.learner)
+    before = [p.detach().clone() for p in student.parameters()]
+    m = learner.update(_step_batch(learner, obj), obj)
+    moved = max((a - b).abs().max().item() for a, b in zip(before, student.parameters()))
+    assert moved == pytest.approx(2.5e-4, rel=1e-3) and m["lr"] == pytest.approx(2.5e-4, rel=1e-12)
+    cfg.learner.minibatches = 2  # two optimizer steps: the mean of the two rates applied
+    assert learner.update(_step_batch(learner, obj, B=4), obj)["lr"] == pytest.approx((0.5e-3 + 0.75e-3) / 2)
+
+
+def test_the_cold_start_schedule_and_a_fresh_optimizer_at_the_switch(tiny_world):
+    """Two cold-start steps (their own rate, warm-up, cosine), then OPD: its warm-up restarts at
+    the switch and, with `reset`, its first step equals a fresh learner's from the same weights."""
+    import copy
+
+    from opd_exp.engines.learner_torch import Phases, make_scheduler
+
+    cfg = _cfg()
+    cfg.learner.warmup_steps, cfg.learner.lr = 2, 1e-3
+    phases = Phases(cold_steps=4, cold_lr=8e-3, cold_warmup=2, cold_decay="cosine", reset=True)
+    sched = make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3), cfg.learner, phases)
+    rates = []
+    for _ in range(7):
+        rates.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    cos = [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert rates == pytest.approx([8e-3 * 0.5 * cos[0], 8e-3 * cos[1], 8e-3 * cos[2], 8e-3 * cos[3],
+                                   0.5e-3, 1e-3, 1e-3])
+
+    obj = _obj(SampledTokenOPD, cfg)
+    reset = TorchLearner(_model(tiny_world), cfg.learner, phases=Phases(2, 8e-3, 0, "constant", True))
+    kept = TorchLearner(_model(tiny_world), cfg.learner, phases=Phases(2, 8e-3, 0, "constant", False))
+    batches = [_step_batch(reset, obj, seed=s) for s in (3, 4, 5)]
+    for b in batches[:2]:  # the cold start (the same batches, the same weights in both)
+        reset.update(b, obj)
+        kept.update(b, obj)
+    assert not reset.optimizer.state and kept.optimizer.state  # cleared at the switch
+    fresh = TorchLearner(copy.deepcopy(reset.model), cfg.learner)
+    for learner in (reset, kept, fresh):
+        m = learner.update(batches[2], obj)
+        assert m["lr"] == pytest.approx(0.5e-3)  # the objective's warm-up, from the switch
+    for a, b in zip(reset.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(kept.model.parameters(), fresh.model.parameters()))

@@ -260,6 +260,12 @@ class ScheduleConfig:
     name: str = "none"  # none | cold_start
     cold_start_steps: int = 50
     cold_start_lr: Optional[float] = None  # learning rate of the cold-start steps; None = learner.lr
+    # the cold start's own linear warm-up (a share of its steps) and then decay: cosine | constant
+    cold_start_warmup_ratio: float = 0.05
+    cold_start_decay: str = "cosine"
+    # a fresh optimizer (AdamW's moments cleared) at the switch to the objective, whose warm-up
+    # (learner.warmup_steps) restarts there
+    reset_optimizer: bool = True
     cold_start_prompts: int = 0  # prompts (one trace each) per cold-start step; 0 = data.prompts_per_step
     max_retries: int = 3  # a prompt whose trace is rejected is sampled again up to this often
     filter: bool = True  # the rejection filter of SPEC §2 (opd_exp/recipes/rejection.py)

@@ -302,9 +302,9 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
              "an integer >= 1")
     _require(sc.cold_start_lr is None or sc.cold_start_lr > 0, "schedule.cold_start_lr",
              sc.cold_start_lr, "null (learner.lr) or a number > 0")
-    _require(sc.cold_start_lr is None or cfg.learner.minibatches == 1, "schedule.cold_start_lr",
-             sc.cold_start_lr, "null with learner.minibatches > 1 (its phase boundary counts "
-             "optimizer steps)")
+    _require(0 <= sc.cold_start_warmup_ratio <= 1, "schedule.cold_start_warmup_ratio",
+             sc.cold_start_warmup_ratio, "a share of the cold-start steps in [0, 1]")
+    _choice("schedule.cold_start_decay", sc.cold_start_decay, {"cosine", "constant"})
     _require(sc.cold_start_prompts >= 0, "schedule.cold_start_prompts", sc.cold_start_prompts,
              "0 (data.prompts_per_step) or an integer >= 1")
     _require(sc.max_retries >= 0, "schedule.max_retries", sc.max_retries, "an integer >= 0")

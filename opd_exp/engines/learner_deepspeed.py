@@ -112,8 +112,8 @@ class DeepSpeedLearner:
 
         totals = minibatch_updates(batch, objective, self.cfg, self.view, backward=backward,
                                    optimizer_step=optimizer_step,
-                                   token_count=lambda n: self.dist.sum(n) / W)
-        totals["lr"] = self.engine.get_lr()[0]
+                                   token_count=lambda n: self.dist.sum(n) / W,
+                                   rate=lambda: self.engine.get_lr()[0])
         if self.stage3:
             self._refresh_policy()
         return totals

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,41 +36,63 @@ def make_optimizer(params, c) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
 
 
-def make_scheduler(optimizer, c, cold_steps: int = 0,
-                   cold_lr: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over `learner.warmup_steps` optimizer steps, then constant; the first
-    `cold_steps` optimizer steps (a cold start's SFT) at `cold_lr` instead of `learner.lr`."""
-    def factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / c.warmup_steps) if c.warmup_steps else 1.0
-        return warm * (cold_lr / c.lr if cold_lr is not None and s < cold_steps else 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+@dataclass(frozen=True)
+class Phases:
+    """A cold start's share of the schedule, in optimizer steps (SPEC §2; the authors' recipe: a
+    full SFT with its own rate, warm-up and cosine decay, then OPD from a fresh optimizer):
+    `cold_steps` steps at `cold_lr`, warmed up linearly over `cold_warmup` and then `cold_decay`
+    (cosine towards 0, or constant); after them the objective, its warm-up (`learner.warmup_steps`)
+    counted from the switch; `reset`: AdamW's moments cleared at the switch."""
+    cold_steps: int = 0
+    cold_lr: float = 0.0
+    cold_warmup: int = 0
+    cold_decay: str = "cosine"
+    reset: bool = False
 
 
-def cold_start_lr(cfg) -> tuple[int, float | None]:
-    """(optimizer steps of the cold start, their learning rate or None) from `schedule.*`: one
-    optimizer step per cold-start step (validate refuses learner.minibatches > 1 with it); a
-    skipped step (non-finite gradient) moves the boundary one step later."""
+def cold_start_phases(cfg) -> Phases:
+    """`Phases` from `schedule.*` (none without a cold start): `learner.minibatches` optimizer
+    steps per cold-start step."""
     sc = cfg.schedule
-    if sc.name != "cold_start" or sc.cold_start_lr is None:
-        return 0, None
-    return sc.cold_start_steps, sc.cold_start_lr
+    if sc.name != "cold_start":
+        return Phases()
+    steps = sc.cold_start_steps * cfg.learner.minibatches
+    return Phases(steps, sc.cold_start_lr if sc.cold_start_lr is not None else cfg.learner.lr,
+                  math.ceil(sc.cold_start_warmup_ratio * steps), sc.cold_start_decay, sc.reset_optimizer)
+
+
+def make_scheduler(optimizer, c, phases: Phases = Phases()) -> torch.optim.lr_scheduler.LRScheduler:
+    """The rate of optimizer step s (0-based) as a factor of `learner.lr`: a cold start's phase
+    first (`Phases`), then linear warm-up over `learner.warmup_steps` steps, then constant. A
+    skipped step (non-finite gradient) does not advance it."""
+    def warm(s: int, steps: int) -> float:
+        return min(1.0, (s + 1) / steps) if steps else 1.0
+
+    def factor(s: int) -> float:
+        if s < phases.cold_steps:
+            decay = 0.5 * (1 + math.cos(math.pi * s / phases.cold_steps)) if phases.cold_decay == "cosine" else 1.0
+            return phases.cold_lr / c.lr * warm(s, phases.cold_warmup) * decay
+        return warm(s - phases.cold_steps, c.warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def minibatch_updates(batch: StepBatch, objective: Objective, c, policy: PolicyView,
                       backward: Callable, optimizer_step: Callable[[], float],
-                      token_count: Callable[[float], float]) -> dict[str, float]:
+                      token_count: Callable[[float], float], rate: Callable[[], float]) -> dict[str, float]:
     """`learner.minibatches` optimizer steps over disjoint slices of the batch, each accumulated
     over micro-batches of `learner.micro_batch_size` sequences. The loss of a micro-batch is
     normalised by `token_count(tokens of the minibatch)`, so the accumulated gradient is the
     minibatch's token mean. Metrics are token-weighted over micro-batches and averaged over
     minibatches; `optimizer_step` returns the gradient norm before clipping, and must leave the
     weights untouched when it is not finite (counted in `skipped_steps`; `grad_norm_max` is then
-    NaN or inf too, never hidden)."""
+    NaN or inf too, never hidden). `lr`: the mean of the rates the optimizer steps applied
+    (`rate()` read before each)."""
     B = batch.rollouts.size
     totals: dict[str, float] = defaultdict(float)
     norms = []
     for mini in micro_slices(B, B // c.minibatches):
         mb_all = batch.select(mini)
+        totals["lr"] += rate() / c.minibatches  # the rate this minibatch's optimizer step applies
         n_tokens = token_count(mb_all.mask_B_T.sum().clamp(min=1).item())
         for s in micro_slices(mb_all.rollouts.size, c.micro_batch_size):
             loss, m = objective.loss(policy, mb_all.select(s), n_tokens)
@@ -103,14 +126,14 @@ class TorchLearner:
     """
 
     def __init__(self, model: torch.nn.Module, learner_cfg, vocab_size: int | None = None,
-                 cold: tuple[int, float | None] = (0, None)):
+                 phases: Phases = Phases()):
         """`vocab_size`: the tokenizer's real tokens (padded rows take part in no objective);
-        `cold`: (optimizer steps, learning rate) of a cold start (`cold_start_lr`)."""
+        `phases`: a cold start's schedule (`cold_start_phases`)."""
         self.model = self.policy = model
         self.view = HFPolicy(model, vocab_size=vocab_size, packing=learner_cfg.packing)
         self.cfg = learner_cfg
         self.optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), self.cfg)
-        self.scheduler = make_scheduler(self.optimizer, self.cfg, *cold)
+        self.scheduler, self.phases = make_scheduler(self.optimizer, self.cfg, phases), phases
         prepare_for_training(model, self.cfg)
 
     def logprobs(self, batch: StepBatch, temperature: float) -> torch.Tensor:
@@ -124,14 +147,16 @@ class TorchLearner:
             if math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.phases.reset and self.scheduler.last_epoch == self.phases.cold_steps:
+                    self.optimizer.state.clear()  # the cold start's last step: OPD from fresh moments
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
 
         self.optimizer.zero_grad(set_to_none=True)
         totals = minibatch_updates(batch, objective, self.cfg, self.view,
                                    backward=lambda loss: loss.backward(),
-                                   optimizer_step=optimizer_step, token_count=lambda n: n)
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+                                   optimizer_step=optimizer_step, token_count=lambda n: n,
+                                   rate=lambda: self.optimizer.param_groups[0]["lr"])
         return totals
 
     def save(self, directory: Path) -> None:
@@ -145,4 +170,4 @@ class TorchLearner:
 
 
 def make(cfg, model, dist, run_dir: Path | None = None, vocab_size: int | None = None) -> Learner:
-    return TorchLearner(model, cfg.learner, vocab_size, cold_start_lr(cfg))
+    return TorchLearner(model, cfg.learner, vocab_size, cold_start_phases(cfg))
