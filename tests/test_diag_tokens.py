@@ -40,7 +40,7 @@ def _brute(lp: list[float], lq: list[float], k: int) -> dict[str, float]:
             adv += pbar * (math.log(qbar) - math.log(pbar))
     hp = -sum(x * math.log(x) for x in p if x > 0)
     hq = -sum(x * math.log(x) for x in q if x > 0)
-    return {"ratio": len(common) / k, "mass_student": mp, "mass_teacher": mq, "advantage": adv,
+    return {"ratio": len(common) / k, "top1": float(_top(lp, 1) == _top(lq, 1)), "mass_student": mp, "mass_teacher": mq, "advantage": adv,
             "entropy_gap": abs(hq - hp)}
 
 
@@ -74,7 +74,8 @@ def test_topk_path_matches_brute_force_in_any_slot_order():
     p_idx, p_lp = torch.tensor(lists["p"][0]), torch.tensor(lists["p"][1], dtype=torch.float64)
     q_idx, q_lq = torch.tensor(lists["q"][0]), torch.tensor(lists["q"][1], dtype=torch.float64)
     got = overlap_from_topk(p_idx, p_lp, q_idx, q_lq)
-    for key in ("ratio", "mass_student", "mass_teacher", "advantage"):
+    assert 0 < ref["top1"].mean() < 1  # agreeing and disagreeing heads, from shuffled lists
+    for key in ("ratio", "top1", "mass_student", "mass_teacher", "advantage"):
         torch.testing.assert_close(got[key], ref[key], atol=1e-12, rtol=0, equal_nan=True, msg=key)
     # entropies from the lists are lower bounds of the true ones
     assert (topk_entropy(p_lp) <= entropy(logp) + 1e-12).all() and (topk_entropy(q_lq) <= entropy(logq) + 1e-12).all()
@@ -118,8 +119,9 @@ def test_disjoint_top_k_gives_nan_advantage_that_summarise_skips():
     assert out["mass_student"][0] == 0 and out["mass_teacher"][0] == 0
     assert math.isnan(out["advantage"][0]) and not math.isnan(out["advantage"][1])
     s = summarise(out, prefix="tok")
-    assert set(s) == {f"tok_{k}" for k in ("ratio", "mass_student", "mass_teacher", "advantage", "entropy_gap")}
-    assert s["tok_ratio"] == pytest.approx(0.5)
+    assert set(s) == {f"tok_{k}" for k in ("ratio", "top1", "mass_student", "mass_teacher", "advantage",
+                                          "entropy_gap")}
+    assert s["tok_ratio"] == pytest.approx(0.5) and s["tok_top1"] == pytest.approx(0.5)
     assert s["tok_advantage"] == pytest.approx(out["advantage"][1].item(), abs=1e-12)  # NaN row skipped
     assert math.isnan(summarise({"advantage": out["advantage"][:1]})["advantage"])  # all NaN → NaN
     assert set(summarise(out)) == set(out)  # no prefix: bare keys

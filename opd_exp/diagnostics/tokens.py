@@ -46,7 +46,9 @@ def overlap_from_topk(p_idx_N_K: torch.Tensor, p_logp_N_K: torch.Tensor,
                       q_idx_N_K: torch.Tensor, q_logq_N_K: torch.Tensor) -> dict[str, torch.Tensor]:
     """Overlap of the student's and the teacher's top-K lists (same K = k on both sides), vectorised over N.
 
-    ratio = |∩|/k, mass_student = Σ_∩ p, mass_teacher = Σ_∩ q,
+    ratio = |∩|/k, top1 = 1[argmax p = argmax q] (the lists' heads; unlike the set quantities it
+    does not saturate when a task's few answer tokens fit in both top-K sets), mass_student = Σ_∩ p,
+    mass_teacher = Σ_∩ q,
     advantage = Σ_∩ p̄ (log q̄ − log p̄) with p̄ = p/Σ_∩ p, q̄ = q/Σ_∩ q (NaN where ∩ = ∅),
     entropy_gap = |topk_entropy(q) − topk_entropy(p)| (a difference of lower bounds, not exact).
     Log-probs are under the full softmax; -inf slots are outside the support. Each value is [N].
@@ -71,7 +73,10 @@ def overlap_from_topk(p_idx_N_K: torch.Tensor, p_logp_N_K: torch.Tensor,
     log_qbar_N_K = logq_at_p_N_K - log_mass_q_N[:, None]
     term_N_K = torch.where(in_p_N_K, log_pbar_N_K.exp() * (log_qbar_N_K - log_pbar_N_K), 0.0)
     advantage_N = torch.where(n_N > 0, term_N_K.sum(1), float("nan"))
+    head_p_N = p_idx_N_K.gather(1, logp.argmax(1, keepdim=True))[:, 0]
+    head_q_N = q_idx_N_K.gather(1, logq.argmax(1, keepdim=True))[:, 0]
     return {"ratio": n_N.to(logp.dtype) / k,
+            "top1": (head_p_N == head_q_N).to(logp.dtype),
             "mass_student": log_mass_p_N.exp(),
             "mass_teacher": log_mass_q_N.exp(),
             "advantage": advantage_N,

@@ -62,7 +62,7 @@ def token_metrics(batch: StepBatch, view: HFPolicy, teacher, scored, cfg) -> dic
     out = {f"diag/token/{k}": v for k, v in summarise(d).items()}
     early = (torch.arange(T, device=mask.device) < cfg.probe.early_positions).expand_as(mask)[on]
     out.update({f"diag/token/early_{k}": v for k, v in summarise(
-        {k: d[k][early] for k in ("ratio", "mass_teacher", "mass_student")}).items()})
+        {k: d[k][early] for k in ("ratio", "top1", "mass_teacher", "mass_student")}).items()})
     out["diag/token/teacher_entropy_exact"] = float(q.entropy_B_T is not None)
     edges = position_edges(max(T, cfg.rollout.max_new_tokens))  # the same buckets on every rank
     mass_B_T = torch.zeros_like(mask)
