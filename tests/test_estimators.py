@@ -363,3 +363,41 @@ def test_in_place_log_softmax_on_whole_and_sliced_logits():
         ref_s = strided.log_softmax(-1)  # 1-D and transposed: no view merges them
         log_softmax_(strided, 8)
         assert torch.allclose(strided, ref_s, atol=1e-12)
+
+
+def test_rethinking_only_stu_is_the_authors_formula():
+    """`objective=topk_only_stu` (the Rethinking authors' default): S_t = the student's top-K,
+    full-softmax log-probs, A_t(v) = −(log p(v) − log q(v))·p(v)/Σ_{u∈S_t} p(u) held constant,
+    loss_t = −Σ_{v∈S_t} A_t(v) log p(v) — written out position by position here. The gradient
+    reaches tokens outside S_t through the full softmax's normaliser."""
+    from .conftest import compose
+
+    cfg = compose(["objective=topk_only_stu"])
+    o = cfg.objective
+    assert (o.support, o.renormalize, o.gradient, o.weight, o.k) == ("student", False, "pg", "student", 16)
+    g = torch.Generator().manual_seed(7)
+    B, T, V, K = 2, 3, 24, 16
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    obj = TopKOPD(o, cfg.reward, 1.0)
+    loss, _ = _chunk(obj, s, mask, t)
+    loss.backward()
+    got = s.grad.clone()
+
+    s2 = s.detach().clone().requires_grad_(True)
+    ref = 0.0
+    for b, i in itertools.product(range(B), range(T)):
+        if not mask[b, i]:
+            continue
+        lp, lq = s2[b, i].log_softmax(-1), t[b, i].log_softmax(-1)
+        S = sorted(range(V), key=lambda v: -s2[b, i, v].item())[:K]
+        z = sum(math.exp(lp[v].item()) for v in S)
+        for v in S:
+            A = -(lp[v].item() - lq[v].item()) * math.exp(lp[v].item()) / z
+            ref = ref - A * lp[v]
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-10
+    assert torch.allclose(got, s2.grad, atol=1e-12)
+    outside = [v for v in range(V) if v not in set(s[0, 0].detach().topk(K).indices.tolist())]
+    assert got[0, 0, outside].abs().max() > 0  # full-softmax log-probs: the normaliser's gradient
