@@ -205,3 +205,69 @@ def test_probe_verdicts_on_the_toy_conditions(tmp_path, pair, prompts, verdict, 
     if reason:
         assert any(r.startswith(reason) for r in report["reasons"]), report["reasons"]
     assert json.loads((tmp_path / "probe.json").read_text())["verdict"] == verdict
+
+
+def _adam_step(model, seed: int, weight_decay: float = 0.1):
+    """One AdamW step of a language-model loss on random tokens (float64 weights)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay)
+    ids = torch.randint(0, 50, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def test_update_projection_keeps_the_whole_step_in_the_span(use_tiny_world):
+    """learner.subspace_project=update: AdamW's step with weight decay, projected after it, has
+    ≤ 1e-6 of its norm outside span(V_K) (float64 weights); the gradient projection leaves much
+    more (AdamW rescales each coordinate), and says so; rest=freeze puts the rest back."""
+    cfg = compose(TINY_RUN)
+    outside = {}
+    for project, rest in (("gradient", "train"), ("update", "train"), ("update", "freeze")):
+        model = load_model(cfg.pair.student, "s").double()
+        mats = block_matrices(model)
+        torch.manual_seed(0)
+        bases = {n: torch.linalg.qr(torch.randn(w.shape[1], 3, dtype=torch.float64))[0].float()
+                 for n, w in mats.items()}
+        c = SubspaceConstraint(t0=1, k=3, project=project, rest=rest, measure_every=1)
+        c.attach(model, bases)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        c.before_update(1, model)
+        _adam_step(model, seed=1)
+        m = c.after_update(model)
+        outside[project, rest] = m["diag/param/outside_span"]
+        out_sq = all_sq = 0.0
+        for n, p in model.named_parameters():
+            step_ = p.detach() - start[n]
+            if n in mats:
+                v = bases[n].double()
+                out_sq += (step_ - step_ @ v @ v.T).square().sum().item()
+                all_sq += step_.square().sum().item()
+            elif rest == "freeze":
+                assert torch.equal(p, start[n]), n  # embeddings, norms: untouched
+            else:
+                assert step_.abs().max() > 0, n
+        share = (out_sq / all_sq) ** 0.5  # the step's norm outside span(V_K), as applied
+        if project == "update":
+            assert share <= 1e-6 and m["diag/param/outside_span"] <= 1e-6
+            assert m["diag/param/outside_span_proposed"] > 0.5  # what AdamW alone would have done
+        else:
+            assert m["diag/param/outside_span"] == pytest.approx(share, rel=1e-4)
+    assert outside["gradient", "train"] > 0.1  # the leak the update projection closes
+
+
+def test_update_projection_is_refused_where_it_cannot_reach_the_weights():
+    with pytest.raises(ConfigError, match=r"learner\.subspace_project"):
+        validate(compose(["learner=deepspeed", "learner.subspace_constraint=true",
+                          "learner.subspace_project=update"]))
+    with pytest.raises(ConfigError, match=r"learner\.subspace_rest"):
+        validate(compose(["learner.subspace_constraint=true", "learner.subspace_rest=freeze"]))
+
+
+def test_a_run_under_the_update_projection_logs_its_span_share(tmp_path, use_tiny_world):
+    train(compose(TINY_RUN + ["eval.every=0", "trainer.steps=3", "learner.subspace_constraint=true",
+                              "learner.subspace_from=0.34", "learner.subspace_k=2",
+                              "learner.subspace_project=update", "learner.subspace_rest=freeze"]), tmp_path)
+    steps = [r for r in _records(tmp_path) if r["step"] > 0]
+    assert "diag/param/outside_span" not in steps[0]  # before t0 (step 1): nothing constrained
+    for r in steps[1:]:
+        assert r["diag/param/outside_span"] < 1e-3 < r["diag/param/outside_span_proposed"]

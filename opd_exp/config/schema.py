@@ -193,6 +193,13 @@ class LearnerConfig:
     subspace_constraint: bool = False
     subspace_k: int = 16
     subspace_from: float = 0.2
+    # gradient: project each matrix's gradient (AdamW's per-coordinate scaling then moves the step
+    # out of the span: diag/param/outside_span says how far) | update: project each matrix's
+    # optimizer step itself, weight decay included (torch learner; one copy of the weights kept
+    # over the update)
+    subspace_project: str = "gradient"
+    # update: the parameters outside the block matrices (embeddings, LM head, norms): train | freeze
+    subspace_rest: str = "train"
 
 
 @dataclass

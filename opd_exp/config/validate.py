@@ -244,6 +244,13 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
              "0 with learner.zero_stage=3 and a vLLM rollout (the whole-weight copy the token "
              "diagnostics read is kept on the CPU there)")
     _require(lc.subspace_k >= 1, "learner.subspace_k", lc.subspace_k, "an integer >= 1")
+    _choice("learner.subspace_project", lc.subspace_project, {"gradient", "update"})
+    _choice("learner.subspace_rest", lc.subspace_rest, {"train", "freeze"})
+    _require(lc.subspace_project == "gradient" or lc.backend == "torch", "learner.subspace_project",
+             lc.subspace_project, "gradient with learner.backend=deepspeed (its master weights live "
+             "in the optimizer, out of reach of a projection of the weights)")
+    _require(lc.subspace_rest == "train" or lc.subspace_project == "update", "learner.subspace_rest",
+             lc.subspace_rest, "train with learner.subspace_project=gradient")
     _require(0 <= lc.subspace_from < 1, "learner.subspace_from", lc.subspace_from, "0 <= x < 1")
     la = cfg.launcher
     _require(la.nproc_per_node >= 1, "launcher.nproc_per_node", la.nproc_per_node, "an integer >= 1")

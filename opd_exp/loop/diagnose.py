@@ -157,7 +157,8 @@ class Diagnostics:
                                 dist=dist, measured=mine)
         if lc.subspace_constraint:
             constraint = SubspaceConstraint(max(1, int(lc.subspace_from * cfg.trainer.steps)),
-                                            lc.subspace_k)
+                                            lc.subspace_k, lc.subspace_project, lc.subspace_rest,
+                                            measure_every=cfg.diag.param_every)
         return cls(cfg, run_dir, dist.is_main, geometry, constraint)
 
     def token_due(self, step: int) -> bool:
@@ -172,6 +173,8 @@ class Diagnostics:
         out, dc = {}, self.cfg.diag
         if self.constraint is not None and self.constraint.due(step):
             self.constraint.start(self.geometry, learner.policy)
+        if self.constraint is not None:
+            self.constraint.before_update(step, learner.policy)
         if self.token_due(step):
             view = HFPolicy(learner.policy, vocab_size=getattr(learner.view, "vocab_size", None))
             with torch.random.fork_rng():
@@ -180,6 +183,11 @@ class Diagnostics:
                 if dc.grad_sequences and self.cfg.learner.backend == "torch":
                     out.update(grad_metrics(batch, learner.view, objective, self.cfg))
         return out
+
+    def after_learner_update(self, policy: torch.nn.Module) -> dict[str, float]:
+        """Right after the learner's update, before the sampler takes the weights: the subspace
+        constraint's projection of the step (learner.subspace_project=update) and its measure."""
+        return self.constraint.after_update(policy) if self.constraint is not None else {}
 
     def after_update(self, done: int, policy: torch.nn.Module) -> dict[str, float]:
         """diag/param/* every diag.param_every steps, the matrices shared by the ranks (every

@@ -130,15 +130,26 @@ def write_locking(subspace_dir: Path, out: Path) -> dict[int, float]:
 
 
 class SubspaceConstraint:
-    """`learner.subspace_constraint`: from optimizer step t0 on, every block matrix's gradient
-    g ← g · V_K V_Kᵀ with V_K = top-K right singular vectors of ΔW at t0 (SPEC §4). Applied by
-    gradient hooks on the parameters, before any accumulation or reduction (the projection is
-    linear, so projecting each micro-batch's gradient projects their sum)."""
+    """`learner.subspace_constraint`: from optimizer step t0 on, every block matrix is kept to
+    V_K = top-K right singular vectors of ΔW at t0 (SPEC §4), by `project`:
+    - gradient: g ← g · V_K V_Kᵀ, by gradient hooks on the parameters, before any accumulation or
+      reduction (the projection is linear, so projecting each micro-batch's gradient projects
+      their sum); AdamW's per-coordinate scaling then moves the step partly out of span(V_K);
+    - update: the step's change of each matrix, ΔW_step = W_after − W_before (weight decay
+      included), replaced by ΔW_step · V_K V_Kᵀ after the learner's update (`after_update`);
+      with `rest="freeze"` every other parameter (embeddings, LM head, norms) is put back.
+    `after_update` also measures diag/param/outside_span = ‖ΔW_step − ΔW_step V_K V_Kᵀ‖ / ‖ΔW_step‖
+    over the matrices for the step as applied (update: also `outside_span_proposed`, the
+    optimizer's own step), on every step of update mode and on `measure_every`-th steps of
+    gradient mode (a copy of the matrices is kept over those updates)."""
 
-    def __init__(self, t0: int, k: int):
-        self.t0, self.k = t0, k
+    def __init__(self, t0: int, k: int, project: str = "gradient", rest: str = "train",
+                 measure_every: int = 1):
+        self.t0, self.k, self.project, self.rest = t0, k, project, rest
+        self.measure_every = measure_every
         self.bases: dict[str, torch.Tensor] | None = None
         self._hooks: list = []
+        self._before: dict[str, torch.Tensor] | None = None
 
     def due(self, step: int) -> bool:
         """Start at the first step >= t0 without bases (a resumed run keeps those it saved)."""
@@ -151,10 +162,56 @@ class SubspaceConstraint:
         for h in self._hooks:  # one projection, never two stacked
             h.remove()
         self._hooks, self.bases = [], bases
+        if self.project != "gradient":
+            return
         for n, p in block_matrices(model).items():
             v = bases[n].to(p.device, torch.float32)
             self._hooks.append(p.register_hook(
                 lambda g, v=v: project_rows(g.float(), v).to(g.dtype)))
+
+    @torch.no_grad()
+    def before_update(self, step: int, model: torch.nn.Module) -> None:
+        """Keep the weights the update starts from (zero-based step `step`), when it is projected
+        or measured."""
+        measured = self.project == "update" or (self.measure_every and (step + 1) % self.measure_every == 0)
+        if self.bases is None or not measured:
+            self._before = None
+            return
+        keep = self.project == "update" and self.rest == "freeze"
+        mats = block_matrices(model)
+        self._before = {n: p.detach().clone() for n, p in model.named_parameters()
+                        if n in mats or (keep and p.requires_grad)}
+
+    @torch.no_grad()
+    def after_update(self, model: torch.nn.Module) -> dict[str, float]:
+        """The update projected (update mode) and measured: diag/param/outside_span."""
+        if self._before is None:
+            return {}
+        mats, out_sq, all_sq, proposed_out_sq, proposed_sq = block_matrices(model), 0.0, 0.0, 0.0, 0.0
+        for n, p in model.named_parameters():
+            if n not in self._before:
+                continue
+            if n not in mats:  # rest=freeze: put back
+                p.copy_(self._before[n])
+                continue
+            acc = torch.promote_types(p.dtype, torch.float32)  # float64 weights: float64 maths
+            v = self.bases[n].to(p.device, acc)
+            before = self._before[n].to(acc)
+            step_ = p.to(acc) - before
+            inside = (step_ @ v) @ v.T
+            if self.project == "update":
+                proposed_out_sq += float((step_ - inside).square().sum())
+                proposed_sq += float(step_.square().sum())
+                p.copy_((before + inside).to(p.dtype))
+                step_ = p.to(acc) - before  # as applied, after rounding to the weights' dtype
+                inside = (step_ @ v) @ v.T
+            out_sq += float((step_ - inside).square().sum())
+            all_sq += float(step_.square().sum())
+        self._before = None
+        m = {"diag/param/outside_span": (out_sq / all_sq) ** 0.5 if all_sq > 0 else 0.0}
+        if self.project == "update":
+            m["diag/param/outside_span_proposed"] = (proposed_out_sq / proposed_sq) ** 0.5 if proposed_sq > 0 else 0.0
+        return m
 
     def save(self, directory: Path) -> None:
         if self.bases is not None:

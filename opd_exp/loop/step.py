@@ -159,6 +159,7 @@ def run_step(run: Run, step: int) -> tuple[StepBatch, dict[str, float]]:
                                            on_policy)
     t_diag = time.time() - t_diag
     train_metrics = run.learner.update(batch, objective)
+    diag_metrics.update(run.diag.after_learner_update(run.learner.policy))  # the subspace constraint
     t_sync = time.time()
     run.rollout.sync_weights(run.learner.policy)
     t3 = time.time()
