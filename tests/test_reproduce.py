@@ -15,7 +15,7 @@ from opd_exp.config import validate, validate_training
 from .conftest import compose, sweep_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"poweropd": 39, "lsm": 9, "rethinking": 15, "geometry": 21}  # runs each script promises
+SCRIPTS = {"poweropd": 30, "lsm": 9, "rethinking": 15, "geometry": 21}  # runs each script promises
 TOY_ONLY = {"multi_teacher": 9}  # no Slurm form: no real multi-teacher setup in SPEC §5
 
 
