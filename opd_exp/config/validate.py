@@ -249,6 +249,9 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _require(lc.subspace_project == "gradient" or lc.backend == "torch", "learner.subspace_project",
              lc.subspace_project, "gradient with learner.backend=deepspeed (its master weights live "
              "in the optimizer, out of reach of a projection of the weights)")
+    _require(lc.subspace_project == "gradient" or lc.minibatches == 1, "learner.subspace_project",
+             lc.subspace_project, "gradient with learner.minibatches > 1 (the step is projected once "
+             "the update is done: a second minibatch would start outside the span)")
     _require(lc.subspace_rest == "train" or lc.subspace_project == "update", "learner.subspace_rest",
              lc.subspace_rest, "train with learner.subspace_project=gradient")
     _require(0 <= lc.subspace_from < 1, "learner.subspace_from", lc.subspace_from, "0 <= x < 1")
@@ -312,6 +315,9 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _require(0 <= sc.cold_start_warmup_ratio <= 1, "schedule.cold_start_warmup_ratio",
              sc.cold_start_warmup_ratio, "a share of the cold-start steps in [0, 1]")
     _choice("schedule.cold_start_decay", sc.cold_start_decay, {"cosine", "constant"})
+    _require(sc.name != "cold_start" or cfg.learner.minibatches == 1, "learner.minibatches",
+             cfg.learner.minibatches, "1 with schedule=cold_start (its schedule counts one optimizer "
+             "step per step; a cold-start step's traces vary in number)")
     _require(sc.cold_start_prompts >= 0, "schedule.cold_start_prompts", sc.cold_start_prompts,
              "0 (data.prompts_per_step) or an integer >= 1")
     _require(sc.max_retries >= 0, "schedule.max_retries", sc.max_retries, "an integer >= 0")

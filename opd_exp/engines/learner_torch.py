@@ -51,14 +51,15 @@ class Phases:
 
 
 def cold_start_phases(cfg) -> Phases:
-    """`Phases` from `schedule.*` (none without a cold start): `learner.minibatches` optimizer
-    steps per cold-start step."""
+    """`Phases` from `schedule.*` (none without a cold start). A skipped cold-start step
+    (non-finite gradient) moves the switch of the schedule and the reset one step later."""
     sc = cfg.schedule
     if sc.name != "cold_start":
         return Phases()
-    steps = sc.cold_start_steps * cfg.learner.minibatches
+    steps = sc.cold_start_steps  # one optimizer step each (validate: learner.minibatches = 1)
     return Phases(steps, sc.cold_start_lr if sc.cold_start_lr is not None else cfg.learner.lr,
-                  math.ceil(sc.cold_start_warmup_ratio * steps), sc.cold_start_decay, sc.reset_optimizer)
+                  math.ceil(round(sc.cold_start_warmup_ratio * steps, 9)), sc.cold_start_decay,
+                  sc.reset_optimizer)
 
 
 def make_scheduler(optimizer, c, phases: Phases = Phases()) -> torch.optim.lr_scheduler.LRScheduler:
@@ -69,9 +70,12 @@ def make_scheduler(optimizer, c, phases: Phases = Phases()) -> torch.optim.lr_sc
         return min(1.0, (s + 1) / steps) if steps else 1.0
 
     def factor(s: int) -> float:
-        if s < phases.cold_steps:
-            decay = 0.5 * (1 + math.cos(math.pi * s / phases.cold_steps)) if phases.cold_decay == "cosine" else 1.0
-            return phases.cold_lr / c.lr * warm(s, phases.cold_warmup) * decay
+        if s < phases.cold_steps:  # warm-up, then the decay over the steps after it
+            w, n = phases.cold_warmup, phases.cold_steps
+            if s < w:
+                return phases.cold_lr / c.lr * (s + 1) / w
+            decay = 0.5 * (1 + math.cos(math.pi * (s - w) / (n - w))) if phases.cold_decay == "cosine" else 1.0
+            return phases.cold_lr / c.lr * decay
         return warm(s - phases.cold_steps, c.warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -257,9 +257,10 @@ def make_plan(cfg, gpu_gib: float | None = None) -> Plan:
     teacher = find_shape(cfg.pair.teacher.path, cfg.pair.teacher.revision)
     plan = Plan(gpu_gib=gpu_gib or cfg.plan.gpu_memory_gib or H100_80GB_GIB)
     learner = {**learner_state(cfg, student, W), **activations(cfg, student, whole_forward_head(cfg))}
-    if cfg.learner.subspace_constraint and cfg.learner.subspace_project == "update":
-        # the weights an update starts from, kept over it to project its step (torch learner)
-        learner["student whole copy (subspace update projection)"] = learner["student weights"]
+    lc = cfg.learner
+    if lc.subspace_constraint and (lc.subspace_project == "update" or cfg.diag.param_every):
+        # the weights an update starts from, kept over it to project (update) or measure its step
+        learner["student whole copy (subspace step)"] = learner["student weights"]
     if cfg.diag.param_every:  # float64 SVDs of one matrix at a time: W_0, W_t, ΔW and factors
         biggest = max(student.hidden * student.intermediate, student.hidden * student.heads * student.head_dim)
         learner["geometry diagnostics (float64 SVD of one matrix)"] = 6 * biggest * 8
