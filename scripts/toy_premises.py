@@ -33,9 +33,10 @@ BOXED = r"\\boxed\{(\d+)\}"
 EDGES = [0, 1, 2, 4, 8, 16, 32, 64, 128]
 
 
-def model(path: str):
+def load(path: str):
+    """(tokenizer, model) of a hub id or `toy:<name>`, through the run's own loader."""
     cfg = schema_cfg({"pair": {"student": {"path": path}}}).pair.student
-    return cfg, load_tokenizer(cfg, path), load_model(cfg, path).eval()
+    return load_tokenizer(cfg, path), load_model(cfg, path).eval()
 
 
 def scored(tok, net, encode, problem, style: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +71,8 @@ def main() -> None:
     print(f"{len(problems)} problems (levels 1-6, seed {a.seed}); per-token NLL in nats")
     print("| model | reads style | result digits | all response tokens |")
     print("|---|---|---|---|")
-    loaded = {}
     for role, (path, own, prompt_kind) in models.items():
-        _, tok, net = loaded[role] = model(path)
+        tok, net = load(path)
         encode = make_encoder(tok, prompt_kind == "chat")
         for style in dict.fromkeys((a.student_style, a.teacher_style)):
             rows = [scored(tok, net, encode, p, style) for p in problems]
