@@ -18,7 +18,7 @@ from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.engines.rollout_hf import HFRollout
 from opd_exp.engines.teacher_hf import HFTeacher
 from opd_exp.loop.diagnose import token_metrics
-from opd_exp.loop.geometry import SubspaceConstraint, block_matrices
+from opd_exp.loop.geometry import SubspaceConstraint, block_matrices, cpu_copy, rest_matrices
 from opd_exp.train import train
 
 from .conftest import TINY_RUN, compose
@@ -222,13 +222,16 @@ def test_update_projection_keeps_the_whole_step_in_the_span(use_tiny_world):
     more (AdamW rescales each coordinate), and says so; rest=freeze puts the rest back."""
     cfg = compose(TINY_RUN)
     outside = {}
-    for project, rest in (("gradient", "train"), ("update", "train"), ("update", "freeze")):
+    for project, rest in (("gradient", "train"), ("update", "train"), ("update", "freeze"),
+                          ("update", "constrain")):
         model = load_model(cfg.pair.student, "s").double()
         mats = block_matrices(model)
+        emb = rest_matrices(model)
         torch.manual_seed(0)
         bases = {n: torch.linalg.qr(torch.randn(w.shape[1], 3, dtype=torch.float64))[0].float()
-                 for n, w in mats.items()}
-        c = SubspaceConstraint(t0=1, k=3, project=project, rest=rest, measure_every=1)
+                 for n, w in {**mats, **emb}.items()}
+        c = SubspaceConstraint(t0=1, k=3, project=project, rest=rest, measure_every=1,
+                               rest_start=cpu_copy(emb))
         c.attach(model, bases)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         c.before_update(1, model)
@@ -242,8 +245,12 @@ def test_update_projection_keeps_the_whole_step_in_the_span(use_tiny_world):
                 v = bases[n].double()
                 out_sq += (step_ - step_ @ v @ v.T).square().sum().item()
                 all_sq += step_.square().sum().item()
-            elif rest == "freeze":
-                assert torch.equal(p, start[n]), n  # embeddings, norms: untouched
+            elif rest == "constrain" and n in emb:  # the embeddings' step: inside their span
+                v = bases[n].double()
+                assert (step_ - step_ @ v @ v.T).norm() <= 1e-6 * step_.norm(), n
+                assert step_.abs().max() > 0, n
+            elif rest != "train":
+                assert torch.equal(p, start[n]), n  # embeddings (freeze), norms: untouched
             else:
                 assert step_.abs().max() > 0, n
         share = (out_sq / all_sq) ** 0.5  # the step's norm outside span(V_K), as applied
@@ -263,10 +270,12 @@ def test_update_projection_is_refused_where_it_cannot_reach_the_weights():
         validate(compose(["learner.subspace_constraint=true", "learner.subspace_rest=freeze"]))
 
 
-def test_a_run_under_the_update_projection_logs_its_span_share(tmp_path, use_tiny_world):
+@pytest.mark.parametrize("rest", ["freeze", "constrain"])
+def test_a_run_under_the_update_projection_logs_its_span_share(tmp_path, use_tiny_world, rest):
     train(compose(TINY_RUN + ["eval.every=0", "trainer.steps=3", "learner.subspace_constraint=true",
                               "learner.subspace_from=0.34", "learner.subspace_k=2",
-                              "learner.subspace_project=update", "learner.subspace_rest=freeze"]), tmp_path)
+                              "learner.subspace_project=update", f"learner.subspace_rest={rest}"]),
+          tmp_path)
     steps = [r for r in _records(tmp_path) if r["step"] > 0]
     assert "diag/param/outside_span" not in steps[0]  # before t0 (step 1): nothing constrained
     for r in steps[1:]:

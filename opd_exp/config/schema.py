@@ -198,7 +198,9 @@ class LearnerConfig:
     # optimizer step itself, weight decay included (torch learner; one copy of the weights kept
     # over the update)
     subspace_project: str = "gradient"
-    # update: the parameters outside the block matrices (embeddings, LM head, norms): train | freeze
+    # update: the parameters outside the block matrices (embeddings, LM head, norms): train |
+    # freeze | constrain (the embeddings' and an untied LM head's step projected onto V_K of their
+    # own change at t0, the norms frozen; one W_0 copy of the embeddings kept)
     subspace_rest: str = "train"
 
 

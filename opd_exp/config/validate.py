@@ -245,7 +245,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
              "diagnostics read is kept on the CPU there)")
     _require(lc.subspace_k >= 1, "learner.subspace_k", lc.subspace_k, "an integer >= 1")
     _choice("learner.subspace_project", lc.subspace_project, {"gradient", "update"})
-    _choice("learner.subspace_rest", lc.subspace_rest, {"train", "freeze"})
+    _choice("learner.subspace_rest", lc.subspace_rest, {"train", "freeze", "constrain"})
     _require(lc.subspace_project == "gradient" or lc.backend == "torch", "learner.subspace_project",
              lc.subspace_project, "gradient with learner.backend=deepspeed (its master weights live "
              "in the optimizer, out of reach of a projection of the weights)")

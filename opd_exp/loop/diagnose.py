@@ -24,8 +24,8 @@ from opd_exp.engines.hf_models import load_model
 from opd_exp.diagnostics.tokens import (STATS, by_position, overlap_from_topk, position_edges,
                                         summarise, topk_entropy)
 from opd_exp.engines.hf_policy import HFPolicy, topk_and_entropy
-from opd_exp.loop.geometry import (Geometry, SubspaceConstraint, block_matrices, cpu_copy, share,
-                                   write_locking)
+from opd_exp.loop.geometry import (Geometry, SubspaceConstraint, block_matrices, cpu_copy,
+                                   rest_matrices, share, write_locking)
 
 def positional(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, edges: list[int], prefix: str) -> dict:
     """by_position with every bucket present (NaN where this rank has no token): the ranks'
@@ -156,9 +156,12 @@ class Diagnostics:
                                 run_dir / "diag", write=dist.is_main, resume_step=resume_step or 0,
                                 dist=dist, measured=mine)
         if lc.subspace_constraint:
+            rest_start = (cpu_copy(rest_matrices(start)) if lc.subspace_rest == "constrain"
+                          else None)
             constraint = SubspaceConstraint(max(1, int(lc.subspace_from * cfg.trainer.steps)),
                                             lc.subspace_k, lc.subspace_project, lc.subspace_rest,
-                                            measure_every=cfg.diag.param_every)
+                                            measure_every=cfg.diag.param_every,
+                                            rest_start=rest_start)
         return cls(cfg, run_dir, dist.is_main, geometry, constraint)
 
     def token_due(self, step: int) -> bool:

@@ -32,6 +32,12 @@ def block_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if layer_type(n) not in SKIPPED_TYPES}
 
 
+def rest_matrices(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The 2-D weights outside the blocks: the token embeddings and an untied LM head."""
+    return {n: p for n, p in model_matrices(model.named_parameters()).items()
+            if layer_type(n) in SKIPPED_TYPES}
+
+
 def cpu_copy(matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: w.detach().to("cpu", copy=True) for n, w in matrices.items()}
 
@@ -137,15 +143,21 @@ class SubspaceConstraint:
       their sum); AdamW's per-coordinate scaling then moves the step partly out of span(V_K);
     - update: the step's change of each matrix, ΔW_step = W_after − W_before (weight decay
       included), replaced by ΔW_step · V_K V_Kᵀ after the learner's update (`after_update`);
-      with `rest="freeze"` every other parameter (embeddings, LM head, norms) is put back.
+      the parameters outside the blocks by `rest`: train (as the optimizer moved them), freeze
+      (put back), or constrain (the embeddings and an untied LM head projected like the block
+      matrices, onto V_K of their own ΔW at t0 — `rest_start` holds their W_0 — and the norms
+      put back).
     `after_update` also measures diag/param/outside_span = ‖ΔW_step − ΔW_step V_K V_Kᵀ‖ / ‖ΔW_step‖
     over the matrices for the step as applied (update: also `outside_span_proposed`, the
     optimizer's own step), on every step of update mode and on `measure_every`-th steps of
     gradient mode (a copy of the matrices is kept over those updates)."""
 
     def __init__(self, t0: int, k: int, project: str = "gradient", rest: str = "train",
-                 measure_every: int = 1):
+                 measure_every: int = 1, rest_start: dict[str, torch.Tensor] | None = None):
+        if rest == "constrain" and rest_start is None:
+            raise ValueError("rest='constrain' needs rest_start: W_0 of the embeddings")
         self.t0, self.k, self.project, self.rest = t0, k, project, rest
+        self.rest_start = rest_start
         self.measure_every = measure_every
         self.bases: dict[str, torch.Tensor] | None = None
         self._hooks: list = []
@@ -156,7 +168,11 @@ class SubspaceConstraint:
         return self.bases is None and step >= self.t0
 
     def start(self, geometry: Geometry, model: torch.nn.Module) -> None:
-        self.attach(model, geometry.bases(model, self.k))
+        bases = geometry.bases(model, self.k)
+        if self.rest == "constrain":
+            bases.update({n: top_right_singular(w.detach().float().cpu() - self.rest_start[n].float(),
+                                                self.k) for n, w in rest_matrices(model).items()})
+        self.attach(model, bases)
 
     def attach(self, model: torch.nn.Module, bases: dict[str, torch.Tensor]) -> None:
         for h in self._hooks:  # one projection, never two stacked
@@ -177,7 +193,7 @@ class SubspaceConstraint:
         if self.bases is None or not measured:
             self._before = None
             return
-        keep = self.project == "update" and self.rest == "freeze"
+        keep = self.project == "update" and self.rest != "train"
         mats = block_matrices(model)
         self._before = {n: p.detach().clone() for n, p in model.named_parameters()
                         if n in mats or (keep and p.requires_grad)}
@@ -191,7 +207,8 @@ class SubspaceConstraint:
         for n, p in model.named_parameters():
             if n not in self._before:
                 continue
-            if n not in mats:  # rest=freeze: put back
+            if n not in mats and (self.rest != "constrain" or n not in self.bases):
+                # rest=freeze, or a norm under rest=constrain: put back
                 p.copy_(self._before[n])
                 continue
             acc = torch.promote_types(p.dtype, torch.float32)  # float64 weights: float64 maths
@@ -205,6 +222,8 @@ class SubspaceConstraint:
                 p.copy_((before + inside).to(p.dtype))
                 step_ = p.to(acc) - before  # as applied, after rounding to the weights' dtype
                 inside = (step_ @ v) @ v.T
+            if n not in mats:  # rest=constrain: projected, not in the blocks' measure
+                continue
             out_sq += float((step_ - inside).square().sum())
             all_sq += float(step_.square().sum())
         self._before = None
