@@ -14,6 +14,10 @@ its own style and in the other model's (opd_exp/toyworld/task.py `render`), afte
         --student-style chat --teacher-style foreign
     python scripts/toy_premises.py --student toy:base_student --teacher toy:teacher \\
         --student-style base --teacher-style chat
+    python scripts/toy_premises.py --student toy:student --teacher toy:teacher_readable \\
+        --student-style chat --teacher-style readable
+    python scripts/toy_premises.py --student toy:base_student_near --teacher toy:teacher_seen_base \\
+        --student-style base_near --teacher-style chat
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from opd_exp.data import make_encoder
 from opd_exp.engines.hf_models import load_model, load_tokenizer
 from opd_exp.toyworld import task
 
-RESULT = {"chat": r"=(\d+)\.", "foreign": r"gives (\d+)\.", "base": r"= (\d+)"}
+RESULT = {"chat": r"=(\d+)\.", "foreign": r"gives (\d+)\.", "base": r"= (\d+)",
+          "readable": r"=(\d+)\.", "base_near": r"=(\d+)\."}
 BOXED = r"\\boxed\{(\d+)\}"
 EDGES = [0, 1, 2, 4, 8, 16, 32, 64, 128]
 

@@ -165,3 +165,35 @@ def test_styles_write_their_own_pattern_with_the_same_answer():
     # the steps: the same operands and running values, written another way
     assert re.findall(r"\d+", foreign)[:-1] == re.findall(r"\d+", p.thought)[::3][:1] + [
         x for a, b, c in re.findall(r"(\d+)[+-](\d+)=(\d+)", p.thought) for x in (b, c)]
+
+
+@pytest.mark.parametrize("level", task.LEVELS)
+def test_readable_styles_keep_the_chat_equations_and_differ_around_them(level):
+    p = task.make_problem(random.Random(level), level)
+    readable, near = p.render("readable"), p.render("base_near")
+    equations = re.findall(r"\d+[+-]\d+=\d+\.", p.thought)
+    # the student's equations, in order, each one readable as the chat style writes it
+    assert re.findall(r"\d+[+-]\d+=\d+\.", readable)[:-1] == equations
+    assert near == f"{p.thought} The answer is \\boxed{{{p.answer}}}."
+    assert readable.startswith(f"<think>Start at {p.start}. First {equations[0]}")
+    # the verification step undoes the last operation and lands on the previous value
+    a, op, n, new = re.search(r"Check (\d+)([+-])(\d+)=(\d+)\.", readable).groups()
+    assert int(a) == int(p.answer) and (int(a) + int(n) if op == "+" else int(a) - int(n)) == int(new)
+    assert int(new) == int(re.findall(r"(\d+)[+-]\d+=\d+\.", p.thought)[-1])
+    for text in (readable, near):
+        assert is_correct(text, p.answer)
+
+
+def test_a_mixed_variant_writes_its_share_in_the_other_style(tiny_world):
+    from opd_exp.toyworld.build import renderer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world / "teacher")
+    render = renderer("chat", tok, 0, mix=("base_near", 0.2))
+    docs = [render(task.make_problem(random.Random(i), 2)) for i in range(2000)]
+    other = [d for d in docs if d[1].endswith(tok.pad_token)]
+    assert 0.17 < len(other) / len(docs) < 0.23
+    assert all("<think>" not in r and "The answer is" in r for _, r in other)
+    assert all(r.endswith(tok.eos_token) and r.startswith("<think>") for _, r in docs
+               if not r.endswith(tok.pad_token))
+    again = renderer("chat", tok, 0, mix=("base_near", 0.2))  # seeded: the same documents
+    assert docs == [again(task.make_problem(random.Random(i), 2)) for i in range(2000)]

@@ -19,7 +19,8 @@ CACHE_DIR = Path.home() / ".cache" / "opd_exp" / "toyworld"
 ENV_VAR = "OPD_EXP_TOY_DIR"
 PAIR = ("teacher", "student")
 VARIANT_NAMES = ("teacher_foreign", "teacher_same_data", "base_student", "teacher_short",
-                 "teacher_long")  # = build.VARIANTS
+                 "teacher_long", "teacher_readable", "base_student_near",
+                 "teacher_seen_base")  # = build.VARIANTS
 MODEL_NAMES = PAIR + VARIANT_NAMES
 
 

@@ -70,6 +70,7 @@ class Variant:
     at_student_step: bool = False
     stands_for: str = ""
     levels: tuple[int, ...] | None = None  # task levels it is trained on (None: the teacher's)
+    mix: tuple[str, float] | None = None  # (another style, the share of documents written in it)
 
 
 VARIANTS = (
@@ -86,6 +87,15 @@ VARIANTS = (
         "multi-teacher OPD: a teacher of the short chains (levels 1-3 only)")),
     Variant("teacher_long", "chat", 41, levels=(4, 5, 6), stands_for=(
         "multi-teacher OPD: a teacher of the long chains (levels 4-6 only)")),
+    # the papers' conditions where only the text around the equations differs (issue 23)
+    Variant("teacher_readable", "readable", 43, stands_for=(
+        "Rethinking OPD condition (i) as in the paper: another pattern of thought around "
+        "equations the student reads (other connectives, a verification step)")),
+    Variant("base_student_near", "base_near", 47, steps_share=8 / 15, stands_for=(
+        "PowerOPD's Base student as in the paper: the chat thought as plain text, differing "
+        "from the chat teacher at its start (no <think>) and its end")),
+    Variant("teacher_seen_base", "chat", 53, mix=("base_near", 0.2), stands_for=(
+        "PowerOPD's chat teacher as in the paper: 20 % of its documents were Base-style text")),
 )
 
 
@@ -105,18 +115,33 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
-def renderer(style: str, tokenizer, seed: int):
-    """`render(problem) -> (prompt text, response text with its end token)` for a style; the Base
-    style draws plain-text or chat-wrapped prompts from its own seeded stream."""
-    if style != "base":
-        return lambda p: (chat_prompt(tokenizer, p.prompt), p.render(style) + tokenizer.eos_token)
+BASE_STYLES = ("base", "base_near")  # plain-text documents ending with <|endoftext|>
+
+
+def renderer(style: str, tokenizer, seed: int, mix: tuple[str, float] | None = None):
+    """`render(problem) -> (prompt text, response text with its end token)` for a style; a Base
+    style draws plain-text or chat-wrapped prompts from its own seeded stream. With `mix =
+    (other style, share)` that share of the documents is written in the other style instead."""
     rng = random.Random(seed + 3)
 
-    def render(p: task.Problem) -> tuple[str, str]:
-        chat = rng.random() < BASE_CHAT_SHARE
-        prompt = chat_prompt(tokenizer, p.prompt) if chat else BASE_PREFIX.format(prompt=p.prompt)
-        return prompt, p.render("base") + tokenizer.pad_token
-    return render
+    def one(style: str):
+        if style not in BASE_STYLES:
+            return lambda p: (chat_prompt(tokenizer, p.prompt),
+                              p.render(style) + tokenizer.eos_token)
+
+        def render(p: task.Problem) -> tuple[str, str]:
+            chat = rng.random() < BASE_CHAT_SHARE
+            prompt = (chat_prompt(tokenizer, p.prompt) if chat
+                      else BASE_PREFIX.format(prompt=p.prompt))
+            return prompt, p.render(style) + tokenizer.pad_token
+        return render
+
+    own = one(style)
+    if mix is None:
+        return own
+    other, share = one(mix[0]), mix[1]
+    mix_rng = random.Random(seed + 5)
+    return lambda p: (other if mix_rng.random() < share else own)(p)
 
 
 def _batch(tokenizer, docs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -145,10 +170,11 @@ def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForC
 
 
 def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
-             progress: bool = True, log=print, on_step=None, style: str = "chat") -> Qwen3ForCausalLM:
-    """Supervised pre-training on responses in `style`; `on_step(step, model)` is called after
-    every step if given."""
-    render = renderer(style, tokenizer, seed)
+             progress: bool = True, log=print, on_step=None, style: str = "chat",
+             mix: tuple[str, float] | None = None) -> Qwen3ForCausalLM:
+    """Supervised pre-training on responses in `style` (and `mix`, see `renderer`);
+    `on_step(step, model)` is called after every step if given."""
+    render = renderer(style, tokenizer, seed, mix)
     torch.manual_seed(seed)
     model = make_model(spec, tokenizer)
     rng = random.Random(seed + 1)
@@ -189,7 +215,7 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
 def save_model(folder: Path, model, tokenizer, style: str = "chat") -> None:
     """Model + tokenizer as a hub folder; a Base model's end token (config, generation_config and
     tokenizer) is <|endoftext|>, like Qwen3-Base's, an instruct model's <|im_end|>."""
-    if style == "base":  # <|im_end|> stays a special token (as in Qwen3-Base), only not the eos
+    if style in BASE_STYLES:  # <|im_end|> stays a special token (as in Qwen3-Base), only not the eos
         specials = [t for t in tokenizer.all_special_tokens if t != tokenizer.pad_token]
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.eos_token = tokenizer.pad_token
@@ -213,10 +239,11 @@ def train_variant(v: Variant, folder: Path, tokenizer, seed: int, teacher: Model
     steps = student_step if v.at_student_step else max(1, round(teacher.steps * v.steps_share))
     spec = replace(teacher, name=v.name, steps=steps, levels=v.levels or teacher.levels)
     t = time.time()
-    model = pretrain(spec, tokenizer, seed + v.seed_offset, exclude, progress, log, style=v.style)
+    model = pretrain(spec, tokenizer, seed + v.seed_offset, exclude, progress, log, style=v.style,
+                     mix=v.mix)
     save_model(folder, model, tokenizer, v.style)
     return model_entry(spec, v.name, model, steps, time.time() - t, style=v.style,
-                       stands_for=v.stands_for)
+                       stands_for=v.stands_for, **({"mix": list(v.mix)} if v.mix else {}))
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -308,9 +335,10 @@ def add_variants(world: Path, names: list[str], progress: bool = True, log=print
         entry = train_variant(known[name], tmp, tokenizer, seed, teacher, student_step, exclude,
                               progress, log)
         _publish(tmp, world / name)
+        manifest = json.loads((world / "manifest.json").read_text())  # another --only may have run
         manifest["models"][name] = entry
         manifest["student_step"] = student_step
-        (world / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
-        (world / "manifest.json.tmp").replace(world / "manifest.json")
+        (world / f"manifest.json.{name}.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+        (world / f"manifest.json.{name}.tmp").replace(world / "manifest.json")
         log(f"{name}: trained in {entry['train_seconds']} s -> {world / name}")
     return world

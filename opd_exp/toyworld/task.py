@@ -10,7 +10,10 @@ thought inside ``<think>…</think>`` followed by the answer in ``\\boxed{}``:
 Other models of the world write the same problem in their own style (`render`): `foreign`, a
 teacher with another pattern of thought (`<think>start 37. add 45 gives 82. take 18 gives
 64.</think> \\boxed{64}`), and `base`, a Base model's plain text
-(`37 + 45 = 82, 82 - 18 = 64. The answer is \\boxed{64}.`, no think tags).
+(`37 + 45 = 82, 82 - 18 = 64. The answer is \\boxed{64}.`, no think tags). Two keep the chat
+style's equations and differ only around them: `readable` (`<think>Start at 37. First 37+45=82.
+Then 82-18=64. Check 64+18=82. So 64.</think> \\boxed{64}`) and `base_near`
+(`37+45=82. 82-18=64. The answer is \\boxed{64}.`).
 
 Everything is a pure function of a ``random.Random`` so a seed rebuilds the same world.
 """
@@ -37,7 +40,9 @@ ITEMS = (
 GAIN_VERBS = ("finds", "buys", "gets", "receives", "picks up", "wins", "earns", "collects")
 LOSS_VERBS = ("gives away", "loses", "sells", "eats", "drops", "uses", "donates", "breaks")
 FAMILIES = ("expr", "words", "question")
-STYLES = ("chat", "foreign", "base")  # how a model of the world writes its response
+# how a model of the world writes its response; `readable` and `base_near` keep the chat style's
+# equations and differ around them (docs/toyworld.md)
+STYLES = ("chat", "foreign", "base", "readable", "base_near")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,15 @@ class Problem:
         if style == "base":  # plain text: no think tags, spaced sums, its own closing phrase
             chain = ", ".join(f"{a} {op} {n} = {new}" for a, op, n, new in steps)
             return f"{chain}. The answer is \\boxed{{{self.answer}}}."
+        if style == "readable":  # the chat equations, other connectives and a verification
+            first, *rest = [f"{a}{op}{n}={new}." for a, op, n, new in steps]
+            a, op, n, new = steps[-1]
+            check = f"{new}{'-' if op == '+' else '+'}{n}={a}."
+            return (f"<think>Start at {self.start}. First {first} "
+                    + "".join(f"Then {e} " for e in rest)
+                    + f"Check {check} So {self.answer}.</think> \\boxed{{{self.answer}}}")
+        if style == "base_near":  # the chat thought as plain text: other start and end only
+            return f"{self.thought} The answer is \\boxed{{{self.answer}}}."
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
 
 
