@@ -56,3 +56,18 @@ TINY_RUN = [
     "rollout.max_new_tokens=12", "eval.max_problems=3", "eval.k=2", "eval.max_new_tokens=12",
     "eval.benchmarks=[toy_L1,toy_L2]", "data.pool_size=64", "learner.micro_batch_size=3",
 ]
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory):
+    """`qwen_tokenizer(name)`: a real Qwen tokenizer (opd_exp/toyworld/qwen_vocab.py), built once
+    per session into a temp folder."""
+    from opd_exp.toyworld import qwen_vocab
+
+    root, loaded = tmp_path_factory.mktemp("qwen_vocab"), {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = qwen_vocab.load(name, root)
+        return loaded[name]
+    return get

@@ -85,7 +85,18 @@ def test_a_split_tag_masks_the_pieces_of_its_first_occurrence(split_tok):
     assert m["masked_tokens"] == len(masked)
 
 
-@pytest.mark.parametrize("which", ["one_token_tok", "split_tok"])
+@pytest.fixture(scope="module")
+def qwen3_tok(qwen_tokenizer):
+    return qwen_tokenizer("qwen3")
+
+
+@pytest.fixture(scope="module")
+def qwen25_tok(qwen_tokenizer):
+    return qwen_tokenizer("qwen25")
+
+
+@pytest.mark.parametrize("which", ["one_token_tok", "split_tok", "qwen3_tok",
+                                   pytest.param("qwen25_tok", marks=pytest.mark.slow)])
 def test_matches_the_tokenizers_own_offsets_on_random_responses(request, which):
     tok = request.getfixturevalue(which)
     rng = random.Random(0)
@@ -111,3 +122,19 @@ def test_stop_token_masked_and_disabled_changes_nothing(one_token_tok):
     off = SpecialTokenMask.from_cfg(schema_cfg().objective, tok, {0})
     same, m_off = off(r)
     assert same is r and m_off == {}
+
+
+@pytest.mark.parametrize("name,think_pieces", [("qwen3", 1), pytest.param("qwen25", 3, marks=pytest.mark.slow)])
+def test_the_real_qwen_tokenizers_mask_the_tags_and_end_of_turn(qwen_tokenizer, name, think_pieces):
+    """Qwen3 writes <think> and </think> as one token each, Qwen2.5 as pieces (`<th`, `ink`, `>` …):
+    the defaults mask exactly the tokens spelling their first occurrence and <|im_end|>."""
+    tok = qwen_tokenizer(name)
+    text = "<think>\n1+2=3. 3+4=7.\n</think>\n\n\\boxed{7}<|im_end|>"
+    assert len(tok("<think>\n", add_special_tokens=False).input_ids) == (2 if think_pieces == 1 else 3)
+    r = _rollouts(tok, [text])
+    out, m = _masker(tok, stop=False)(r)
+    masked = {i for i, v in enumerate(out.response_mask_B_T[0].tolist()) if v == 0}
+    assert masked == _expected(tok, text, DEFAULT)
+    ids = r.response_ids_B_T[0].tolist()
+    assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") and len(ids) - 1 in masked
+    assert min(masked) == 0 and m["masked_tokens"] == len(masked) >= 3

@@ -15,15 +15,9 @@ PACKAGE = {"qwen3": "qwen2.5-72b-instruct", "qwen25": "qwen2.5-72b-instruct",
            "qwen36": "qwen3.6-27b"}  # the package's name for the same ranks
 
 
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("qwen_vocab")
-
-
 @pytest.fixture
-def tok(vocab_dir, monkeypatch, request):
-    monkeypatch.setenv(qwen_vocab.CACHE_ENV, str(vocab_dir))
-    return qwen_vocab.load(request.param)
+def tok(qwen_tokenizer, request):
+    return qwen_tokenizer(request.param)
 
 
 def texts() -> list[str]:
@@ -126,9 +120,26 @@ KWARGS = {"gen": {"add_generation_prompt": True},
 
 @pytest.mark.parametrize("case", [c if c[0] == "qwen3" else pytest.param(c, marks=SLOW)
                                   for c in RENDERED], ids="-".join)
-def test_chat_templates_render_as_the_published_ones(vocab_dir, monkeypatch, case):
+def test_chat_templates_render_as_the_published_ones(qwen_tokenizer, case):
     name, messages, kwargs = case
-    monkeypatch.setenv(qwen_vocab.CACHE_ENV, str(vocab_dir))
-    tok = qwen_vocab.load(name)
+    tok = qwen_tokenizer(name)
     text = tok.apply_chat_template(MESSAGES[messages], tokenize=False, **KWARGS[kwargs])
     assert text == RENDERED[case]
+
+
+def test_the_cache_is_built_once_and_loaded_after(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qwen_vocab, "build", lambda v: calls.append(v) or _tiny())
+    monkeypatch.setenv(qwen_vocab.CACHE_ENV, str(tmp_path))
+    first = qwen_vocab.tokenizer_dir("qwen3")
+    assert qwen_vocab.tokenizer_dir("qwen3") == first == tmp_path / "qwen3" and len(calls) == 1
+    assert not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(ValueError, match="one of"):
+        qwen_vocab.tokenizer_dir("llama")
+
+
+def _tiny():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, "a")))

@@ -137,12 +137,12 @@ def build(vocab: Vocab) -> PreTrainedTokenizerFast:
     return out
 
 
-def tokenizer_dir(name: str) -> Path:
-    """The folder of the saved tokenizer `name` (one of VOCABS), built there on first use
-    (atomically: a temp folder renamed)."""
+def tokenizer_dir(name: str, root: Path | None = None) -> Path:
+    """The folder of the saved tokenizer `name` (one of VOCABS) under `root` (default:
+    `cache_root()`), built there on first use (atomically: a temp folder renamed)."""
     if name not in VOCABS:
         raise ValueError(f"qwen vocabulary must be one of {sorted(VOCABS)}, got {name!r}")
-    folder = cache_root() / name
+    folder = Path(root or cache_root()) / name
     if not (folder / "tokenizer.json").is_file():
         tmp = folder.with_name(f"{name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,5 +152,5 @@ def tokenizer_dir(name: str) -> Path:
     return folder
 
 
-def load(name: str) -> PreTrainedTokenizerFast:
-    return AutoTokenizer.from_pretrained(tokenizer_dir(name))
+def load(name: str, root: Path | None = None) -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(tokenizer_dir(name, root))
