@@ -33,7 +33,7 @@ from opd_exp.engines.hf_models import load_model, load_tokenizer
 from opd_exp.toyworld import task
 
 RESULT = {"chat": r"=(\d+)\.", "foreign": r"gives (\d+)\.", "base": r"= (\d+)",
-          "readable": r"=(\d+)\.", "base_near": r"=(\d+)\."}
+          "readable": r"(?:First|Then) \d+[+-]\d+=(\d+)\.", "base_near": r"=(\d+)\."}
 BOXED = r"\\boxed\{(\d+)\}"
 EDGES = [0, 1, 2, 4, 8, 16, 32, 64, 128]
 

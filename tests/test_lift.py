@@ -14,13 +14,18 @@ def test_the_real_size_softmax_is_the_small_models(tmp_path, tied):
     vocab, other, rows = 12, 7, 1000
     config = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         tie_word_embeddings=tied, max_position_embeddings=64)
+                         tie_word_embeddings=tied, max_position_embeddings=64,
+                         eos_token_id=[2, 4], pad_token_id=9, bos_token_id=None)
     small = Qwen3ForCausalLM(config).double().eval()
     with torch.no_grad():  # a wide range of logits, as a trained model has
         small.get_output_embeddings().weight.mul_(40)
     real_ids = [5, 900, 17, 3, 999, 250, 42, 0, 11, 640, 12, 13]  # real_ids[other] is ignored
+    small.generation_config.eos_token_id = 4
     big = lift(small, real_ids, other, rows)
     assert big.get_input_embeddings().weight.shape == (rows, 32)
+    # the end and padding tokens are the real vocabulary's ids of the same tokens
+    assert big.config.eos_token_id == [17, 999] and big.config.pad_token_id == 640
+    assert big.generation_config.eos_token_id == 999 and big.config.bos_token_id is None
     big.save_pretrained(tmp_path)
     big = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
 
@@ -50,5 +55,8 @@ def test_bad_maps_are_refused():
         lift(small, [1, 2, 10, 0], other=3, rows=10)
     with pytest.raises(ValueError, match="map all 4"):
         lift(small, [1, 2], other=1, rows=10)
+    small.config.eos_token_id = 3  # the `other` class is not a token
+    with pytest.raises(ValueError, match="eos_token_id=3"):
+        lift(small, [1, 2, 5, 0], other=3, rows=10)
     with pytest.raises(ValueError, match="must exceed"):
         other_offset(3, 3)

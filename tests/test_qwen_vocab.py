@@ -111,11 +111,32 @@ RENDERED = {
                                     "<|im_start|>assistant\n<think>\n1+2=3\n</think>\n\n\\boxed{3}"
                                     "<|im_end|>\n",
 }
-MESSAGES = {"user": USER, "history": HISTORY,
+TWO_ANSWERS = USER + [{"role": "assistant", "content": "3"}, {"role": "assistant", "content": "Done."}]
+RENDERED.update({
+    # Qwen3: after the last user message, the final turn and turns with reasoning get the block
+    ("qwen3", "two_answers", "plain"): "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>"
+                                       "assistant\n3<|im_end|>\n<|im_start|>assistant\n<think>\n\n"
+                                       "</think>\n\nDone.<|im_end|>\n",
+    # Qwen3.5/3.6: every turn after it does; every message is trimmed
+    ("qwen36", "two_answers", "plain"): "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>"
+                                        "assistant\n<think>\n\n</think>\n\n3<|im_end|>\n<|im_start|>"
+                                        "assistant\n<think>\n\n</think>\n\nDone.<|im_end|>\n",
+    ("qwen36", "spaced", "gen"): "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"
+                                 "<think>\n",
+    ("qwen3", "spaced", "gen"): "<|im_start|>user\n  Compute 1+2.\n<|im_end|>\n<|im_start|>assistant\n",
+    ("qwen36", "history", "plain"): "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi"
+                                    "<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+                                    "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"
+                                    "<think>\n1+2=3\n</think>\n\n\\boxed{3}<|im_end|>\n",
+    # enable_thinking=None is not false: the model opens <think> itself
+    ("qwen3", "user", "gen_none"): "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n",
+})
+MESSAGES = {"user": USER, "history": HISTORY, "two_answers": TWO_ANSWERS,
+            "spaced": [{"role": "user", "content": "  Compute 1+2.\n"}],
             "answer_only": USER + [{"role": "assistant", "content": "3"}]}
 KWARGS = {"gen": {"add_generation_prompt": True},
           "gen_no_think": {"add_generation_prompt": True, "enable_thinking": False},
-          "plain": {}}
+          "gen_none": {"add_generation_prompt": True, "enable_thinking": None}, "plain": {}}
 
 
 @pytest.mark.parametrize("case", [c if c[0] == "qwen3" else pytest.param(c, marks=SLOW)
@@ -125,6 +146,19 @@ def test_chat_templates_render_as_the_published_ones(qwen_tokenizer, case):
     tok = qwen_tokenizer(name)
     text = tok.apply_chat_template(MESSAGES[messages], tokenize=False, **KWARGS[kwargs])
     assert text == RENDERED[case]
+
+
+@pytest.mark.parametrize("tok", NAMES, indirect=True)
+def test_tool_messages_and_late_system_messages_are_refused_and_controls_registered(tok):
+    with pytest.raises(Exception, match="not tool"):
+        tok.apply_chat_template(USER + [{"role": "tool", "content": "42"}], tokenize=False)
+    with pytest.raises(Exception, match="must come first"):
+        tok.apply_chat_template(USER + [{"role": "system", "content": "x"}], tokenize=False)
+    # the control tokens are registered special tokens, as in the models' tokenizer configs
+    assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_pad|>"} <= set(tok.all_special_tokens)
+    assert "<think>" not in tok.all_special_tokens
+    assert tok.decode(tok("<|im_start|>user\nhi<think>", add_special_tokens=False).input_ids,
+                      skip_special_tokens=True) == "user\nhi<think>"
 
 
 def test_the_cache_is_built_once_and_loaded_after(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def test_every_style_has_its_result_digits_found(style):
     found = [m.group(1) for pat in (toy_premises.RESULT[style], toy_premises.BOXED)
              for m in re.finditer(pat, text)]
     running = re.findall(r"=(\d+)\.", p.thought)
-    assert found[:len(running)] == running and found[-1] == p.answer
+    assert found == running + [p.answer]
 
 
 @pytest.mark.parametrize("student,teacher,styles", [

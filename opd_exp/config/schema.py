@@ -200,7 +200,8 @@ class LearnerConfig:
     subspace_project: str = "gradient"
     # update: the parameters outside the block matrices (embeddings, LM head, norms): train |
     # freeze | constrain (the embeddings' and an untied LM head's step projected onto V_K of their
-    # own change at t0, the norms frozen; one W_0 copy of the embeddings kept)
+    # own change at t0, every non-matrix parameter (norms, biases) frozen; a W_0 copy of the
+    # embeddings kept until t0)
     subspace_rest: str = "train"
 
 

@@ -145,8 +145,8 @@ class SubspaceConstraint:
       included), replaced by ΔW_step · V_K V_Kᵀ after the learner's update (`after_update`);
       the parameters outside the blocks by `rest`: train (as the optimizer moved them), freeze
       (put back), or constrain (the embeddings and an untied LM head projected like the block
-      matrices, onto V_K of their own ΔW at t0 — `rest_start` holds their W_0 — and the norms
-      put back).
+      matrices, onto V_K of their own ΔW at t0 — `rest_start` holds their W_0 until then — and
+      every other parameter, norms and biases, put back).
     `after_update` also measures diag/param/outside_span = ‖ΔW_step − ΔW_step V_K V_Kᵀ‖ / ‖ΔW_step‖
     over the matrices for the step as applied (update: also `outside_span_proposed`, the
     optimizer's own step), on every step of update mode and on `measure_every`-th steps of
@@ -172,6 +172,7 @@ class SubspaceConstraint:
         if self.rest == "constrain":
             bases.update({n: top_right_singular(w.detach().float().cpu() - self.rest_start[n].float(),
                                                 self.k) for n, w in rest_matrices(model).items()})
+            self.rest_start = None  # W_0 of the embeddings: needed only for these bases
         self.attach(model, bases)
 
     def attach(self, model: torch.nn.Module, bases: dict[str, torch.Tensor]) -> None:

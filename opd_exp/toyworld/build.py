@@ -10,6 +10,7 @@ the task of `task.py`, then saved with `save_pretrained` beside the tokenizer, s
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
 import random
@@ -335,10 +336,12 @@ def add_variants(world: Path, names: list[str], progress: bool = True, log=print
         entry = train_variant(known[name], tmp, tokenizer, seed, teacher, student_step, exclude,
                               progress, log)
         _publish(tmp, world / name)
-        manifest = json.loads((world / "manifest.json").read_text())  # another --only may have run
-        manifest["models"][name] = entry
-        manifest["student_step"] = student_step
-        (world / f"manifest.json.{name}.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
-        (world / f"manifest.json.{name}.tmp").replace(world / "manifest.json")
+        with open(world / "manifest.lock", "w") as lock:  # another --only may be running
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = json.loads((world / "manifest.json").read_text())
+            manifest["models"][name] = entry
+            manifest["student_step"] = student_step
+            (world / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+            (world / "manifest.json.tmp").replace(world / "manifest.json")
         log(f"{name}: trained in {entry['train_seconds']} s -> {world / name}")
     return world

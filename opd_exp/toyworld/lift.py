@@ -32,6 +32,22 @@ def other_offset(rows: int, n_task: int) -> float:
     return math.log(n_other)
 
 
+TOKEN_ID_KEYS = ("eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def real_id(ids, real_ids: list[int], other: int, key: str):
+    """A config's token id (or list of ids) of the small vocabulary, as the real vocabulary's."""
+    if ids is None:
+        return None
+    many = isinstance(ids, (list, tuple))
+    out = []
+    for i in (ids if many else [ids]):
+        if i == other or not 0 <= i < len(real_ids):
+            raise ValueError(f"{key}={i}: not a task token of the small vocabulary")
+        out.append(real_ids[i])
+    return out if many else out[0]
+
+
 def lift(small: PreTrainedModel, real_ids: list[int], other: int, rows: int) -> PreTrainedModel:
     """The real-size copy of `small` (same class and config but `vocab_size=rows`).
 
@@ -46,7 +62,13 @@ def lift(small: PreTrainedModel, real_ids: list[int], other: int, rows: int) -> 
         raise ValueError(f"the task's real ids must be distinct and in 0..{rows - 1}")
     config = copy.deepcopy(small.config)
     config.vocab_size = rows
+    for key in TOKEN_ID_KEYS:  # eos / pad / bos: ids of the small vocabulary, mapped
+        setattr(config, key, real_id(getattr(config, key, None), real_ids, other, key))
     big = type(small)(config).to(small.dtype)
+    gen = copy.deepcopy(small.generation_config)
+    for key in TOKEN_ID_KEYS:
+        setattr(gen, key, real_id(getattr(gen, key, None), real_ids, other, f"generation_config.{key}"))
+    big.generation_config = gen
     state = small.state_dict()
     with torch.no_grad():
         for name, table in (("input", small.get_input_embeddings().weight),

