@@ -27,6 +27,7 @@ def test_every_style_has_its_result_digits_found(style):
     assert found == running + [p.answer]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student,teacher,styles", [
     ("toy:student", "toy:teacher_readable", ("chat", "readable")),
     ("toy:base_student_near", "toy:teacher_seen_base", ("base_near", "chat")),
