@@ -59,7 +59,7 @@ def rethinking_paper(cfg: dict) -> str:
         return "SFT then OPD: AIME24 0.075 → 0.125 (OPD alone 0.02 → 0.07)"
     if cfg["prompts"]["name"] == "teacher_aligned":
         return "template-aligned: ≈ 80 % → ≈ 85 % of the gap"
-    if pair == "toy_foreign":
+    if pair in ("toy_foreign", "toy_readable"):
         return "Base ← Qwen3-4B: ≈ 0.05 → ≈ 0.15, teacher ≈ 0.37"
     return ""
 
