@@ -1,6 +1,7 @@
 """The premise checks of docs/results.md are commands that print their numbers: each style's result
 digits are found, and each model's reading of both styles is printed (the tiny world)."""
 
+import importlib.util
 import random
 import re
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 from opd_exp.toyworld import task
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import toy_premises  # noqa: E402
+_spec = importlib.util.spec_from_file_location("toy_premises", ROOT / "scripts" / "toy_premises.py")
+toy_premises = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy_premises)
 
 
 @pytest.mark.parametrize("style", task.STYLES)

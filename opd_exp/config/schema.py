@@ -198,10 +198,7 @@ class LearnerConfig:
     # optimizer step itself, weight decay included (torch learner; one copy of the weights kept
     # over the update)
     subspace_project: str = "gradient"
-    # update: the parameters outside the block matrices (embeddings, LM head, norms): train |
-    # freeze | constrain (the embeddings' and an untied LM head's step projected onto V_K of their
-    # own change at t0, every non-matrix parameter (norms, biases) frozen; a W_0 copy of the
-    # embeddings kept until t0)
+    # update: embeddings, LM head, norms: train | freeze | constrain (loop/geometry.py says how)
     subspace_rest: str = "train"
 
 
