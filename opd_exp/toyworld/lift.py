@@ -71,12 +71,10 @@ def lift(small: PreTrainedModel, real_ids: list[int], other: int, rows: int) -> 
     big.generation_config = gen
     state = small.state_dict()
     with torch.no_grad():
-        for name, table in (("input", small.get_input_embeddings().weight),
-                            ("output", small.get_output_embeddings().weight)):
-            target = (big.get_input_embeddings() if name == "input" else big.get_output_embeddings()).weight
-            target.copy_(table[other].expand_as(target))
-            target[task] = table[small_idx]
         tables = (small.get_input_embeddings(), small.get_output_embeddings())
+        for src, dst in zip(tables, (big.get_input_embeddings(), big.get_output_embeddings())):
+            dst.weight.copy_(src.weight[other].expand_as(dst.weight))
+            dst.weight[task] = src.weight[small_idx]
         skip = {f"{n}.weight" for n, m in small.named_modules() if any(m is t for t in tables)}
         result = big.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
     if set(result.missing_keys) - skip or result.unexpected_keys:

