@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from opd_exp.toyworld.build import ModelSpec, build_world
@@ -10,10 +12,28 @@ TINY_TEACHER = ModelSpec("teacher", layers=1, hidden=64, intermediate=128, level
                          steps=4, batch_size=8, heads=2, kv_heads=1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def qwen_vocab_cache(tmp_path_factory):
+    """The real Qwen tokenizers and the lifted real-vocabulary toy models of a session are built
+    into a temp folder (opd_exp/toyworld/qwen_vocab.py, qwen_models.py), never the user's cache."""
+    from opd_exp.toyworld.qwen_vocab import CACHE_ENV
+
+    old, root = os.environ.get(CACHE_ENV), tmp_path_factory.mktemp("qwen_vocab")
+    os.environ[CACHE_ENV] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
+def tiny_world(tmp_path_factory, qwen_vocab_cache):
+    """The pair, the condition models and the Qwen3-vocabulary family (toy:qwen3_teacher,
+    toy:qwen3_student), a few steps each."""
     out = tmp_path_factory.mktemp("toy") / "world"
-    return build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, progress=False, log=lambda *a: None)
+    return build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, families=("qwen3",),
+                       progress=False, log=lambda *a: None)
 
 
 @pytest.fixture
@@ -59,15 +79,15 @@ TINY_RUN = [
 
 
 @pytest.fixture(scope="session")
-def qwen_tokenizer(tmp_path_factory):
+def qwen_tokenizer(qwen_vocab_cache):
     """`qwen_tokenizer(name)`: a real Qwen tokenizer (opd_exp/toyworld/qwen_vocab.py), built once
-    per session into a temp folder."""
+    per session into the session's cache folder."""
     from opd_exp.toyworld import qwen_vocab
 
-    root, loaded = tmp_path_factory.mktemp("qwen_vocab"), {}
+    loaded = {}
 
     def get(name: str):
         if name not in loaded:
-            loaded[name] = qwen_vocab.load(name, root)
+            loaded[name] = qwen_vocab.load(name)
         return loaded[name]
     return get

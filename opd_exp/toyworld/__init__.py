@@ -21,7 +21,11 @@ PAIR = ("teacher", "student")
 VARIANT_NAMES = ("teacher_foreign", "teacher_same_data", "base_student", "teacher_short",
                  "teacher_long", "teacher_readable", "base_student_near",
                  "teacher_seen_base")  # = build.VARIANTS
-MODEL_NAMES = PAIR + VARIANT_NAMES
+# toy models on the real Qwen vocabularies (= qwen_models.NAMES): small in the world, lifted to
+# their real embedding rows in the cache on first use
+REAL_VOCAB_NAMES = ("qwen3_teacher", "qwen3_student", "qwen25_teacher", "qwen25_student",
+                    "qwen36_teacher")
+MODEL_NAMES = PAIR + VARIANT_NAMES + REAL_VOCAB_NAMES
 
 
 def is_built(path: Path) -> bool:
@@ -61,8 +65,13 @@ def model_dir(name: str) -> Path:
     if not (world / name / "config.json").is_file():
         from opd_exp.config import ConfigError
 
+        only = name.rsplit("_", 1)[0] if name in REAL_VOCAB_NAMES else name
         raise ConfigError(f"toy:{name} is not in the toy world at {world} (built before it "
-                          f"existed): python -m opd_exp toy build --out {world} --only {name}")
+                          f"existed): python -m opd_exp toy build --out {world} --only {only}")
+    if name in REAL_VOCAB_NAMES:
+        from opd_exp.toyworld.qwen_models import lifted_dir
+
+        return lifted_dir(world / name)
     return world / name
 
 

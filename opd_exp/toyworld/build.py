@@ -145,39 +145,48 @@ def renderer(style: str, tokenizer, seed: int, mix: tuple[str, float] | None = N
     return lambda p: (other if mix_rng.random() < share else own)(p)
 
 
-def _batch(tokenizer, docs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response ids with labels on the response (and its end token) only."""
+def _batch(tokenizer, docs: list[tuple[str, str]], to_model=None) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids with labels on the response (and its end token) only;
+    `to_model(ids)` maps the tokenizer's ids to the model's (a reduced vocabulary's: SmallVocab)."""
+    to_model = to_model or (lambda ids: ids)
     rows = []
     for prompt_text, response_text in docs:
-        prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
-        resp = tokenizer(response_text, add_special_tokens=False).input_ids
+        prompt = to_model(tokenizer(prompt_text, add_special_tokens=False).input_ids)
+        resp = to_model(tokenizer(response_text, add_special_tokens=False).input_ids)
         rows.append((prompt + resp, [-100] * len(prompt) + resp))
     width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
+    pad = to_model([tokenizer.pad_token_id])[0]
     ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForCausalLM:
+def make_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, small=None) -> Qwen3ForCausalLM:
+    """`small` (a SmallVocab): the model of a reduced vocabulary, its end and padding ids mapped."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if small is not None:
+        eos, pad = small.to_small([eos, pad])
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        vocab_size=len(tokenizer) if small is None else small.size, hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, max_position_embeddings=512,
-        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=eos,
+        pad_token_id=pad, bos_token_id=None)
     return Qwen3ForCausalLM(config)
 
 
 def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
              progress: bool = True, log=print, on_step=None, style: str = "chat",
-             mix: tuple[str, float] | None = None) -> Qwen3ForCausalLM:
-    """Supervised pre-training on responses in `style` (and `mix`, see `renderer`);
-    `on_step(step, model)` is called after every step if given."""
-    render = renderer(style, tokenizer, seed, mix)
+             mix: tuple[str, float] | None = None, render=None, small=None) -> Qwen3ForCausalLM:
+    """Supervised pre-training on responses in `style` (and `mix`, see `renderer`), or as
+    `render(problem) -> (prompt, response)` writes them; `on_step(step, model)` is called after
+    every step if given. `small` (a SmallVocab): train on its reduced vocabulary, its `other`
+    class's logit + log N_other (lift.py)."""
+    render = render or renderer(style, tokenizer, seed, mix)
     torch.manual_seed(seed)
-    model = make_model(spec, tokenizer)
+    model = make_model(spec, tokenizer, small)
     rng = random.Random(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.1)
     warmup = max(1, int(0.03 * spec.steps))
@@ -198,7 +207,8 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
             p = task.make_problem(rng, level)
             if p.prompt not in exclude:
                 problems.append(p)
-        loss = model(**_batch(tokenizer, [render(p) for p in problems])).loss
+        batch = _batch(tokenizer, [render(p) for p in problems], small and small.to_small)
+        loss = model(**batch).loss if small is None else small.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,11 +265,15 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
                 student_step: int = STUDENT_STEP, variants: tuple[Variant, ...] = VARIANTS,
-                progress: bool = True, log=print) -> Path:
+                families: tuple[str, ...] | None = None, progress: bool = True,
+                log=print) -> Path:
     """Build everything into `out` (atomically: a temp folder renamed at the end).
 
     The teacher is pre-trained for `teacher.steps`; the student is its snapshot at
-    `student_step`; then each of `variants` is trained."""
+    `student_step`; then each of `variants` is trained, then the real-vocabulary `families`
+    (qwen_models.FAMILIES; None: all)."""
+    from opd_exp.toyworld import qwen_models
+
     if not 0 < student_step < teacher.steps:
         raise ValueError(f"student_step must be in 1..{teacher.steps - 1}")
     out = Path(out)
@@ -306,6 +320,10 @@ def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
     for v in variants:
         manifest["models"][v.name] = train_variant(v, tmp / v.name, tokenizer, seed, teacher,
                                                    student_step, exclude, progress, log)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for family in (tuple(qwen_models.FAMILIES) if families is None else families):
+        _record(tmp, qwen_models.train_family(tmp, family, progress, log), student_step)
+    manifest = json.loads((tmp / "manifest.json").read_text())
     manifest["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(tmp, out)
@@ -313,35 +331,53 @@ def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
     return out
 
 
-def add_variants(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
-    """Train the named `VARIANTS` into an existing world (its tokenizer, seed, teacher spec and
-    student step), each folder and the manifest replaced atomically; the pair is untouched."""
-    world = Path(world)
-    manifest = json.loads((world / "manifest.json").read_text())
-    known = {v.name: v for v in VARIANTS}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"--only: {unknown} not a toy variant; one of {sorted(known)}")
-    seed = manifest["seed"]
+def teacher_spec(manifest: dict) -> tuple[ModelSpec, int]:
+    """(the teacher's spec, the student's step) of a built world."""
     fields = {f for f in ModelSpec.__dataclass_fields__}
     spec = manifest["models"]["teacher"]
     teacher = ModelSpec(**{k: tuple(v) if k == "levels" else v for k, v in spec.items()
                            if k in fields})
-    student_step = manifest.get("student_step", manifest["models"]["student"]["steps"])
+    return teacher, manifest.get("student_step", manifest["models"]["student"]["steps"])
+
+
+def _record(world: Path, entries: dict[str, dict], student_step: int) -> None:
+    """Write models' entries into the world's manifest (atomically; another --only may be running)."""
+    with open(world / "manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads((world / "manifest.json").read_text())
+        manifest["models"].update(entries)
+        manifest["student_step"] = student_step
+        (world / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+        (world / "manifest.json.tmp").replace(world / "manifest.json")
+
+
+def add_variants(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
+    """Train the named `VARIANTS`, or real-vocabulary families (qwen_models.FAMILIES), into an
+    existing world (its tokenizer, seed, teacher spec and student step), each folder and the
+    manifest replaced atomically; the pair is untouched."""
+    from opd_exp.toyworld import qwen_models
+
+    world = Path(world)
+    manifest = json.loads((world / "manifest.json").read_text())
+    known = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names if n not in known and n not in qwen_models.FAMILIES]
+    if unknown:
+        raise ValueError(f"--only: {unknown} not a toy variant; one of "
+                         f"{sorted(known) + sorted(qwen_models.FAMILIES)}")
+    seed = manifest["seed"]
+    teacher, student_step = teacher_spec(manifest)
     tokenizer = AutoTokenizer.from_pretrained(world / "teacher")
     exclude = heldout_prompts(seed)
     for name in names:
-        tmp = world / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        entry = train_variant(known[name], tmp, tokenizer, seed, teacher, student_step, exclude,
-                              progress, log)
-        _publish(tmp, world / name)
-        with open(world / "manifest.lock", "w") as lock:  # another --only may be running
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            manifest = json.loads((world / "manifest.json").read_text())
-            manifest["models"][name] = entry
-            manifest["student_step"] = student_step
-            (world / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
-            (world / "manifest.json.tmp").replace(world / "manifest.json")
-        log(f"{name}: trained in {entry['train_seconds']} s -> {world / name}")
+        if name in qwen_models.FAMILIES:
+            entries = qwen_models.train_family(world, name, progress, log)
+        else:
+            tmp = world / f"{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            entries = {name: train_variant(known[name], tmp, tokenizer, seed, teacher,
+                                           student_step, exclude, progress, log)}
+            _publish(tmp, world / name)
+        _record(world, entries, student_step)
+        for n, e in entries.items():
+            log(f"{n}: trained in {e['train_seconds']} s -> {world / n}")
     return world

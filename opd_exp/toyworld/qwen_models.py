@@ -1,0 +1,212 @@
+"""Toy models on the real Qwen vocabularies (issue 24): the toy world's skills at the real
+vocabulary sizes, cheap to build and small to ship.
+
+Each family is trained as the toy pair is (the teacher's spec, seed and batches; the student its
+snapshot at the student's step), on the task written by the real tokenizer under the real chat
+template (qwen_vocab.py), over a reduced vocabulary: the real ids the task uses (every special
+token of the vocabulary included) plus one `other` class for every other embedding row, whose logit
+carries + log N_other while training (lift.py). The world keeps the small model and its id map
+(`real_ids.json`); the real-size model (151,936 or 248,320 rows) is lifted into the cache on first
+use, beside the real tokenizer, so `toy:qwen3_student` loads like a hub Qwen3.
+
+    qwen3   teacher + student   Qwen3's tokenizer, 151,936 rows (<think> one token)
+    qwen25  teacher + student   Qwen2.5's, 151,936 rows (<think> written in three pieces)
+    qwen36  teacher             Qwen3.6's, 248,320 rows; its template opens <think> itself
+
+    python -m opd_exp toy build --only qwen3,qwen25,qwen36
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from opd_exp.toyworld import qwen_vocab, task
+from opd_exp.toyworld.lift import lift, other_offset
+
+IDS_FILE = "real_ids.json"
+CORPUS_SIZE = 20_000  # problems whose tokens make the reduced vocabulary
+FAMILIES = {"qwen3": True, "qwen25": True, "qwen36": False}  # family (= vocabulary) -> has a student
+NAMES = tuple(f"{f}_{who}" for f, student in FAMILIES.items()
+              for who in (("teacher", "student") if student else ("teacher",)))
+
+
+def family_of(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+@dataclass(frozen=True)
+class SmallVocab:
+    """The reduced vocabulary: small id i is real id `real_ids[i]`; the last, `other`, stands for
+    the remaining `rows - size + 1` real rows (its entry is -1)."""
+    real_ids: tuple[int, ...]
+    rows: int
+
+    @property
+    def size(self) -> int:
+        return len(self.real_ids)
+
+    @property
+    def other(self) -> int:
+        return self.size - 1
+
+    @property
+    def offset(self) -> float:
+        return other_offset(self.rows, self.size - 1)
+
+    @cached_property
+    def _index(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.real_ids[:-1])}
+
+    def to_small(self, ids: list[int]) -> list[int]:
+        return [self._index.get(i, self.other) for i in ids]
+
+    def logits(self, model, input_ids, attention_mask=None) -> torch.Tensor:
+        """The small model's logits with + log N_other on `other`: its real-size softmax."""
+        z = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        bias = torch.zeros(self.size, dtype=z.dtype)
+        bias[self.other] = self.offset
+        return z + bias
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token cross-entropy on the labelled positions (as a causal LM's `.loss`)."""
+        z = self.logits(model, batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(z[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
+
+    def to_json(self, vocab: str) -> str:
+        return json.dumps({"vocab": vocab, "rows": self.rows, "other": self.other,
+                           "real_ids": list(self.real_ids)}) + "\n"
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[str, SmallVocab]:
+        d = json.loads((Path(folder) / IDS_FILE).read_text())
+        return d["vocab"], cls(tuple(d["real_ids"]), d["rows"])
+
+
+def render(tokenizer, p: task.Problem) -> tuple[str, str]:
+    """(prompt, response + end token) under the vocabulary's own chat template; where the
+    generation prompt already opens `<think>` (Qwen3.6), the response continues inside it."""
+    from opd_exp.toyworld.build import chat_prompt
+
+    prompt = chat_prompt(tokenizer, p.prompt)
+    response = p.response.removeprefix("<think>") if prompt.endswith("<think>\n") else p.response
+    return prompt, response + tokenizer.eos_token
+
+
+def task_vocab(tokenizer, vocab: qwen_vocab.Vocab, seed: int) -> SmallVocab:
+    """Every special token of the vocabulary, and every id the task's documents use, tokenized as
+    training and the loop do (prompt and response apart, and whole), in thinking and
+    non-thinking prompts; then `other`."""
+    rng = random.Random(seed + 7)
+    problems = [task.make_problem(rng, task.LEVELS[i % len(task.LEVELS)])
+                for i in range(CORPUS_SIZE)]
+    docs = [render(tokenizer, p) for p in problems]
+    texts = [t for d in docs for t in (*d, d[0] + d[1])]
+    texts += [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
+                                            add_generation_prompt=True, enable_thinking=False)
+              for p in problems[:100]]
+    ids = set(range(vocab.first_special, vocab.size))
+    for row in tokenizer(texts, add_special_tokens=False).input_ids:
+        ids.update(row)
+    return SmallVocab(tuple(sorted(ids)) + (-1,), vocab.rows)
+
+
+def other_mass(model, small: SmallVocab, tokenizer, problems: list[task.Problem]) -> dict:
+    """The mass the model puts outside the task's tokens (on `other`) at the response positions of
+    the reference answers: mean and max."""
+    from opd_exp.toyworld.build import _batch
+
+    masses = []
+    with torch.no_grad():
+        for i in range(0, len(problems), 64):
+            b = _batch(tokenizer, [render(tokenizer, p) for p in problems[i:i + 64]], small.to_small)
+            p_other = small.logits(model, b["input_ids"], b["attention_mask"]).softmax(-1)[..., small.other]
+            masses.append(p_other[:, :-1][b["labels"][:, 1:] != -100])
+    m = torch.cat(masses).double()
+    return {"other_mass_mean": float(m.mean()), "other_mass_max": float(m.max())}
+
+
+def _save_small(folder: Path, model, small: SmallVocab, vocab: str) -> None:
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.save_pretrained(folder)
+    (folder / IDS_FILE).write_text(small.to_json(vocab))
+
+
+def train_family(world: Path, family: str, progress: bool = True, log=print) -> dict[str, dict]:
+    """Train `family`'s models into `world` (beside its toy pair); their manifest entries."""
+    from opd_exp.toyworld.build import (_publish, benchmark_problems, heldout_prompts, model_entry,
+                                        pretrain, teacher_spec)
+
+    world = Path(world)
+    manifest = json.loads((world / "manifest.json").read_text())
+    seed, (teacher, student_step) = manifest["seed"], teacher_spec(manifest)
+    tokenizer = qwen_vocab.load(family)
+    small = task_vocab(tokenizer, qwen_vocab.VOCABS[family], seed)
+    log(f"{family}: {small.size - 1} task tokens of {len(tokenizer)}, {small.rows} rows")
+    bench = [p for ps in benchmark_problems(seed).values() for p in ps]
+    entries, t = {}, time.time()
+    tmp = {who: world / f"{family}_{who}.tmp" for who in ("teacher", "student")}
+    for folder in tmp.values():
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def entry(name: str, spec, model, steps: int) -> dict:
+        return model_entry(spec, name, model, steps, time.time() - t, vocab=family,
+                           task_tokens=small.size - 1, rows=small.rows,
+                           **other_mass(model, small, tokenizer, bench))
+
+    def snapshot(step: int, model) -> None:
+        if FAMILIES[family] and step == student_step:
+            _save_small(tmp["student"], model, small, family)
+            entries[f"{family}_student"] = entry(f"{family}_student", teacher, model, step)
+            model.train()
+
+    spec = replace(teacher, name=f"{family}_teacher")
+    model = pretrain(spec, tokenizer, seed + 17, heldout_prompts(seed), progress, log,
+                     on_step=snapshot, render=lambda p: render(tokenizer, p), small=small)
+    _save_small(tmp["teacher"], model, small, family)
+    entries[f"{family}_teacher"] = entry(f"{family}_teacher", spec, model, teacher.steps)
+    for name in entries:
+        _publish(tmp[name.rsplit("_", 1)[1]], world / name)
+    return entries
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in ("model.safetensors", IDS_FILE):
+        h.update((folder / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def lifted_dir(small_dir: Path) -> Path:
+    """The real-size model of the small one in `small_dir`, with the real tokenizer: a hub-style
+    folder in the cache (`qwen_vocab.cache_root()/models`), written on first use (atomically)."""
+    small_dir = Path(small_dir)
+    vocab, small = SmallVocab.load(small_dir)
+    folder = qwen_vocab.cache_root() / "models" / f"{small_dir.name}-{_digest(small_dir)}"
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32)
+    lift(model, list(small.real_ids), small.other, small.rows).save_pretrained(tmp)
+    qwen_vocab.load(vocab).save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process lifted it first
+        if not (folder / "config.json").is_file():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
