@@ -1,0 +1,92 @@
+"""Every toy experiment on the real Qwen3 vocabulary (pair=toy_qwen3: 151,669 tokens in 151,936
+rows, tiny world): 2 steps each, finite metrics, the padded rows never sampled and never trained;
+vLLM rollouts and DeepSpeed learners on it (issue 24)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd_exp.train import train
+
+from .conftest import TINY_RUN, compose
+from .test_train_e2e import TOY_EXPERIMENTS
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+V, ROWS = 151669, 151936
+QWEN3 = ["pair=toy_qwen3", "pair.teacher.path=toy:qwen3_teacher"]  # the experiments' own teachers too
+# the multi-teacher experiment's second teacher and its routes, on the same vocabulary
+TEACHERS = {"multi_teacher_toy": ["+pair.teachers={long:{path:'toy:qwen3_teacher'}}",
+                                  "+pair.routes={L4:long,L5:long,L6:long}"]}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _embeddings(folder: Path) -> torch.Tensor:
+    return load_file(folder / "model.safetensors")["model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("name", TOY_EXPERIMENTS)
+def test_every_toy_experiment_runs_on_the_real_qwen3_vocabulary(tmp_path, use_tiny_world, name):
+    from opd_exp import toyworld
+
+    cfg = compose([f"+experiment={name}", *TINY_RUN, *QWEN3, *TEACHERS.get(name, []),
+                   "trainer.steps=2", "eval.every=2", "eval.teacher=false", "trainer.save_every=2"])
+    assert cfg.pair.student.path == "toy:qwen3_student"
+    train(cfg, tmp_path)
+    recs = [r for r in _records(tmp_path) if r["step"] > 0]
+    assert len(recs) == 2
+    for r in recs:
+        bad = {k: v for k, v in r.items() if v is None or not math.isfinite(v)}
+        assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
+    before = _embeddings(toyworld.model_dir("qwen3_student"))
+    after = _embeddings(tmp_path / "checkpoints/step_000002/student")
+    assert before.shape == (ROWS, 64)
+    assert torch.equal(after[V:], before[V:])  # the padded rows: never trained
+    if name not in ("sft_toy",):  # the SFT arm trains only on teacher text
+        assert not torch.equal(after[:V], before[:V])
+
+
+def _run(tmp_path: Path, world: Path, *overrides: str, timeout: int = 900) -> list[dict]:
+    env = {**os.environ, "OPD_EXP_TOY_DIR": str(world), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    p = subprocess.run([sys.executable, "-m", "opd_exp", "train", *TINY_RUN, *QWEN3,
+                        "eval.teacher=false", *overrides, f"hydra.run.dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return [r for r in _records(tmp_path) if r["step"] > 0]
+
+
+def test_vllm_rollouts_and_teacher_on_the_real_vocabulary(tiny_world, tmp_path):
+    """vLLM samples from the lifted model (the 267 padded rows excluded by a logit bias) with
+    the learner's log-probs, and a vLLM teacher scores top-K over the real tokens."""
+    steps = _run(tmp_path, tiny_world, "rollout=vllm", "rollout.max_model_len=256",
+                 "teacher=vllm", "teacher.max_model_len=256", "objective=topk", "objective.k=8",
+                 "trainer.steps=2", "eval.every=2")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["rollout/logprob_mismatch"] <= 1e-3 and math.isfinite(r["train/loss"]) for r in steps)
+
+
+def test_two_rank_deepspeed_learner_on_the_real_vocabulary(use_tiny_world, tmp_path):
+    from opd_exp import toyworld
+
+    from .test_deepspeed import free_port
+
+    steps = _run(tmp_path, use_tiny_world, "learner=deepspeed", "learner.zero_stage=3",
+                 "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}",
+                 "objective=full_vocab", "trainer.steps=2", "eval.every=0", "trainer.save_every=2")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in steps)
+    before = _embeddings(toyworld.model_dir("qwen3_student"))
+    after = _embeddings(tmp_path / "checkpoints/step_000002/student")
+    assert torch.equal(after[V:], before[V:]) and not torch.equal(after[:V], before[:V])
