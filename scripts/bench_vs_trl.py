@@ -1,8 +1,11 @@
 """opd_exp against TRL's `DistillationTrainer`, side by side on the toy pair.
 
     python scripts/bench_vs_trl.py [--steps 14] [--warmup 4] [--arms NAME …] [--repeats 1]
+                                   [--pair toy|toy_qwen3]
 
-The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher), the toy training
+The same setting in every arm: the shipped toy pair (toy:student ← toy:teacher; with `--pair
+toy_qwen3` the same skills on the real Qwen3 vocabulary, 151,669 tokens in 151,936 rows:
+toy:qwen3_student ← toy:qwen3_teacher), the toy training
 prompts under the chat template, 64 sequences per step (TRL: 64 prompts × 1; opd_exp: 16 × 4),
 at most 96 new tokens at temperature 1, full-vocabulary reverse KL (TRL β = 1; opd_exp
 objective=full_vocab), lr 5e-4, float32, 2 threads, no evaluation, logging or checkpoints. Each
@@ -41,7 +44,7 @@ SEQUENCES, MAX_NEW, LR, THREADS = 64, 96, 5e-4, 2
 ENV = {**{k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"},
        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 KV = 16  # MiB of KV cache: 64 sequences x <= 160 tokens of the toy model need ~3 MiB
-OPD = ["objective=full_vocab", "data.prompts_per_step=16", "rollout.n=4",
+OPD = ["data.prompts_per_step=16", "rollout.n=4",
        f"rollout.max_new_tokens={MAX_NEW}", f"learner.lr={LR}",
        "eval.every=0", "logger.mode=disabled", "logger.plots=false", "trainer.save_every=0"]
 VLLM = ["rollout=vllm", "rollout.max_model_len=512", f"rollout.kv_cache_mib={KV}"]
@@ -67,7 +70,12 @@ ARMS = {
     # sampling and training side by side, one core each (HF: vLLM's CPU kernels keep their own)
     "opd_exp, HF generate + packing + ahead, 1 thread each": (
         "opd", PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true", "trainer.threads=1"]),
+    # the objectives side by side in the loop (the arms above: full-vocabulary reverse KL)
+    "opd_exp, HF generate + packing, sampled-token power (α 0.5)": (
+        "opd", PACK + ["objective=sampled_token", "reward=power", "reward.alpha=0.5"]),
+    "opd_exp, HF generate + packing, top-16": ("opd", PACK + ["objective=topk", "objective.k=16"]),
 }
+PAIRS = {"toy": ("toy:student", "toy:teacher"), "toy_qwen3": ("toy:qwen3_student", "toy:qwen3_teacher")}
 
 
 def toy_prompts(n: int) -> list[str]:
@@ -108,8 +116,8 @@ class TreeRSS:
         return self.peak / 2**20
 
 
-def run_trl(steps: int, extra: dict) -> dict:
-    """TRL's DistillationTrainer on the toy pair; per step: time, tokens, and its split."""
+def run_trl(steps: int, extra: dict, pair: str) -> dict:
+    """TRL's DistillationTrainer on the pair; per step: time, tokens, and its split."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -118,7 +126,7 @@ def run_trl(steps: int, extra: dict) -> dict:
     from opd_exp.engines.hf_models import resolve_path
 
     torch.set_num_threads(THREADS)
-    student, teacher = resolve_path("toy:student"), resolve_path("toy:teacher")
+    student, teacher = (resolve_path(p) for p in PAIRS[pair])
     tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
                               for p in toy_prompts(SEQUENCES * steps)])
@@ -162,11 +170,18 @@ def run_trl(steps: int, extra: dict) -> dict:
     return {"rows": rows}
 
 
-def run_opd(steps: int, extra: list[str]) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="opd_bench_"))
+def opd_overrides(extra: list[str], pair: str) -> list[str]:
+    """An opd_exp arm's command-line overrides: full-vocabulary reverse KL and 2 threads unless
+    the arm says otherwise."""
     threads = [] if any(x.startswith("trainer.threads=") for x in extra) else [f"trainer.threads={THREADS}"]
-    cmd = [sys.executable, "-m", "opd_exp", "train", *OPD, *threads, *extra, f"trainer.steps={steps}",
-           f"hydra.run.dir={out}"]
+    objective = [] if any(x.startswith("objective=") for x in extra) else ["objective=full_vocab"]
+    return [f"pair={pair}", *OPD, *objective, *threads, *extra]
+
+
+def run_opd(steps: int, extra: list[str], pair: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="opd_bench_"))
+    cmd = [sys.executable, "-m", "opd_exp", "train", *opd_overrides(extra, pair),
+           f"trainer.steps={steps}", f"hydra.run.dir={out}"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
@@ -178,9 +193,9 @@ def run_opd(steps: int, extra: list[str]) -> dict:
     return {"rows": rows}
 
 
-def one(name: str, steps: int) -> dict:
+def one(name: str, steps: int, pair: str) -> dict:
     kind, extra = ARMS[name]
-    return run_trl(steps, extra) if kind == "trl" else run_opd(steps, extra)
+    return run_trl(steps, extra, pair) if kind == "trl" else run_opd(steps, extra, pair)
 
 
 def summarise(name: str, rows: list[dict], warmup: int, rss_mib: float) -> dict:
@@ -198,6 +213,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each arm, the arms taking turns (step times drift between runs)")
+    ap.add_argument("--pair", default="toy", choices=list(PAIRS))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
     ap.add_argument("--pss", action="store_true", help=argparse.SUPPRESS)  # internal: poll PSS
     a = ap.parse_args()
@@ -205,7 +221,7 @@ def main() -> None:
         ap.error("--steps must exceed --warmup")
     if a.one:
         tree = TreeRSS() if a.pss else None
-        out = one(a.one, a.steps)
+        out = one(a.one, a.steps, a.pair)
         peak_kib = max(resource.getrusage(who).ru_maxrss
                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         print(json.dumps({**out, "peak_rss_mib": max(peak_kib / 1024, tree.stop() if tree else 0.0)}))
@@ -219,7 +235,8 @@ def main() -> None:
         outs = []
         for pss in ([False, True] if several else [False]):  # timed, then (several processes) PSS
             p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps),
-                                *(["--pss"] if pss else [])], capture_output=True, text=True, env=ENV)
+                                "--pair", a.pair, *(["--pss"] if pss else [])],
+                               capture_output=True, text=True, env=ENV)
             if p.returncode:
                 break
             outs.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -229,7 +246,8 @@ def main() -> None:
             continue
         runs[name].append(summarise(name, outs[0]["rows"], a.warmup, max(o["peak_rss_mib"] for o in outs)))
         print(json.dumps(runs[name][-1]), flush=True)
-    print(f"\n{SEQUENCES} sequences/step, ≤ {MAX_NEW} new tokens, full-vocabulary reverse KL, fp32, "
+    print(f"\npair={a.pair}, {SEQUENCES} sequences/step, ≤ {MAX_NEW} new tokens, full-vocabulary reverse KL "
+          "(unless the arm says), fp32, "
           f"{THREADS} threads; medians of {a.steps - a.warmup} steps after {a.warmup} warm-up; "
           f"with several runs of an arm, the median run (by tokens/s) and the range over runs\n")
     print("| arm | runs | step s | tokens/s | tokens/s, all runs | rollout s | teacher s | train s "

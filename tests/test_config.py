@@ -174,3 +174,22 @@ def test_vocabulary_mismatch_is_a_clear_error(tiny_world):
     b.add_tokens(["<extra_token>"])
     with pytest.raises(ConfigError, match="^pair: student and teacher tokenizers differ"):
         check_same_vocab(a, b)
+
+
+@pytest.mark.parametrize("pair", ["toy", "toy_qwen3"])
+def test_every_opd_arm_of_the_trl_benchmark_composes(pair):
+    """scripts/bench_vs_trl.py's opd_exp arms are valid configs on both pairs (a bad override
+    would only show after the TRL arm's minutes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_vs_trl.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, (kind, extra) in bench.ARMS.items():
+        if kind != "opd":
+            continue
+        cfg = compose(bench.opd_overrides(extra, pair))
+        assert cfg.pair.student.path == bench.PAIRS[pair][0], name
+        assert cfg.rollout.max_new_tokens == bench.MAX_NEW and cfg.data.prompts_per_step * cfg.rollout.n == 64
