@@ -54,6 +54,10 @@ ARMS = {
     "trl, HF generate": ("trl", {}),
     "trl, vLLM colocate": ("trl", {"use_vllm": True, "vllm_mode": "colocate",
                                    "vllm_max_model_length": 512, "vllm_gpu_memory_utilization": 0.3}),
+    # 64 sequences as 4 micro-batches of 16 (TRL generates per micro-batch): its [B, T, V] logits
+    # a quarter as large, for a vocabulary where 64 sequences' do not fit
+    "trl, HF generate, 16 × 4 accumulation": ("trl", {"per_device_train_batch_size": 16,
+                                                      "gradient_accumulation_steps": 4}),
     "opd_exp, HF generate": ("opd", []),
     "opd_exp, HF generate + packing": ("opd", PACK),
     "opd_exp, HF generate + packing + ahead": ("opd", PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true"]),
@@ -131,12 +135,12 @@ def run_trl(steps: int, extra: dict, pair: str) -> dict:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
                               for p in toy_prompts(SEQUENCES * steps)])
     out = tempfile.mkdtemp(prefix="trl_bench_")
-    args = DistillationConfig(
+    args = DistillationConfig(**{**dict(
         output_dir=out, per_device_train_batch_size=SEQUENCES, gradient_accumulation_steps=1,
         max_steps=steps, max_completion_length=MAX_NEW, temperature=1.0, beta=1.0,
         learning_rate=LR, lr_scheduler_type="constant", bf16=False, fp16=False,
         gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False, seed=0, **extra)
+        use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False, seed=0), **extra})
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args,
                                   train_dataset=data, processing_class=tokenizer)
@@ -214,12 +218,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each arm, the arms taking turns (step times drift between runs)")
     ap.add_argument("--pair", default="toy", choices=list(PAIRS))
+    ap.add_argument("--mem-limit-gib", type=float, default=0,
+                    help="address-space limit of each arm's process (RLIMIT_AS), so an arm that "
+                         "outgrows the machine fails alone with its error; 0 = none")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its rows
     ap.add_argument("--pss", action="store_true", help=argparse.SUPPRESS)  # internal: poll PSS
     a = ap.parse_args()
     if a.steps <= a.warmup:
         ap.error("--steps must exceed --warmup")
     if a.one:
+        if a.mem_limit_gib:
+            limit = int(a.mem_limit_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         tree = TreeRSS() if a.pss else None
         out = one(a.one, a.steps, a.pair)
         peak_kib = max(resource.getrusage(who).ru_maxrss
@@ -235,7 +245,8 @@ def main() -> None:
         outs = []
         for pss in ([False, True] if several else [False]):  # timed, then (several processes) PSS
             p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps),
-                                "--pair", a.pair, *(["--pss"] if pss else [])],
+                                "--pair", a.pair, "--mem-limit-gib", str(a.mem_limit_gib),
+                                *(["--pss"] if pss else [])],
                                capture_output=True, text=True, env=ENV)
             if p.returncode:
                 break
