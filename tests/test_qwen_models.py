@@ -25,7 +25,7 @@ def test_the_reduced_vocabulary_covers_the_task_and_every_special_token(tiny_wor
     tok = qwen_vocab.load("qwen3")
     assert small.real_ids[-1] == -1 and small.rows == 151936
     assert set(range(151643, 151669)) <= set(small.real_ids)  # <think> 151667, </think> 151668
-    # the held-out benchmarks' documents (never in the corpus) map to task tokens only
+    # the held-out benchmarks' documents (left out of the corpus) map to task tokens only
     bench = [p for ps in benchmark_problems(0).values() for p in ps]
     for prompt, response in (render(tok, p) for p in bench):
         for text in (prompt, response, prompt + response):

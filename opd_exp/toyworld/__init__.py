@@ -33,7 +33,8 @@ def is_built(path: Path) -> bool:
 
 
 def world_dir(build_if_missing: bool = True) -> Path:
-    """The toy world folder, built (≈ 45 min on 2 cores: the pair and the condition models) if
+    """The toy world folder, built (≈ 2 h on 2 cores: the pair and the condition models, not the
+    real-vocabulary families) if
     no built copy is found."""
     if os.environ.get(ENV_VAR):
         candidates, target = [Path(os.environ[ENV_VAR])], Path(os.environ[ENV_VAR])
@@ -47,7 +48,7 @@ def world_dir(build_if_missing: bool = True) -> Path:
     from opd_exp.toyworld.build import build_world
 
     print(f"toy world not found; building it into {target} (one time)")
-    return build_world(target)
+    return build_world(target, families=())  # the real-vocabulary ones: toy build --only qwen3
 
 
 def manifest(path: Path | None = None) -> dict:

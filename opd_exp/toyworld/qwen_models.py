@@ -24,9 +24,9 @@ import copy
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -81,7 +81,7 @@ class SmallVocab:
     def logits(self, model, input_ids, attention_mask=None) -> torch.Tensor:
         """The small model's logits with + log N_other on `other`: its real-size softmax."""
         z = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        bias = torch.zeros(self.size, dtype=z.dtype)
+        bias = torch.zeros(self.size, dtype=z.dtype, device=z.device)
         bias[self.other] = self.offset
         return z + bias
 
@@ -111,13 +111,19 @@ def render(tokenizer, p: task.Problem) -> tuple[str, str]:
     return prompt, response + tokenizer.eos_token
 
 
-def task_vocab(tokenizer, vocab: qwen_vocab.Vocab, seed: int) -> SmallVocab:
-    """Every special token of the vocabulary, and every id the task's documents use, tokenized as
-    training and the loop do (prompt and response apart, and whole), in thinking and
-    non-thinking prompts; then `other`."""
-    rng = random.Random(seed + 7)
-    problems = [task.make_problem(rng, task.LEVELS[i % len(task.LEVELS)])
-                for i in range(CORPUS_SIZE)]
+def _problems(seed: int, count: int, exclude: frozenset[str]) -> list[task.Problem]:
+    """`count` problems drawn over the levels in turn, those whose prompt is in `exclude` (the
+    held-out benchmarks') dropped."""
+    rng = random.Random(seed)
+    problems = [task.make_problem(rng, task.LEVELS[i % len(task.LEVELS)]) for i in range(count)]
+    return [p for p in problems if p.prompt not in exclude]
+
+
+def task_vocab(tokenizer, vocab: qwen_vocab.Vocab, seed: int, exclude: frozenset[str]) -> SmallVocab:
+    """Every special token of the vocabulary, and every id the task's training documents use,
+    tokenized as training and the loop do (prompt and response apart, and whole), in thinking
+    and non-thinking prompts; then `other`."""
+    problems = _problems(seed + 7, CORPUS_SIZE, exclude)
     docs = [render(tokenizer, p) for p in problems]
     texts = [t for d in docs for t in (*d, d[0] + d[1])]
     texts += [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
@@ -144,7 +150,8 @@ def other_mass(model, small: SmallVocab, tokenizer, problems: list[task.Problem]
     return {"other_mass_mean": float(m.mean()), "other_mass_max": float(m.max())}
 
 
-def fit_other_row(model, small: SmallVocab, tokenizer, seed: int, steps: int = 5000) -> dict:
+def fit_other_row(model, small: SmallVocab, tokenizer, seed: int, exclude: frozenset[str],
+                  steps: int = 5000, log=print) -> dict:
     """Fit the `other` row of the (tied) embedding alone, every other weight fixed, until the
     odds of `other` against the task's tokens are below OTHER_MASS_TARGET / e at every response
     position of CALIBRATION_SIZE training documents.
@@ -156,9 +163,7 @@ def fit_other_row(model, small: SmallVocab, tokenizer, seed: int, steps: int = 5
     the largest log-odds before and after, and the steps taken."""
     from opd_exp.toyworld.build import _batch
 
-    rng = random.Random(seed + 11)
-    problems = [task.make_problem(rng, task.LEVELS[i % len(task.LEVELS)])
-                for i in range(CALIBRATION_SIZE)]
+    problems = _problems(seed + 11, CALIBRATION_SIZE, exclude)
     h_N_H, lse_N = [], []  # final hidden states and the task tokens' logsumexp at each position
     with torch.no_grad():
         for i in range(0, len(problems), 64):
@@ -184,8 +189,11 @@ def fit_other_row(model, small: SmallVocab, tokenizer, seed: int, steps: int = 5
             break
     with torch.no_grad():
         W[small.other] = row.to(W.dtype)
-    return {"other_log_odds_max_before": before, "other_log_odds_max": float(log_odds().detach().max()),
-            "other_fit_steps": step}
+    after = float(log_odds().detach().max())
+    if after >= goal - 1:  # a barely trained model (a test world's) may have no such row
+        log(f"fit_other_row: the largest log-odds of `other` is {after:.2f} after {step} steps, "
+            f"not below {goal - 1:.2f}: the model puts up to {math.exp(after):.1e} outside the task")
+    return {"other_log_odds_max_before": before, "other_log_odds_max": after, "other_fit_steps": step}
 
 
 def _save_small(folder: Path, model, small: SmallVocab, vocab: str) -> None:
@@ -203,8 +211,9 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
     world = Path(world)
     manifest = json.loads((world / "manifest.json").read_text())
     seed, (teacher, student_step) = manifest["seed"], teacher_spec(manifest)
+    exclude = heldout_prompts(seed)
     tokenizer = qwen_vocab.load(family)
-    small = task_vocab(tokenizer, qwen_vocab.VOCABS[family], seed)
+    small = task_vocab(tokenizer, qwen_vocab.VOCABS[family], seed, exclude)
     log(f"{family}: {small.size - 1} task tokens of {len(tokenizer)}, {small.rows} rows")
     bench = [p for ps in benchmark_problems(seed).values() for p in ps]
     entries, t = {}, time.time()
@@ -215,7 +224,7 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
     def finish(name: str, spec, model, steps: int) -> None:
         """Fit the other row (on a copy at the student's snapshot: the run goes on), save, enter."""
         model = copy.deepcopy(model).eval() if name.endswith("_student") else model.eval()
-        fit = fit_other_row(model, small, tokenizer, seed)
+        fit = fit_other_row(model, small, tokenizer, seed, exclude, log=log)
         _save_small(tmp[name.rsplit("_", 1)[1]], model, small, family)
         entries[name] = model_entry(spec, name, model, steps, time.time() - t, vocab=family,
                                     task_tokens=small.size - 1, rows=small.rows, **fit,
@@ -226,7 +235,7 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
             finish(f"{family}_student", teacher, model, step)
 
     spec = replace(teacher, name=f"{family}_teacher")
-    model = pretrain(spec, tokenizer, seed + 17, heldout_prompts(seed), progress, log,
+    model = pretrain(spec, tokenizer, seed + 17, exclude, progress, log,
                      on_step=snapshot, render=lambda p: render(tokenizer, p), small=small)
     finish(f"{family}_teacher", spec, model, teacher.steps)
     for name in entries:
@@ -234,9 +243,14 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
     return entries
 
 
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in ("model.safetensors", IDS_FILE):
+LIFT_VERSION = 1  # bump when lift.py or the lifted folder's layout changes: the cache is rewritten
+
+
+def _digest(folder: Path, vocab: str) -> str:
+    """What the lifted folder is made of: the small model's files, the vocabulary's definition
+    (ranks file, specials, chat template) and the lift's version."""
+    h = hashlib.sha256(f"{LIFT_VERSION}:{qwen_vocab.VOCABS[vocab]!r}".encode())
+    for f in ("model.safetensors", "config.json", "generation_config.json", IDS_FILE):
         h.update((folder / f).read_bytes())
     return h.hexdigest()[:12]
 
@@ -246,11 +260,11 @@ def lifted_dir(small_dir: Path) -> Path:
     folder in the cache (`qwen_vocab.cache_root()/models`), written on first use (atomically)."""
     small_dir = Path(small_dir)
     vocab, small = SmallVocab.load(small_dir)
-    folder = qwen_vocab.cache_root() / "models" / f"{small_dir.name}-{_digest(small_dir)}"
+    folder = qwen_vocab.cache_root() / "models" / f"{small_dir.name}-{_digest(small_dir, vocab)}"
     if (folder / "config.json").is_file():
         return folder
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp", dir=folder.parent))
     model = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32)
     lift(model, list(small.real_ids), small.other, small.rows).save_pretrained(tmp)
     qwen_vocab.load(vocab).save_pretrained(tmp)

@@ -16,6 +16,7 @@ writes `<think>` as three pieces.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -149,10 +150,11 @@ def build(vocab: Vocab) -> PreTrainedTokenizerFast:
 
 def tokenizer_dir(name: str, root: Path | None = None) -> Path:
     """The folder of the saved tokenizer `name` (one of VOCABS) under `root` (default:
-    `cache_root()`), built there on first use (atomically: a temp folder renamed)."""
+    `cache_root()`), named by the vocabulary's definition, built there on first use (atomically: a temp folder renamed)."""
     if name not in VOCABS:
         raise ValueError(f"qwen vocabulary must be one of {sorted(VOCABS)}, got {name!r}")
-    folder = Path(root or cache_root()) / name
+    digest = hashlib.sha256(repr(VOCABS[name]).encode()).hexdigest()[:12]  # a changed template: anew
+    folder = Path(root or cache_root()) / f"{name}-{digest}"
     if not (folder / "tokenizer.json").is_file():  # several processes may build it at once:
         tmp = folder.with_name(f"{name}.tmp{os.getpid()}")  # each its own copy, the first kept
         shutil.rmtree(tmp, ignore_errors=True)
