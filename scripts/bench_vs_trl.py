@@ -245,7 +245,7 @@ def main() -> None:
         outs = []
         for pss in ([False, True] if several else [False]):  # timed, then (several processes) PSS
             p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(a.steps),
-                                "--pair", a.pair, "--mem-limit-gib", str(a.mem_limit_gib),
+                                "--warmup", str(a.warmup), "--pair", a.pair, "--mem-limit-gib", str(a.mem_limit_gib),
                                 *(["--pss"] if pss else [])],
                                capture_output=True, text=True, env=ENV)
             if p.returncode:
