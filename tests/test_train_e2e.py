@@ -108,16 +108,22 @@ def test_cli_multirun_sweeps_alpha(tmp_path, use_tiny_world):
 TOY_EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*_toy.yaml"))
 
 
-@pytest.mark.parametrize("name", TOY_EXPERIMENTS)
-def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world, name):
-    cfg = compose([f"+experiment={name}", *TINY_RUN, "trainer.steps=2", "eval.every=2",
-                   "eval.teacher=false"])
-    train(cfg, tmp_path)
-    recs = [r for r in _records(tmp_path) if r["step"] > 0]
+def two_finite_steps(cfg, run_dir: Path) -> list[dict]:
+    """Train `cfg` (2 steps) into `run_dir`; its two step records, every value finite."""
+    train(cfg, run_dir)
+    recs = [r for r in _records(run_dir) if r["step"] > 0]
     assert len(recs) == 2
     for r in recs:
         bad = {k: v for k, v in r.items() if v is None or not math.isfinite(v)}
         assert not bad and "train/loss" in r and "train/grad_norm" in r, bad
+    return recs
+
+
+@pytest.mark.parametrize("name", TOY_EXPERIMENTS)
+def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world, name):
+    cfg = compose([f"+experiment={name}", *TINY_RUN, "trainer.steps=2", "eval.every=2",
+                   "eval.teacher=false"])
+    for r in two_finite_steps(cfg, tmp_path):
         assert ("train/masked_tokens" in r) == cfg.objective.special_mask
 
 
