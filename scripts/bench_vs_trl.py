@@ -63,6 +63,9 @@ ARMS = {
     "opd_exp, HF generate + packing + ahead": ("opd", PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true"]),
     "opd_exp, HF generate, DeepSpeed ZeRO-2 ×2": ("opd", DS),
     "opd_exp, vLLM + packing": ("opd", VLLM + PACK),
+    # the vocabulary-wide losses' LM-head chunk at 8 positions (default 64): at V = 151,936 a
+    # 64-sequence micro-batch's chunk of logits is 2.5 GB at 64 positions, 311 MB at 8
+    "opd_exp, vLLM + packing, 8-position LM-head chunks": ("opd", VLLM + PACK + ["objective.chunk_size=8"]),
     "opd_exp, vLLM + packing, DeepSpeed ZeRO-2 ×2": ("opd", VLLM + DS + PACK),
     "opd_exp, vLLM + packing + ahead": ("opd", VLLM + PACK + ["rollout.max_staleness=1", "rollout.score_ahead=true"]),
     "opd_exp, vLLM + packing + ahead, teacher in the foreground": (
