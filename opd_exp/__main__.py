@@ -216,6 +216,7 @@ def _toy(argv: list[str]) -> None:
 
     from opd_exp.toyworld import SHIPPED_DIR
     from opd_exp.toyworld.build import add_variants, build_world
+    from opd_exp.toyworld.qwen_models import FAMILIES, add_families
 
     ap = argparse.ArgumentParser(prog="python -m opd_exp toy")
     ap.add_argument("action", choices=["build"])
@@ -223,12 +224,16 @@ def _toy(argv: list[str]) -> None:
                     help="folder to build into (default: the package's shipped copy)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="",
-                    help="comma-separated condition models to train into the existing world at --out")
+                    help="comma-separated condition models (or real-vocabulary families: qwen3, "
+                         "qwen25, qwen36) to train into the existing world at --out")
     args = ap.parse_args(argv)
-    if args.only:
-        add_variants(args.out, [n for n in args.only.split(",") if n])
-    else:
+    names = [n for n in args.only.split(",") if n] or None
+    if names is None:
         build_world(args.out, seed=args.seed)
+    variants = [n for n in names or [] if n not in FAMILIES]
+    if variants:
+        add_variants(args.out, variants)
+    add_families(args.out, [n for n in names or FAMILIES if n in FAMILIES])
 
 
 def main() -> None:

@@ -31,9 +31,11 @@ def qwen_vocab_cache(tmp_path_factory):
 def tiny_world(tmp_path_factory, qwen_vocab_cache):
     """The pair, the condition models and the Qwen3-vocabulary family (toy:qwen3_teacher,
     toy:qwen3_student), a few steps each."""
+    from opd_exp.toyworld.qwen_models import add_families
+
     out = tmp_path_factory.mktemp("toy") / "world"
-    return build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, families=("qwen3",),
-                       progress=False, log=lambda *a: None)
+    build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, progress=False, log=lambda *a: None)
+    return add_families(out, ["qwen3"], progress=False, log=lambda *a: None)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def world_dir(build_if_missing: bool = True) -> Path:
     from opd_exp.toyworld.build import build_world
 
     print(f"toy world not found; building it into {target} (one time)")
-    return build_world(target, families=())  # the real-vocabulary ones: toy build --only qwen3
+    return build_world(target)  # the real-vocabulary families: toy build --only qwen3,…
 
 
 def manifest(path: Path | None = None) -> dict:

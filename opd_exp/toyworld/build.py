@@ -265,14 +265,12 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
                 student_step: int = STUDENT_STEP, variants: tuple[Variant, ...] = VARIANTS,
-                families: tuple[str, ...] | None = None, progress: bool = True,
-                log=print) -> Path:
+                progress: bool = True, log=print) -> Path:
     """Build everything into `out` (atomically: a temp folder renamed at the end).
 
     The teacher is pre-trained for `teacher.steps`; the student is its snapshot at
-    `student_step`; then each of `variants` is trained, then the real-vocabulary `families`
-    (qwen_models.FAMILIES; None: all)."""
-    from opd_exp.toyworld import qwen_models
+    `student_step`; then each of `variants` is trained. (The real-vocabulary families are
+    trained into a built world: qwen_models.add_families.)"""
 
     if not 0 < student_step < teacher.steps:
         raise ValueError(f"student_step must be in 1..{teacher.steps - 1}")
@@ -320,10 +318,6 @@ def build_world(out: Path, seed: int = 0, teacher: ModelSpec = TEACHER,
     for v in variants:
         manifest["models"][v.name] = train_variant(v, tmp / v.name, tokenizer, seed, teacher,
                                                    student_step, exclude, progress, log)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    for family in (tuple(qwen_models.FAMILIES) if families is None else families):
-        _record(tmp, qwen_models.train_family(tmp, family, progress, log), student_step)
-    manifest = json.loads((tmp / "manifest.json").read_text())
     manifest["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     _publish(tmp, out)
@@ -352,32 +346,24 @@ def _record(world: Path, entries: dict[str, dict], student_step: int) -> None:
 
 
 def add_variants(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
-    """Train the named `VARIANTS`, or real-vocabulary families (qwen_models.FAMILIES), into an
-    existing world (its tokenizer, seed, teacher spec and student step), each folder and the
-    manifest replaced atomically; the pair is untouched."""
-    from opd_exp.toyworld import qwen_models
-
+    """Train the named `VARIANTS` into an existing world (its tokenizer, seed, teacher spec and
+    student step), each folder and the manifest replaced atomically; the pair is untouched."""
     world = Path(world)
     manifest = json.loads((world / "manifest.json").read_text())
     known = {v.name: v for v in VARIANTS}
-    unknown = [n for n in names if n not in known and n not in qwen_models.FAMILIES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"--only: {unknown} not a toy variant; one of "
-                         f"{sorted(known) + sorted(qwen_models.FAMILIES)}")
+        raise ValueError(f"--only: {unknown} not a toy variant; one of {sorted(known)}")
     seed = manifest["seed"]
     teacher, student_step = teacher_spec(manifest)
     tokenizer = AutoTokenizer.from_pretrained(world / "teacher")
     exclude = heldout_prompts(seed)
     for name in names:
-        if name in qwen_models.FAMILIES:
-            entries = qwen_models.train_family(world, name, progress, log)
-        else:
-            tmp = world / f"{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            entries = {name: train_variant(known[name], tmp, tokenizer, seed, teacher,
-                                           student_step, exclude, progress, log)}
-            _publish(tmp, world / name)
-        _record(world, entries, student_step)
-        for n, e in entries.items():
-            log(f"{n}: trained in {e['train_seconds']} s -> {world / n}")
+        tmp = world / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        entry = train_variant(known[name], tmp, tokenizer, seed, teacher, student_step, exclude,
+                              progress, log)
+        _publish(tmp, world / name)
+        _record(world, {name: entry}, student_step)
+        log(f"{name}: trained in {entry['train_seconds']} s -> {world / name}")
     return world

@@ -15,7 +15,7 @@ use, beside the real tokenizer, so `toy:qwen3_student` loads like a hub Qwen3.
     qwen25  teacher + student   Qwen2.5's, 151,936 rows (<think> written in three pieces)
     qwen36  teacher             Qwen3.6's, 248,320 rows; its template opens <think> itself
 
-    python -m opd_exp toy build --only qwen3,qwen25,qwen36
+    python -m opd_exp toy build --only qwen3,qwen25,qwen36   (into a built world)
 """
 
 from __future__ import annotations
@@ -244,6 +244,24 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
 
 
 LIFT_VERSION = 1  # bump when lift.py or the lifted folder's layout changes: the cache is rewritten
+
+
+def add_families(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
+    """Train the named families (`FAMILIES`) into a built world, each folder and the manifest
+    replaced atomically."""
+    from opd_exp.toyworld.build import _record, teacher_spec
+
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(f"--only: {unknown} not a real-vocabulary family; one of {sorted(FAMILIES)}")
+    world = Path(world)
+    for name in names:
+        entries = train_family(world, name, progress, log)
+        _, student_step = teacher_spec(json.loads((world / "manifest.json").read_text()))
+        _record(world, entries, student_step)
+        for n, e in entries.items():
+            log(f"{n}: trained in {e['train_seconds']} s -> {world / n}")
+    return world
 
 
 def _digest(folder: Path, vocab: str) -> str:
