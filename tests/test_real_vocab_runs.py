@@ -45,8 +45,15 @@ def test_every_toy_experiment_runs_on_the_real_qwen3_vocabulary(tmp_path, use_ti
     before = _embeddings(toyworld.model_dir("qwen3_student"))
     after = _embeddings(tmp_path / "checkpoints/step_000002/student")
     assert before.shape == (ROWS, 64)
-    assert torch.equal(after[V:], before[V:])  # the padded rows: never trained
-    if name not in ("sft_toy",):  # the SFT arm trains only on teacher text
+    # the padded rows: never trained. AdamW's decoupled weight decay (geometry_toy: 0.1) shrinks
+    # every row, padded ones too, and nothing else may move them
+    if cfg.learner.weight_decay == 0:
+        assert torch.equal(after[V:], before[V:])
+    else:
+        c = float((after[V:] * before[V:]).sum() / (before[V:] ** 2).sum())
+        # (float32 rounding of the decayed rows ~1e-7; an Adam step moves a row by ~lr = 2e-6)
+        assert 0.99 < c < 1 and torch.allclose(after[V:], c * before[V:], rtol=0, atol=5e-7)
+    if name not in ("rlvr_toy",):  # the verifier's reward: the tiny student is never right
         assert not torch.equal(after[:V], before[:V])
 
 
@@ -84,7 +91,7 @@ def test_vllm_log_probs_are_the_learners_on_the_shipped_real_vocabulary_pair(tmp
 def test_two_rank_deepspeed_learner_on_the_real_vocabulary(use_tiny_world, tmp_path):
     from .test_deepspeed import free_port
 
-    steps = _run(tmp_path, use_tiny_world, "learner=deepspeed", "learner.zero_stage=3",
+    steps = _run(tmp_path, use_tiny_world, "learner=deepspeed", "learner.zero_stage=2",
                  "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}",
                  "objective=full_vocab", "trainer.steps=2", "eval.every=0", "trainer.save_every=2")
     assert [r["step"] for r in steps] == [1, 2]
