@@ -43,6 +43,7 @@ IDS_FILE = "real_ids.json"
 CORPUS_SIZE = 20_000  # problems whose tokens make the reduced vocabulary
 CALIBRATION_SIZE = 1024  # problems whose response positions fit the `other` row
 OTHER_MASS_TARGET = 1e-7  # the largest mass outside the task's tokens it fits to
+LIFT_VERSION = 1  # bump when lift.py or the lifted folder's layout changes: the cache is rewritten
 FAMILIES = {"qwen3": True, "qwen25": True, "qwen36": False}  # family (= vocabulary) -> has a student
 NAMES = tuple(f"{f}_{who}" for f, student in FAMILIES.items()
               for who in (("teacher", "student") if student else ("teacher",)))
@@ -241,9 +242,6 @@ def train_family(world: Path, family: str, progress: bool = True, log=print) -> 
     for name in entries:
         _publish(tmp[name.rsplit("_", 1)[1]], world / name)
     return entries
-
-
-LIFT_VERSION = 1  # bump when lift.py or the lifted folder's layout changes: the cache is rewritten
 
 
 def add_families(world: Path, names: list[str], progress: bool = True, log=print) -> Path:
