@@ -215,7 +215,7 @@ def _toy(argv: list[str]) -> None:
     import argparse
 
     from opd_exp.toyworld import SHIPPED_DIR
-    from opd_exp.toyworld.build import add_variants, build_world
+    from opd_exp.toyworld.build import VARIANTS, add_variants, build_world
     from opd_exp.toyworld.qwen_models import FAMILIES, add_families
 
     ap = argparse.ArgumentParser(prog="python -m opd_exp toy")
@@ -227,13 +227,17 @@ def _toy(argv: list[str]) -> None:
                     help="comma-separated condition models (or real-vocabulary families: qwen3, "
                          "qwen25, qwen36) to train into the existing world at --out")
     args = ap.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or None
-    if names is None:
+    names = [n for n in args.only.split(",") if n]
+    known = [v.name for v in VARIANTS] + list(FAMILIES)
+    if unknown := [n for n in names if n not in known]:
+        ap.error(f"--only: {unknown} not a condition model or family; one of {known}")
+    if not names:  # the whole world: the pair, the condition models, then the families
         build_world(args.out, seed=args.seed)
-    variants = [n for n in names or [] if n not in FAMILIES]
+        names = list(FAMILIES)
+    variants = [n for n in names if n not in FAMILIES]
     if variants:
         add_variants(args.out, variants)
-    add_families(args.out, [n for n in names or FAMILIES if n in FAMILIES])
+    add_families(args.out, [n for n in names if n in FAMILIES])
 
 
 def main() -> None:

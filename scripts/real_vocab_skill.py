@@ -25,29 +25,29 @@ from opd_exp import toyworld
 from opd_exp.engines.hf_models import resolve_path
 from opd_exp.evaluation import is_correct
 from opd_exp.toyworld import task
-from opd_exp.toyworld.build import benchmark_problems, chat_prompt
+from opd_exp.toyworld.build import benchmark_problems
+from opd_exp.toyworld.qwen_models import render
 
 
-def answer_nll(model, tok, prompts: list[str], responses: list[str]) -> list[float]:
+def answer_nll(model, tok, prompts, responses) -> list[float]:
     """−log p(response | prompt) in nats, one per document (teacher forcing, no padding)."""
     out = []
     with torch.no_grad():
         for prompt, response in zip(prompts, responses):
             p = tok(prompt, add_special_tokens=False).input_ids
             r = tok(response, add_special_tokens=False).input_ids
-            logp = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1].float().log_softmax(-1)
-            vocab = len(tok)  # padded rows are never tokens
-            logp = logp[:, :vocab] - torch.logsumexp(logp[:, :vocab], -1, keepdim=True)
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            logp = logits[:, :len(tok)].float().log_softmax(-1)  # padded rows are never tokens
             out.append(-float(logp.gather(-1, torch.tensor(r)[:, None]).sum()))
     return out
 
 
-def greedy_correct(model, tok, prompts: list[str], answers: list[str], batch: int = 64) -> list[bool]:
+def greedy_correct(model, tok, prompts, answers: list[str], batch: int = 64) -> list[bool]:
     tok.padding_side = "left"
     ok = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
-            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(list(prompts[i:i + batch]), return_tensors="pt", padding=True, add_special_tokens=False)
             seq = model.generate(**enc, do_sample=False, max_new_tokens=96, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)
             texts = tok.batch_decode(seq[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
@@ -72,10 +72,8 @@ def main() -> None:
         accs, nlls = [], []
         for level in task.LEVELS:
             probs = benches[f"toy_L{level}"][:a.problems]
-            prompts = [chat_prompt(tok, p.prompt) for p in probs]
-            # the reference answer in the model's own rendering (Qwen3.6 opens <think> itself)
-            responses = [(p.response.removeprefix("<think>") if q.endswith("<think>\n") else p.response)
-                         + tok.eos_token for p, q in zip(probs, prompts)]
+            # prompt and reference answer in the model's own rendering (Qwen3.6 opens <think>)
+            prompts, responses = zip(*(render(tok, p) for p in probs))
             accs.append(sum(greedy_correct(model, tok, prompts, [p.answer for p in probs])) / len(probs))
             nlls += answer_nll(model, tok, prompts, responses)
             row[f"L{level}"] = round(accs[-1], 3)

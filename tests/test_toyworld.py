@@ -108,7 +108,10 @@ def test_shipped_world_is_complete_and_small():
 
 
 def test_variant_names_are_the_built_ones():
+    from opd_exp.toyworld import qwen_models
+
     assert tuple(v.name for v in VARIANTS) == toyworld.VARIANT_NAMES
+    assert qwen_models.NAMES == toyworld.REAL_VOCAB_NAMES
 
 
 # the stop token each model states (generation_config, config and tokenizer), like its hub kin:

@@ -49,10 +49,6 @@ NAMES = tuple(f"{f}_{who}" for f, student in FAMILIES.items()
               for who in (("teacher", "student") if student else ("teacher",)))
 
 
-def family_of(name: str) -> str:
-    return name.rsplit("_", 1)[0]
-
-
 @dataclass(frozen=True)
 class SmallVocab:
     """The reduced vocabulary: small id i is real id `real_ids[i]`; the last, `other`, stands for

@@ -150,7 +150,8 @@ def build(vocab: Vocab) -> PreTrainedTokenizerFast:
 
 def tokenizer_dir(name: str, root: Path | None = None) -> Path:
     """The folder of the saved tokenizer `name` (one of VOCABS) under `root` (default:
-    `cache_root()`), named by the vocabulary's definition, built there on first use (atomically: a temp folder renamed)."""
+    `cache_root()`), named by the vocabulary's definition, built there on first use (atomically:
+    a temp folder renamed)."""
     if name not in VOCABS:
         raise ValueError(f"qwen vocabulary must be one of {sorted(VOCABS)}, got {name!r}")
     digest = hashlib.sha256(repr(VOCABS[name]).encode()).hexdigest()[:12]  # a changed template: anew
