@@ -35,7 +35,7 @@ def tiny_world(tmp_path_factory, qwen_vocab_cache):
 
     out = tmp_path_factory.mktemp("toy") / "world"
     build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, progress=False, log=lambda *a: None)
-    return add_families(out, ["qwen3"], progress=False, log=lambda *a: None)
+    return add_families(out, ["qwen3", "qwen36"], progress=False, log=lambda *a: None)
 
 
 @pytest.fixture

@@ -97,6 +97,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     _choice("pair.teacher_prompt", cfg.pair.teacher_prompt, {"student", "own"})
     rw = cfg.reward
     _choice("reward.name", rw.name, registry.REWARDS)
+    _choice("xtok.credit", cfg.xtok.credit, registry.XTOK_CREDITS)
     _require(rw.alpha > 0, "reward.alpha", rw.alpha, "a number > 0")
     _require(rw.clip > 0, "reward.clip", rw.clip, "a number > 0")
     _require(rw.eps > 0, "reward.eps", rw.eps, "a number > 0")

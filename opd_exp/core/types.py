@@ -8,7 +8,7 @@ the logits that score response token t sit at concatenated position P + t − 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -92,6 +92,12 @@ class TeacherScores:
     entropy_B_T: Optional[torch.Tensor] = None  # with "topk", where the backend sees the full softmax
     hidden_B_T_H: Optional[torch.Tensor] = None
     lm_head: Optional[torch.nn.Module] = None  # shared, not per row
+    # a teacher with another tokenizer (engines/teacher_xtok.py, methods/xtok.py): the chunk of
+    # each student token (−1: none); `logp_B_T` then holds log q(chunk) on each chunk's last
+    # student token, to be credited to the chunk's tokens by `credit`
+    chunk_B_T: Optional[torch.Tensor] = None
+    credit: str = "last"
+    metrics: dict = field(default_factory=dict)  # the scorer's own (xtok/*: docs/metrics.md)
 
     def select(self, idx: torch.Tensor | slice) -> "TeacherScores":
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)

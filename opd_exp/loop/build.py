@@ -15,20 +15,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-from opd_exp.config import ConfigError, validate_vocab
+from opd_exp.config import ConfigError
 from opd_exp.config import registry
 from opd_exp.config.registry import LEARNERS, OBJECTIVES, ROLLOUTS, TEACHERS, resolve
 from opd_exp.core.protocols import Learner, Logger, Objective, RolloutBackend, Teacher
 from opd_exp.core.ranks import Dist
 from opd_exp.core.types import Sampling
 from opd_exp.data import PromptSource, make_encoder, make_prompts, student_encoder
-from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load_model,
-                                       load_tokenizer, model_shape, resolve_path, save_model,
-                                       stop_token_ids)
+from opd_exp.engines.hf_models import load_model, resolve_path, save_model
 from opd_exp.engines.hf_policy import HFPolicy, refuse_unless_head_alone
+from opd_exp.engines.teacher_xtok import XTokTeacher
 from opd_exp.loop.ahead import AheadSampler
 from opd_exp.loop.diagnose import Diagnostics
 from opd_exp.loop.evaluator import Evaluator
+from opd_exp.loop.pair import Pair, load_pair
 from opd_exp.loop.routing import Teachers
 from opd_exp.loop.seeds import step_seed
 from opd_exp.methods import make_objective
@@ -166,30 +166,33 @@ def routed_teachers(cfg: DictConfig, main: Teacher, main_tok, tokenizer, stop_id
     return Teachers(scorers, dict(cfg.pair.routes), encoders)
 
 
+def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, RolloutBackend]:
+    """The teacher's scorer (teacher.backend) and its sampler, in the teacher's own tokens; a
+    teacher with another tokenizer scores the student's tokens through chunks of the same bytes
+    (engines/teacher_xtok.py)."""
+    teacher, sampler = resolve(TEACHERS[cfg.teacher.backend])(
+        cfg, pair.teacher_tok if pair.cross_tokenizer else pair.tokenizer, pair.teacher_stop_ids,
+        dist.device)
+    if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
+        head_alone_at_start(cfg, teacher.model, "teacher")
+    if pair.cross_tokenizer:
+        teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit)
+    return teacher, sampler
+
+
 def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     ckpt_meta = {"learner": cfg.learner.backend, "ranks": dist.world_size}
     resume_from, clear = open_run_dir(cfg, run_dir, dist, ckpt_meta)
-    tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
-    teacher_tok = load_tokenizer(cfg.pair.teacher, "pair.teacher")
-    unshared = check_same_vocab(tokenizer, teacher_tok, cfg.objective.mask_unshared)
-    others = {name: (mc, load_tokenizer(mc, f"pair.teachers.{name}")) for name, mc in cfg.pair.teachers.items()}
-    for mc, tok in others.values():  # routed teachers share the student's vocabulary exactly
-        check_same_vocab(tokenizer, tok)
     student_cfg = cfg.pair.student if resume_from is None else OmegaConf.merge(
         cfg.pair.student, {"path": str(resume_from / "student")})
-    shapes = {"pair.student": model_shape(student_cfg, "pair.student"),
-              "pair.teacher": model_shape(cfg.pair.teacher, "pair.teacher"),
-              **{f"pair.teachers.{n}": model_shape(mc, f"pair.teachers.{n}") for n, (mc, _) in others.items()}}
-    vocab, note = check_vocab_sizes(tokenizer, {k: rows for k, (rows, _) in shapes.items()})
-    validate_vocab(cfg, vocab)
-    if note and dist.is_main:
-        print(note, flush=True)
+    pair = load_pair(cfg, student_cfg)
+    tokenizer, teacher_tok, vocab, stop_ids = pair.tokenizer, pair.teacher_tok, pair.vocab, pair.stop_ids
+    others, shapes = pair.others, pair.shapes
+    if pair.note and dist.is_main:
+        print(pair.note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
-    stop_ids = stop_token_ids(student_cfg, tokenizer) | {  # the teacher's, where they are shared
-        i for mc, tok in [(cfg.pair.teacher, teacher_tok), *others.values()]
-        for i in stop_token_ids(mc, tok) if i < vocab and i not in unshared}
     learner = resolve(LEARNERS[cfg.learner.backend])(cfg, student, dist, run_dir, vocab)
     head_alone_at_start(cfg, learner.policy, "student")
     diag = Diagnostics.make(cfg, run_dir, dist, learner.policy,
@@ -197,13 +200,10 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     work_dir = run_dir if dist.world_size == 1 else run_dir / f"rank{dist.rank}"
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
                                                      work_dir, dist.rank)
-    teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tokenizer, stop_ids,
-                                                                      dist.device)
-    if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
-        head_alone_at_start(cfg, teacher.model, "teacher")
+    teacher, teacher_rollout = make_teacher(cfg, pair, dist)
     teachers = (routed_teachers(cfg, teacher, teacher_tok, tokenizer, stop_ids, dist, others)
                 if others else None)
-    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, unshared)
+    masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, pair.unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
     d, t, pc = cfg.data, cfg.pair.teacher, cfg.prompts
     encode = student_encoder(cfg, tokenizer, teacher_tok, d.prompt_suffix)
@@ -217,7 +217,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
                           student_encoder(cfg, tokenizer, teacher_tok, cfg.eval.prompt_suffix), dist,
                           make_encoder(teacher_tok, d.chat_template, cfg.eval.prompt_suffix, t)
-                          if own else None)
+                          if own else None, teacher_tok if pair.cross_tokenizer else None)
     if clear:  # trainer.overwrite: every check passed, the old run's records go now
         if dist.is_main:
             checkpoint.clear(run_dir)

@@ -23,11 +23,12 @@ class Evaluator:
     them from its metrics.jsonl)."""
 
     def __init__(self, eval_cfg, seed: int, tokenizer, encode, dist: Dist = Dist(),
-                 teacher_encode=None):
+                 teacher_encode=None, teacher_tokenizer=None):
         """`eval.*`; `seed`: trainer.seed; `encode`: prompt text → token ids (the teacher's own
-        `teacher_encode` for prefix teacher/eval, when pair.teacher_prompt=own)."""
+        `teacher_encode` for prefix teacher/eval, when pair.teacher_prompt=own, and its own
+        `teacher_tokenizer` where its vocabulary differs from the student's)."""
         self.seed, self.tokenizer, self.encode, self.dist = seed, tokenizer, encode, dist
-        self.teacher_encode = teacher_encode
+        self.teacher_encode, self.teacher_tokenizer = teacher_encode, teacher_tokenizer or tokenizer
         self.benchmarks = {b: load_benchmark(b, eval_cfg.max_problems) for b in eval_cfg.benchmarks}
         self.sampling = Sampling.from_cfg(eval_cfg, n=eval_cfg.k)
         self.key = f"avg@{eval_cfg.k}"
@@ -46,8 +47,10 @@ class Evaluator:
             rollout.wait()
         torch.manual_seed(step_seed(self.seed, step, purpose=1, rank=self.dist.rank))
         t = time.time()
-        encode = self.teacher_encode if prefix.startswith("teacher") and self.teacher_encode else self.encode
-        scores = evaluate(rollout, self.tokenizer, encode, self.benchmarks, self.sampling, self.dist)
+        teacher = prefix.startswith("teacher")
+        encode = self.teacher_encode if teacher and self.teacher_encode else self.encode
+        scores = evaluate(rollout, self.teacher_tokenizer if teacher else self.tokenizer, encode,
+                          self.benchmarks, self.sampling, self.dist)
         out = {f"{prefix}/{k}": v for k, v in scores.items()}
         out[f"{prefix}/seconds"] = time.time() - t
         if prefix == "teacher/eval":

@@ -77,6 +77,7 @@ def score(run: Run, needs: str, problems: list, raw: Rollouts, teacher_prompts: 
     k = run.cfg.objective.k
     scores, metrics = ((run.teacher.score(scored, needs, k), {}) if run.teachers is None
                        else run.teachers.score(problems, scored, needs, k))
+    metrics.update(scores.metrics)
     metrics.update({f"train/{key}": v for key, v in mask_metrics.items()})
     return Scored(raw, rollouts, scored, scores, metrics, time.time() - t)
 

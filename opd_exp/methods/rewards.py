@@ -10,10 +10,12 @@ response) and `mix` blends the two. Everything is detached; masked positions com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
+
+from opd_exp.methods.xtok import chunk_rewards
 
 
 @dataclass
@@ -26,6 +28,10 @@ class RewardInputs:
     # element-wise sum over the job's ranks (Dist.sum_tensor): statistics "over the step" cover
     # every rank's tokens; None = this process holds the whole step
     sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # across tokenizers (methods/xtok.py): the chunk of each student token (−1: none) and the
+    # credit rule; `logq_B_T` then holds log q(chunk) on each chunk's last student token
+    chunk_B_T: Optional[torch.Tensor] = None
+    credit: str = "last"
 
     def step_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.sum_over_ranks is None else self.sum_over_ranks(x)
@@ -110,6 +116,16 @@ def _rlvr_advantage(x: RewardInputs, std_normalize: bool, eps: float) -> torch.T
     return A_B[:, None] * x.mask_B_T
 
 
+def token_reward(name: str, x: RewardInputs, cfg) -> torch.Tensor:
+    """r_t of a per-token reward; across tokenizers the reward of each chunk, credited to its
+    student tokens (methods/xtok.py)."""
+    fn = TOKEN_REWARDS[name]
+    if x.chunk_B_T is None:
+        return fn(x, cfg)
+    at_chunks = lambda lq, lp, m: fn(replace(x, logq_B_T=lq, logp_B_T=lp, mask_B_T=m), cfg)  # noqa: E731
+    return chunk_rewards(at_chunks, x.logq_B_T, x.logp_B_T, x.mask_B_T, x.chunk_B_T, x.credit)[0]
+
+
 # ---- advantages: what objectives consume -----------------------------------------------------
 
 def advantages(x: RewardInputs, cfg, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,13 +133,13 @@ def advantages(x: RewardInputs, cfg, gamma: float) -> tuple[torch.Tensor, torch.
     (for `verifiable` the sequence reward R spread over the response, for statistics)."""
     name = cfg.name
     if name in TOKEN_REWARDS:
-        r = TOKEN_REWARDS[name](x, cfg)
+        r = token_reward(name, x, cfg)
         return reward_to_go(r, gamma) * x.mask_B_T, r
     if name == "verifiable":
         R = x.correct_B.to(x.mask_B_T.dtype)[:, None] * x.mask_B_T
         return _rlvr_advantage(x, cfg.std_normalize, cfg.eps), R
     if name == "mix":  # λ·A_OPD + (1 − λ)·A_RLVR, no std normalisation (SPEC §1.2)
-        r = log_ratio(x, cfg)
+        r = token_reward("log_ratio", x, cfg)
         A = cfg.mix_lambda * reward_to_go(r, gamma) + (1 - cfg.mix_lambda) * _rlvr_advantage(
             x, False, cfg.eps)
         return A * x.mask_B_T, r

@@ -14,6 +14,7 @@ from opd_exp.core.ranks import Dist
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import early_min, masked_quantiles
 from opd_exp.methods.rewards import RewardInputs, advantages
+from opd_exp.methods.xtok import chunk_rewards
 
 
 class SampledTokenOPD:
@@ -41,15 +42,21 @@ class SampledTokenOPD:
     def prepare(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
         mask = batch.mask_B_T
         logq, logp = batch.teacher.logp_B_T, batch.logp_old_B_T
+        chunk = batch.teacher.chunk_B_T  # a teacher with another tokenizer: chunk log-ratios
         x = RewardInputs(logq, logp, mask, batch.rollouts.group_B, batch.correct_B,
-                         None if self.ranks is None else self.ranks.sum_tensor)
+                         None if self.ranks is None else self.ranks.sum_tensor,
+                         chunk, batch.teacher.credit)
         A_B_T, r_B_T = advantages(x, self.reward_cfg, self.gamma)
         n = mask.sum().clamp(min=1).item()
         if batch.is_weight_B_T is not None:
             A_B_T = A_B_T * batch.is_weight_B_T
         metrics = masked_quantiles(r_B_T, mask, "reward")
         metrics["reward_early_min"] = early_min(r_B_T, mask, self.reward_cfg.early_positions)
-        metrics["kl_sampled"] = ((logp - logq) * mask).sum().item() / n
+        if chunk is None:
+            metrics["kl_sampled"] = ((logp - logq) * mask).sum().item() / n
+        else:  # Σ over the counted chunks of log p(c) − log q(c), per token
+            kl_B_T, _ = chunk_rewards(lambda lq, lp, m: (lp - lq) * m, logq, logp, mask, chunk, "last")
+            metrics["kl_sampled"] = kl_B_T.sum().item() / n
         metrics["advantage_mean"] = A_B_T.sum().item() / n
         return replace(batch, advantages_B_T=A_B_T), metrics
 

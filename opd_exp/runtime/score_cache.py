@@ -99,7 +99,7 @@ class CachedTeacher:
         names = [f.name for f in fields(TeacherScores) if f.name not in ("hidden_B_T_H", "lm_head")]
         B, T = r.response_ids_B_T.shape
         for i, b in enumerate(missing):  # store each new row up to its scored length
-            row = {n: getattr(fresh, n)[i, :lengths[b]].cpu() for n in names if getattr(fresh, n) is not None}
+            row = {n: getattr(fresh, n)[i, :lengths[b]].cpu() for n in names if torch.is_tensor(getattr(fresh, n))}
             path = self._path(keys[b])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

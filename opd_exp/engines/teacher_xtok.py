@@ -1,0 +1,125 @@
+"""A teacher with another tokenizer (`pair.teacher` whose vocabulary differs from the student's):
+the student's response, read as bytes, is tokenized by the teacher's tokenizer after the teacher's
+own prompt, scored by the teacher's engine (HF, vLLM in process or on servers: any `Teacher`),
+and its log-probs summed over the chunks that cover the same bytes (methods/xtok.py).
+
+Per row: the student's response tokens up to its stop token; leading special tokens that the
+teacher's own prompt already ends with (Qwen3.6's generation prompt opens `<think>`) are the
+template's, not aligned; the rest becomes bytes (engines/token_bytes.py), its longest valid UTF-8
+prefix the text the teacher's tokenizer reads. The student's stop token is paired with the
+teacher's end token (its eos) as one more chunk, when every byte before it was aligned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_exp.core.protocols import Teacher
+from opd_exp.core.types import Rollouts, TeacherScores, left_pad
+from opd_exp.engines.token_bytes import token_bytes
+from opd_exp.methods.xtok import Chunk, align, at_last, chunk_index, chunk_sums
+
+
+def valid_utf8_prefix(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return data[:e.start].decode("utf-8")
+
+
+class XTokTeacher:
+    """`inner` scores sequences in the teacher's tokens (built with the teacher's tokenizer); the
+    rollouts given to `score` carry the teacher's prompt ids (pair.teacher_prompt=own) and the
+    student's response ids."""
+
+    def __init__(self, inner: Teacher, student_tok, teacher_tok, student_stop_ids: set[int],
+                 credit: str = "last"):
+        self.inner, self.teacher_tok, self.credit = inner, teacher_tok, credit
+        self.s_bytes, self.t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
+        self.s_special = {i for i in student_tok.added_tokens_decoder}
+        self.stop_ids = set(student_stop_ids)
+        self.t_eos, self.t_pad = teacher_tok.eos_token_id, teacher_tok.pad_token_id
+
+    def _length(self, ids: list[int], mask: list[float]) -> int:
+        """Tokens of the response: up to its last trained token, and the stop token after it
+        (masked when objective.mask_stop_token)."""
+        n = max((t + 1 for t, m in enumerate(mask) if m > 0), default=0)
+        return n + 1 if n < len(ids) and ids[n] in self.stop_ids else n
+
+    def align_row(self, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], list[Chunk]]:
+        """(the teacher's response ids, the chunks) of one student response `ids`."""
+        stop = bool(ids) and ids[-1] in self.stop_ids
+        body = ids[:-1] if stop else ids
+        prompt_text = b"".join(self.t_bytes[i] for i in prompt_ids if i < len(self.t_bytes)).rstrip()
+        skip = 0
+        while skip < len(body) and body[skip] in self.s_special and self.s_bytes[body[skip]] \
+                and prompt_text.endswith(self.s_bytes[body[skip]]):
+            prompt_text = prompt_text[:-len(self.s_bytes[body[skip]])].rstrip()
+            skip += 1
+        s_pieces = [self.s_bytes[i] if i < len(self.s_bytes) else b"" for i in body[skip:]]
+        data = b"".join(s_pieces)
+        text = valid_utf8_prefix(data)
+        t_ids = self.teacher_tok(text, add_special_tokens=False).input_ids if text else []
+        t_pieces = [self.t_bytes[i] for i in t_ids]
+        if b"".join(t_pieces) != text.encode():  # the teacher's tokenizer changed the text
+            return [], []
+        chunks = [Chunk(c.s0 + skip, c.s1 + skip, c.t0, c.t1)
+                  for c in align([len(p) for p in s_pieces], [len(p) for p in t_pieces])]
+        whole = len(text.encode()) == len(data) and (not chunks or chunks[-1].s1 == len(body))
+        if stop and whole and self.t_eos is not None:
+            chunks.append(Chunk(len(body), len(body) + 1, len(t_ids), len(t_ids) + 1))
+            t_ids = t_ids + [self.t_eos]
+        return t_ids, chunks
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        if needs == "none":
+            return TeacherScores()
+        if needs != "sampled":
+            raise ValueError(f"a teacher with another tokenizer scores the student's tokens by "
+                             f"chunk log-probs only ('sampled'), not {needs!r}")
+        B, T = rollouts.response_ids_B_T.shape
+        prompts = [[i for i, m in zip(p, pm) if m] for p, pm in
+                   zip(rollouts.prompt_ids_B_P.tolist(), rollouts.prompt_mask_B_P.tolist())]
+        resp, masks = rollouts.response_ids_B_T.tolist(), rollouts.response_mask_B_T.tolist()
+        rows, chunks = [], []
+        for b in range(B):
+            n = self._length(resp[b], masks[b])
+            t_ids, ch = self.align_row(prompts[b], resp[b][:n])
+            rows.append(t_ids)
+            chunks.append(ch)
+        U = max(1, max(len(r) for r in rows))
+        t_resp = torch.full((B, U), self.t_pad, dtype=torch.long)
+        t_mask = torch.zeros(B, U)
+        for b, r in enumerate(rows):
+            t_resp[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            t_mask[b, :len(r)] = 1.0
+        p_ids, p_mask = left_pad(prompts, self.t_pad)
+        dev = rollouts.response_ids_B_T.device
+        t_roll = Rollouts(p_ids.to(dev), p_mask.to(dev), t_resp.to(dev), t_mask.to(dev), rollouts.group_B)
+        logq_B_U = self.inner.score(t_roll, "sampled").logp_B_T.to(dev) * t_mask.to(dev)
+        s_chunk = torch.stack([chunk_index(c, T) for c in chunks]).to(dev)
+        t_chunk = torch.stack([chunk_index(c, U, "teacher") for c in chunks]).to(dev)
+        logq_B_C = chunk_sums(logq_B_U, t_chunk)
+        C = logq_B_C.shape[1]
+        if C < int(s_chunk.max()) + 1:
+            logq_B_C = torch.nn.functional.pad(logq_B_C, (0, int(s_chunk.max()) + 1 - C))
+        return TeacherScores(logp_B_T=at_last(logq_B_C, s_chunk), chunk_B_T=s_chunk,
+                             credit=self.credit, metrics=self.metrics(chunks, masks, resp))
+
+    def metrics(self, chunks: list[list[Chunk]], masks, resp) -> dict[str, float]:
+        """xtok/* (docs/metrics.md) over the step's responses."""
+        tokens = sum(self._length(r, m) for r, m in zip(resp, masks))
+        all_ch = [c for ch in chunks for c in ch]
+        aligned = sum(c.s1 - c.s0 for c in all_ch)
+        n = max(1, len(all_ch))
+        lens = [c.s1 - c.s0 for c in all_ch]
+        return {"xtok/aligned_share": aligned / max(1, tokens),
+                "xtok/one_to_one_share": sum(c.s1 - c.s0 == 1 and c.t1 - c.t0 == 1 for c in all_ch) / n,
+                "xtok/chunk_student_tokens": aligned / n,
+                "xtok/chunk_teacher_tokens": sum(c.t1 - c.t0 for c in all_ch) / n,
+                "xtok/chunk_len_1_share": sum(x == 1 for x in lens) / n,
+                "xtok/chunk_len_2_share": sum(x == 2 for x in lens) / n,
+                "xtok/chunk_len_3plus_share": sum(x >= 3 for x in lens) / n,
+                "xtok/unaligned_rows": float(sum(not ch for ch, r, m in zip(chunks, resp, masks)
+                                                 if self._length(r, m)))}

@@ -1,0 +1,120 @@
+"""The cross-tokenizer teacher (engines/teacher_xtok.py): the same-tokenizer reduction is exact
+for every reward and credit; across the Qwen3 and Qwen3.6 tokenizers the chunks cover the same
+bytes, the template's tokens are left out, the stop token meets the teacher's end token, and the
+chunk scores add up to the teacher's log-probability of the whole response."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from opd_exp.config.schema import schema_cfg
+from opd_exp.core.types import StepBatch, TeacherScores, rollouts_from_samples
+from opd_exp.engines.hf_models import load_model, load_tokenizer
+from opd_exp.engines.teacher_hf import HFTeacher
+from opd_exp.engines.teacher_xtok import XTokTeacher
+from opd_exp.methods.sampled_token import SampledTokenOPD
+from opd_exp.toyworld import task
+from opd_exp.toyworld.qwen_models import render
+
+REWARDS = ["log_ratio", "power", "log_clip", "log_tanh", "zscore", "mix"]
+
+
+def _cfg(path: str):
+    return OmegaConf.create({"path": path, "dtype": "float32", "revision": None, "trust_remote_code": False})
+
+
+def _rollouts(tok, n: int, seed: int, tail=lambda ids: ids):
+    """Task responses written by `tok` (canonical tokenizations), each after its chat prompt."""
+    rng = random.Random(seed)
+    prompts, samples = [], []
+    for _ in range(n):
+        p, r = render(tok, task.make_problem(rng, rng.choice(task.LEVELS)))
+        prompts.append(tok(p, add_special_tokens=False).input_ids)
+        samples.append([(tail(tok(r, add_special_tokens=False).input_ids), None)])
+    return rollouts_from_samples(prompts, samples, tok.pad_token_id, [tok.eos_token_id])
+
+
+@pytest.mark.parametrize("credit", ["last", "uniform", "surprisal"])
+def test_same_tokenizer_gives_todays_numbers(use_tiny_world, credit):
+    tok = load_tokenizer(_cfg("toy:qwen3_student"), "pair.student")
+    model = load_model(_cfg("toy:qwen3_teacher"), "pair.teacher")
+    inner = HFTeacher(model, 4, 8, len(tok))
+    xtok = XTokTeacher(inner, tok, tok, {tok.eos_token_id}, credit)
+    r = _rollouts(tok, 6, 0)
+    direct, chunked = inner.score(r, "sampled"), xtok.score(r, "sampled")
+    assert chunked.metrics["xtok/one_to_one_share"] == 1.0
+    assert chunked.metrics["xtok/aligned_share"] == 1.0
+    torch.manual_seed(0)
+    logp_old = direct.logp_B_T - torch.rand_like(direct.logp_B_T)  # any student
+    for name in REWARDS:
+        cfg = schema_cfg({"reward": {"name": name, "alpha": 0.5, "clip": 2.0},
+                          "objective": {"gamma": 0.5}})
+        obj = SampledTokenOPD(cfg.objective, cfg.reward, 1.0)
+        batch = StepBatch(r, direct, logp_old_B_T=logp_old, correct_B=torch.ones(r.size))
+        a, m_a = obj.prepare(batch)
+        b, m_b = obj.prepare(StepBatch(r, chunked, logp_old_B_T=logp_old, correct_B=torch.ones(r.size)))
+        assert torch.allclose(a.advantages_B_T, b.advantages_B_T, atol=1e-6), name
+        assert m_a["kl_sampled"] == pytest.approx(m_b["kl_sampled"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tiny_world):
+    """The Qwen3 student's tokenizer and the Qwen3.6 teacher (the tiny world's)."""
+    import os
+    old = os.environ.get("OPD_EXP_TOY_DIR")
+    os.environ["OPD_EXP_TOY_DIR"] = str(tiny_world)
+    try:
+        s_tok = load_tokenizer(_cfg("toy:qwen3_student"), "pair.student")
+        t_tok = load_tokenizer(_cfg("toy:qwen36_teacher"), "pair.teacher")
+        teacher = load_model(_cfg("toy:qwen36_teacher"), "pair.teacher")
+    finally:
+        os.environ.pop("OPD_EXP_TOY_DIR") if old is None else os.environ.__setitem__("OPD_EXP_TOY_DIR", old)
+    return s_tok, t_tok, teacher
+
+
+def test_across_qwen3_and_qwen36(qwen_pair):
+    s_tok, t_tok, teacher = qwen_pair
+    inner = HFTeacher(teacher, 4, 8, len(t_tok))
+    xtok = XTokTeacher(inner, s_tok, t_tok, {s_tok.eos_token_id})
+    r = _rollouts(s_tok, 4, 1)
+    rng = random.Random(1)
+    t_prompts = []
+    for _ in range(4):  # the same problems under the teacher's template (opens <think>)
+        p, _ = render(t_tok, task.make_problem(rng, rng.choice(task.LEVELS)))
+        t_prompts.append(t_tok(p, add_special_tokens=False).input_ids)
+    r = r.with_prompts(t_prompts, s_tok.pad_token_id)
+    for b in range(r.size):
+        ids = r.response_ids_B_T[b][r.response_mask_B_T[b] > 0].tolist()
+        t_ids, chunks = xtok.align_row(t_prompts[b], ids)
+        assert ids[0] == s_tok.convert_tokens_to_ids("<think>") and chunks[0].s0 == 1  # the template's
+        assert t_ids[0] != t_tok.convert_tokens_to_ids("<think>")
+        assert (chunks[-1].s0, chunks[-1].s1) == (len(ids) - 1, len(ids))  # stop ↔ teacher's end
+        assert t_ids[-1] == t_tok.eos_token_id
+        for c in chunks[:-1]:
+            assert (b"".join(xtok.s_bytes[i] for i in ids[c.s0:c.s1])
+                    == b"".join(xtok.t_bytes[i] for i in t_ids[c.t0:c.t1]))
+        # Σ over chunks of log q(chunk) = the teacher's log-prob of its whole response
+        seq = torch.tensor([t_prompts[b] + t_ids])
+        with torch.no_grad():
+            logits = teacher(seq).logits[0, len(t_prompts[b]) - 1:-1, :len(t_tok)].log_softmax(-1)
+        whole = logits.gather(-1, torch.tensor(t_ids)[:, None]).sum().item()
+        scores = xtok.score(r.select(slice(b, b + 1)), "sampled")
+        assert scores.logp_B_T.sum().item() == pytest.approx(whole, abs=1e-3)
+        assert scores.chunk_B_T[0, 0].item() == -1  # <think>: no signal
+
+
+def test_invalid_utf8_and_truncation_get_no_signal(qwen_pair):
+    s_tok, t_tok, _ = qwen_pair
+
+    class Inner:
+        def score(self, rollouts, needs, k=0):
+            return TeacherScores(logp_B_T=-torch.ones(rollouts.response_ids_B_T.shape))
+    xtok = XTokTeacher(Inner(), s_tok, t_tok, {s_tok.eos_token_id})
+    ids = s_tok("ab 12", add_special_tokens=False).input_ids + s_tok("𠀀", add_special_tokens=False).input_ids[:2]
+    t_ids, chunks = xtok.align_row([], ids)  # cut inside a character, no stop token
+    assert chunks and chunks[-1].s1 == len(ids) - 2  # the two pieces of the cut character: none
+    assert t_tok.decode(t_ids) == "ab 12"
