@@ -118,3 +118,20 @@ def test_invalid_utf8_and_truncation_get_no_signal(qwen_pair):
     t_ids, chunks = xtok.align_row([], ids)  # cut inside a character, no stop token
     assert chunks and chunks[-1].s1 == len(ids) - 2  # the two pieces of the cut character: none
     assert t_tok.decode(t_ids) == "ab 12"
+
+
+def test_template_tokens_are_left_out_in_one_piece_or_three(qwen_pair):
+    """Qwen3.6's prompt opens <think>: a Qwen3 student's <think> (one token) and a Qwen2.5
+    student's (<th, ink, >) are the template's; a prompt ending in `assistant\\n` leaves all."""
+    from opd_exp.toyworld import qwen_vocab
+    _, t_tok, _ = qwen_pair
+    opened = t_tok("<|im_start|>assistant\n<think>\n", add_special_tokens=False).input_ids
+    plain = t_tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    for family, pieces in (("qwen3", 1), ("qwen25", 3)):
+        s_tok = qwen_vocab.load(family)
+        xtok = XTokTeacher(None, s_tok, t_tok, {s_tok.eos_token_id})
+        ids = s_tok("<think>1+2=3.</think> \\boxed{3}<|im_end|>", add_special_tokens=False).input_ids
+        t_ids, chunks = xtok.align_row(opened, ids)
+        assert chunks[0].s0 == pieces and t_tok.decode(t_ids[:3]) == "1+2"
+        t_ids, chunks = xtok.align_row(plain, ids)
+        assert chunks[0].s0 == 0 and t_ids[0] == t_tok.convert_tokens_to_ids("<think>")

@@ -36,7 +36,7 @@ class XTokTeacher:
                  credit: str = "last"):
         self.inner, self.teacher_tok, self.credit = inner, teacher_tok, credit
         self.s_bytes, self.t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
-        self.s_special = {i for i in student_tok.added_tokens_decoder}
+        self.t_special = set(teacher_tok.added_tokens_decoder)
         self.stop_ids = set(student_stop_ids)
         self.t_eos, self.t_pad = teacher_tok.eos_token_id, teacher_tok.pad_token_id
 
@@ -46,16 +46,28 @@ class XTokTeacher:
         n = max((t + 1 for t, m in enumerate(mask) if m > 0), default=0)
         return n + 1 if n < len(ids) and ids[n] in self.stop_ids else n
 
+    def _template_tokens(self, prompt_ids: list[int], body: list[int]) -> int:
+        """How many leading student tokens spell what the teacher's prompt already ends with: its
+        last non-blank token, where that is a special token of the teacher's (Qwen3.6's template
+        opens `<think>`; the student writes it as one token or, Qwen2.5, three)."""
+        last = next((i for i in reversed(prompt_ids) if self.t_bytes[i].strip()), None) \
+            if prompt_ids else None
+        if last is None or last not in self.t_special:
+            return 0
+        want, got = self.t_bytes[last], b""
+        for k, i in enumerate(body):
+            got += self.s_bytes[i] if i < len(self.s_bytes) else b""
+            if got.lstrip() == want:
+                return k + 1
+            if not want.startswith(got.lstrip()):
+                return 0
+        return 0
+
     def align_row(self, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], list[Chunk]]:
         """(the teacher's response ids, the chunks) of one student response `ids`."""
         stop = bool(ids) and ids[-1] in self.stop_ids
         body = ids[:-1] if stop else ids
-        prompt_text = b"".join(self.t_bytes[i] for i in prompt_ids if i < len(self.t_bytes)).rstrip()
-        skip = 0
-        while skip < len(body) and body[skip] in self.s_special and self.s_bytes[body[skip]] \
-                and prompt_text.endswith(self.s_bytes[body[skip]]):
-            prompt_text = prompt_text[:-len(self.s_bytes[body[skip]])].rstrip()
-            skip += 1
+        skip = self._template_tokens(prompt_ids, body)
         s_pieces = [self.s_bytes[i] if i < len(self.s_bytes) else b"" for i in body[skip:]]
         data = b"".join(s_pieces)
         text = valid_utf8_prefix(data)
