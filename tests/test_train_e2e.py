@@ -106,6 +106,9 @@ def test_cli_multirun_sweeps_alpha(tmp_path, use_tiny_world):
 
 
 TOY_EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*_toy.yaml"))
+# the tiny world's models for an experiment whose pair it lacks: the Qwen3-vocabulary student
+# under the Qwen3.6-vocabulary teacher (the shipped pair's student is on Qwen2.5's)
+TINY_PAIRS = {"cross_tokenizer_toy": ["pair.student.path=toy:qwen3_student"]}
 
 
 def two_finite_steps(cfg, run_dir: Path) -> list[dict]:
@@ -122,9 +125,10 @@ def two_finite_steps(cfg, run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("name", TOY_EXPERIMENTS)
 def test_every_toy_experiment_runs_with_finite_metrics(tmp_path, use_tiny_world, name):
     cfg = compose([f"+experiment={name}", *TINY_RUN, "trainer.steps=2", "eval.every=2",
-                   "eval.teacher=false"])
+                   "eval.teacher=false", *TINY_PAIRS.get(name, [])])
     for r in two_finite_steps(cfg, tmp_path):
         assert ("train/masked_tokens" in r) == cfg.objective.special_mask
+        assert ("xtok/aligned_share" in r) == (name == "cross_tokenizer_toy")
 
 
 @pytest.mark.parametrize("objective,rollouts_from,reweighted", [

@@ -141,3 +141,25 @@ def test_chunk_reward_is_the_reward_of_the_chunk_sums():
     assert r[0].tolist() == pytest.approx([-0.5, -0.5, 0.0, 0.0])  # (−4 − (−3)) / 2 each
     assert chunk_index([Chunk(0, 2, 0, 1), Chunk(2, 3, 1, 3)], 4).tolist() == [0, 0, 1, -1]
     assert chunk_index([Chunk(0, 2, 0, 1), Chunk(2, 3, 1, 3)], 4, "teacher").tolist() == [0, 1, 1, -1]
+
+
+@pytest.mark.parametrize("name", ["cross_tokenizer_toy", "cross_tokenizer_qwen"])
+def test_cross_tokenizer_experiments_pass_the_start_up_checks(name):
+    from opd_exp.loop.pair import check_cross_tokenizer
+    from .conftest import compose
+    check_cross_tokenizer(compose([f"+experiment={name}"]))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("objective=topk", "objective.name"), ("objective=full_vocab", "objective.name"),
+    ("pair.teacher_prompt=student", "pair.teacher_prompt"), ("diag.every=5", "diag.every"),
+    ("+pair.teachers={long:{path:'toy:teacher_long'}}", "pair.teachers"),
+    ("prompts.score=pass_rate", "prompts.score"), ("schedule=cold_start", "schedule.name"),
+    ("objective.rollouts_from=teacher", "objective.rollouts_from")])
+def test_what_a_cross_tokenizer_pair_does_not_support_is_refused_in_one_line(override, field):
+    from opd_exp.config import ConfigError
+    from opd_exp.loop.pair import check_cross_tokenizer
+    from .conftest import compose
+    with pytest.raises(ConfigError, match=rf"^{field}=.*is not allowed: the teacher's tokenizer differs") as e:
+        check_cross_tokenizer(compose(["+experiment=cross_tokenizer_toy", override]))
+    assert "\n" not in str(e.value)
