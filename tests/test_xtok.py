@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from opd_exp.engines.token_bytes import token_bytes
 from opd_exp.methods import rewards
 from opd_exp.methods.xtok import (Chunk, align, chunk_index, chunk_rewards, credit_weights,
-                                  last_of_chunk)
+                                  last_of_chunk, map_topk, prefix_map)
 from opd_exp.toyworld import qwen_vocab
 
 ALPHABET = "ab c1234567890+=.\n{}\\日本語éß😀Ωж𠀀𓀀🜁"  # the last three: split across tokens
@@ -151,7 +151,7 @@ def test_cross_tokenizer_experiments_pass_the_start_up_checks(name):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("objective=topk", "objective.name"), ("objective=full_vocab", "objective.name"),
+    ("objective=topk_only_stu", "objective.support"), ("objective=full_vocab", "objective.name"),
     ("pair.teacher_prompt=student", "pair.teacher_prompt"), ("diag.every=5", "diag.every"),
     ("+pair.teachers={long:{path:'toy:teacher_long'}}", "pair.teachers"),
     ("prompts.score=pass_rate", "prompts.score"), ("schedule=cold_start", "schedule.name"),
@@ -163,3 +163,39 @@ def test_what_a_cross_tokenizer_pair_does_not_support_is_refused_in_one_line(ove
     with pytest.raises(ConfigError, match=rf"^{field}=.*is not allowed: the teacher's tokenizer differs") as e:
         check_cross_tokenizer(compose(["+experiment=cross_tokenizer_toy", override]))
     assert "\n" not in str(e.value)
+
+
+def test_prefix_map_matches_an_enumeration_on_a_small_pair():
+    student = [b"a", b"b", b"ab", b"abc", b"\xe6", b"\xe6\x97", b"<x>", b""]
+    teacher = [b"abcd", b"ab", b"b", b"\xe6\x97\xa5", b"<y>", b"c", b"", b"abc"]
+    got = prefix_map(student, teacher).tolist()
+    for j, tb in enumerate(teacher):  # the longest student token that is a prefix (first id on ties)
+        cands = [(len(sb), -i) for i, sb in enumerate(student) if sb and tb.startswith(sb)]
+        assert got[j] == (-max(cands)[1] if cands else -1)
+    assert got == [3, 2, 1, 5, -1, -1, -1, 3]
+
+
+def test_prefix_map_on_qwen36_to_qwen3_preserves_mass(tables):
+    to_s = prefix_map(tables["qwen3"], tables["qwen36"])
+    assert (to_s >= 0).float().mean() > 0.99  # byte-level: every byte is a student token
+    for j in torch.randperm(len(to_s), generator=torch.Generator().manual_seed(0))[:2000].tolist():
+        i = to_s[j].item()
+        if i >= 0:
+            assert tables["qwen36"][j].startswith(tables["qwen3"][i]) and tables["qwen3"][i]
+    torch.manual_seed(0)  # a distribution over the teacher's vocabulary, carried: Σ = 1
+    q = torch.softmax(torch.randn(len(to_s), dtype=torch.float64) * 3, -1)
+    mapped = torch.zeros(len(tables["qwen3"]), dtype=torch.float64).index_add_(0, to_s.clamp(min=0), q * (to_s >= 0))
+    residual = q[to_s < 0].sum()
+    assert (mapped.sum() + residual).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_map_topk_merges_duplicates_and_keeps_the_residual():
+    to_s = torch.tensor([0, 0, 1, -1, 2])  # teacher ids 0 and 1 both map to student 0
+    logq = torch.log(torch.tensor([[0.4, 0.3, 0.1, 0.05], [0.5, 0.2, 0.1, 0.0]]))
+    idx = torch.tensor([[0, 1, 3, 2], [4, 3, 0, 1]])
+    lq, sid, residual = map_topk(logq, idx, to_s)
+    p = torch.where(torch.isfinite(lq), lq.exp(), torch.zeros(()))
+    assert p[0].tolist() == pytest.approx([0.7, 0.0, 0.0, 0.05]) and sid[0].tolist() == [0, 0, 0, 1]
+    assert residual.tolist() == pytest.approx([0.1, 0.2])
+    assert p[1].tolist() == pytest.approx([0.5, 0.0, 0.1, 0.0])  # 0.0 stays out (−inf input)
+    assert (p.sum(-1) + residual).tolist() == pytest.approx(torch.exp(logq).sum(-1).tolist())

@@ -135,3 +135,46 @@ def test_template_tokens_are_left_out_in_one_piece_or_three(qwen_pair):
         assert chunks[0].s0 == pieces and t_tok.decode(t_ids[:3]) == "1+2"
         t_ids, chunks = xtok.align_row(plain, ids)
         assert chunks[0].s0 == 0 and t_ids[0] == t_tok.convert_tokens_to_ids("<think>")
+
+
+def test_topk_same_tokenizer_reduction_and_mass_across(use_tiny_world, qwen_pair):
+    """Top-K through the cross-tokenizer path: the same tokenizer gives today's support and loss;
+    across Qwen3 / Qwen3.6 the support sits on each chunk's first token, on student ids (the
+    mass bookkeeping against an enumeration: tests/test_xtok.py)."""
+    from opd_exp.engines.hf_policy import HFPolicy
+    from opd_exp.methods.topk import TopKOPD
+    tok = load_tokenizer(_cfg("toy:qwen3_student"), "pair.student")
+    inner = HFTeacher(load_model(_cfg("toy:qwen3_teacher"), "pair.teacher"), 4, 8, len(tok))
+    r = _rollouts(tok, 4, 2)
+    direct = inner.score(r, "topk", 8)
+    chunked = XTokTeacher(inner, tok, tok, {tok.eos_token_id}).score(r, "topk", 8)
+    on = r.response_mask_B_T > 0
+    assert torch.equal(chunked.topk_idx_B_T_K[on], direct.topk_idx_B_T_K[on])
+    assert torch.allclose(chunked.topk_logq_B_T_K[on], direct.topk_logq_B_T_K[on])
+    cfg = schema_cfg({"objective": {"name": "topk", "k": 8}}).objective
+    student = HFPolicy(load_model(_cfg("toy:qwen3_student"), "pair.student"), vocab_size=len(tok))
+    losses = [TopKOPD(cfg, None, 1.0).loss(student, StepBatch(r, s), r.response_mask_B_T.sum())[0].item()
+              for s in (direct, chunked)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    s_tok, t_tok, teacher = qwen_pair
+    xtok = XTokTeacher(HFTeacher(teacher, 4, 8, len(t_tok)), s_tok, t_tok, {s_tok.eos_token_id})
+    r = _rollouts(s_tok, 3, 3)
+    rng = random.Random(3)
+    r = r.with_prompts([t_tok(render(t_tok, task.make_problem(rng, rng.choice(task.LEVELS)))[0],
+                              add_special_tokens=False).input_ids for _ in range(3)], s_tok.pad_token_id)
+    s = xtok.score(r, "topk", 8)
+    assert 0 < s.metrics["xtok/mapped_mass"] + s.metrics["xtok/residual_mass"] <= 1 + 1e-6
+    first = torch.isfinite(s.topk_logq_B_T_K).any(-1)
+    assert not first[:, 0].any()  # the template's <think>: no support
+    assert (s.topk_idx_B_T_K[first] < len(s_tok)).all()
+
+
+@pytest.mark.slow
+def test_topk_across_tokenizers_trains(use_tiny_world, tmp_path):
+    from .conftest import TINY_RUN, compose
+    from .test_train_e2e import TINY_PAIRS, two_finite_steps
+    cfg = compose(["+experiment=cross_tokenizer_toy", *TINY_RUN, *TINY_PAIRS["cross_tokenizer_toy"],
+                   "objective=topk", "objective.k=8", "trainer.steps=2", "eval.every=0"])
+    for r in two_finite_steps(cfg, tmp_path):
+        assert r["xtok/mapped_mass"] > 0 and r["train/support_size"] > 0

@@ -17,7 +17,7 @@ import torch
 from opd_exp.core.protocols import Teacher
 from opd_exp.core.types import Rollouts, TeacherScores, left_pad
 from opd_exp.engines.token_bytes import token_bytes
-from opd_exp.methods.xtok import Chunk, align, at_last, chunk_index, chunk_sums
+from opd_exp.methods.xtok import Chunk, align, at_last, chunk_index, chunk_sums, map_topk, prefix_map
 
 
 def valid_utf8_prefix(data: bytes) -> str:
@@ -39,6 +39,7 @@ class XTokTeacher:
         self.t_special = set(teacher_tok.added_tokens_decoder)
         self.stop_ids = set(student_stop_ids)
         self.t_eos, self.t_pad = teacher_tok.eos_token_id, teacher_tok.pad_token_id
+        self.to_student = prefix_map(self.s_bytes, self.t_bytes)  # top-K: teacher id → student id
 
     def _length(self, ids: list[int], mask: list[float]) -> int:
         """Tokens of the response: up to its last trained token, and the stop token after it
@@ -85,19 +86,20 @@ class XTokTeacher:
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
+        """"sampled": log q(chunk) on each chunk's last student token; "topk": the teacher's
+        top-K at each chunk's first token, on the student's ids (methods/xtok.py map_topk)."""
         if needs == "none":
             return TeacherScores()
-        if needs != "sampled":
-            raise ValueError(f"a teacher with another tokenizer scores the student's tokens by "
-                             f"chunk log-probs only ('sampled'), not {needs!r}")
+        if needs not in ("sampled", "topk"):
+            raise ValueError(f"a teacher with another tokenizer scores chunk log-probs ('sampled') "
+                             f"or its top-K ('topk'), not {needs!r}")
         B, T = rollouts.response_ids_B_T.shape
         prompts = [[i for i, m in zip(p, pm) if m] for p, pm in
                    zip(rollouts.prompt_ids_B_P.tolist(), rollouts.prompt_mask_B_P.tolist())]
         resp, masks = rollouts.response_ids_B_T.tolist(), rollouts.response_mask_B_T.tolist()
         rows, chunks = [], []
         for b in range(B):
-            n = self._length(resp[b], masks[b])
-            t_ids, ch = self.align_row(prompts[b], resp[b][:n])
+            t_ids, ch = self.align_row(prompts[b], resp[b][:self._length(resp[b], masks[b])])
             rows.append(t_ids)
             chunks.append(ch)
         U = max(1, max(len(r) for r in rows))
@@ -109,15 +111,36 @@ class XTokTeacher:
         p_ids, p_mask = left_pad(prompts, self.t_pad)
         dev = rollouts.response_ids_B_T.device
         t_roll = Rollouts(p_ids.to(dev), p_mask.to(dev), t_resp.to(dev), t_mask.to(dev), rollouts.group_B)
+        metrics = self.metrics(chunks, masks, resp)
+        if needs == "topk":
+            return self._topk(self.inner.score(t_roll, "topk", k), chunks, B, T, dev, metrics)
         logq_B_U = self.inner.score(t_roll, "sampled").logp_B_T.to(dev) * t_mask.to(dev)
         s_chunk = torch.stack([chunk_index(c, T) for c in chunks]).to(dev)
         t_chunk = torch.stack([chunk_index(c, U, "teacher") for c in chunks]).to(dev)
         logq_B_C = chunk_sums(logq_B_U, t_chunk)
-        C = logq_B_C.shape[1]
-        if C < int(s_chunk.max()) + 1:
-            logq_B_C = torch.nn.functional.pad(logq_B_C, (0, int(s_chunk.max()) + 1 - C))
+        C = int(s_chunk.max()) + 1
+        if logq_B_C.shape[1] < C:
+            logq_B_C = torch.nn.functional.pad(logq_B_C, (0, C - logq_B_C.shape[1]))
         return TeacherScores(logp_B_T=at_last(logq_B_C, s_chunk), chunk_B_T=s_chunk,
-                             credit=self.credit, metrics=self.metrics(chunks, masks, resp))
+                             credit=self.credit, metrics=metrics)
+
+    def _topk(self, t: TeacherScores, chunks: list[list[Chunk]], B: int, T: int, dev,
+              metrics: dict) -> TeacherScores:
+        """The teacher's top-K at each chunk's first teacher token, carried onto the student's
+        ids at the chunk's first student token; every other position has an empty support."""
+        K = t.topk_logq_B_T_K.shape[-1]
+        b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
+        s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
+        t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
+        logq = torch.full((B, T, K), -torch.inf, device=dev, dtype=t.topk_logq_B_T_K.dtype)
+        idx = torch.zeros((B, T, K), dtype=torch.long, device=dev)
+        if len(b_N):
+            lq, sid, residual = map_topk(t.topk_logq_B_T_K[b_N, t_N].cpu(), t.topk_idx_B_T_K[b_N, t_N].cpu(),
+                                         self.to_student)
+            logq[b_N, s_N], idx[b_N, s_N] = lq.to(dev, logq.dtype), sid.to(dev)
+            metrics["xtok/mapped_mass"] = float(torch.where(torch.isfinite(lq), lq.exp(), 0).sum(-1).mean())
+            metrics["xtok/residual_mass"] = float(residual.mean())
+        return TeacherScores(topk_logq_B_T_K=logq, topk_idx_B_T_K=idx, metrics=metrics)
 
     def metrics(self, chunks: list[list[Chunk]], masks, resp) -> dict[str, float]:
         """xtok/* (docs/metrics.md) over the step's responses."""

@@ -79,9 +79,14 @@ def check_cross_tokenizer(cfg: DictConfig) -> None:
     def refuse(field: str, allowed: str) -> None:
         raise ConfigError(f"{field}={OmegaConf.select(cfg, field)!r} is not allowed: {why}{allowed}")
 
-    if registry.teacher_needs(cfg.objective) not in ("sampled", "none"):
-        refuse("objective.name", "it supports the sampled-token objective (every reward) today; "
-               "or objective.mask_unshared=true trains only on the ids both vocabularies share")
+    needs = registry.teacher_needs(cfg.objective)
+    if cfg.objective.name == "topk" and needs != "topk":
+        refuse("objective.support", "the teacher's top-K carried onto the student's ids: "
+               "objective.support=teacher")
+    if needs not in ("sampled", "topk", "none"):
+        refuse("objective.name", "it supports the sampled-token objective (every reward) and "
+               "top-K with the teacher's support today; or objective.mask_unshared=true trains "
+               "only on the ids both vocabularies share")
     if cfg.pair.teacher_prompt != "own":
         refuse("pair.teacher_prompt", "the teacher reads its own template and tokens: "
                "pair.teacher_prompt=own")

@@ -129,3 +129,46 @@ def chunk_rewards(reward_fn, logq_last_B_T: torch.Tensor, logp_B_T: torch.Tensor
     w_B_T = credit_weights(chunk_B_T, logp_B_T, credit)
     r_chunk = chunk_sums(r_last, chunk_B_T).gather(1, idx)  # r_c on every token of chunk c
     return r_chunk * w_B_T * mask_B_T * on, last_mask
+
+
+# ---- distribution-level objectives across tokenizers -------------------------------------------
+#
+# At the first token of each chunk both models predict the next bytes after the same byte prefix.
+# The teacher's next-token distribution q(z) is carried onto the student's vocabulary by the
+# byte-prefix map: each teacher token z goes to the longest student token whose bytes are a
+# prefix of z's (its own bytes when the student has that token: exact matches first), so
+# q̃(v) = Σ_{z → v} q(z) keeps which token is which and all the mass; a teacher token with no
+# student prefix (a special token the student lacks) goes to the residual, reported, not trained.
+
+def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
+    """[V_teacher] long: the student token each teacher token's mass goes to (−1: residual)."""
+    first: dict[bytes, int] = {}
+    for i, b in enumerate(student_bytes):
+        if b:
+            first.setdefault(b, i)
+    longest = max((len(b) for b in first), default=0)
+    out = torch.full((len(teacher_bytes),), -1, dtype=torch.long)
+    for j, b in enumerate(teacher_bytes):
+        for n in range(min(len(b), longest), 0, -1):
+            i = first.get(b[:n])
+            if i is not None:
+                out[j] = i
+                break
+    return out
+
+
+def map_topk(logq_N_K: torch.Tensor, idx_N_K: torch.Tensor, to_student: torch.Tensor):
+    """The teacher's top-K (log-probs under its full softmax, its ids) at N positions carried onto
+    the student's ids: (log q̃ [N, K] with merged duplicates in their first slot and −inf in the
+    others and in unmapped slots, the student ids [N, K] (0 where −inf), residual mass [N])."""
+    sid = to_student[idx_N_K]
+    ok = (sid >= 0) & torch.isfinite(logq_N_K)
+    key = torch.where(ok, sid, -1 - torch.arange(sid.shape[1], device=sid.device).expand_as(sid))
+    same = key[..., :, None] == key[..., None, :]  # [N, K, K]
+    first = ~torch.tril(same, -1).any(-1)  # no equal key before it
+    q = torch.where(ok, logq_N_K, torch.full_like(logq_N_K, -torch.inf))
+    merged = torch.logsumexp(torch.where(same, q[..., None, :], torch.full_like(q[..., None, :], -torch.inf)), -1)
+    keep = first & ok
+    out = torch.where(keep, merged, torch.full_like(merged, -torch.inf))
+    residual = torch.where(~ok & torch.isfinite(logq_N_K), logq_N_K.exp(), torch.zeros_like(logq_N_K)).sum(-1)
+    return out, torch.where(keep, sid, torch.zeros_like(sid)), residual
