@@ -178,3 +178,20 @@ def test_topk_across_tokenizers_trains(use_tiny_world, tmp_path):
                    "objective=topk", "objective.k=8", "trainer.steps=2", "eval.every=0"])
     for r in two_finite_steps(cfg, tmp_path):
         assert r["xtok/mapped_mass"] > 0 and r["train/support_size"] > 0
+
+
+def test_probe_reports_the_vocabularies_and_the_alignment(use_tiny_world, tmp_path):
+    """`probe` on a cross-tokenizer pair: the vocabulary overlap in its check, the alignment's
+    shares measured on the student's rollouts, pass rates on both sides; no id comparison."""
+    from opd_exp.commands.probe import run_probe
+
+    from .conftest import TINY_RUN, compose
+    from .test_train_e2e import TINY_PAIRS
+    report = run_probe(compose(["+experiment=cross_tokenizer_toy", *TINY_RUN, *TINY_PAIRS["cross_tokenizer_toy"],
+                                "probe.prompts=4", "probe.samples=2"]), tmp_path)
+    check = next(c for c in report["checks"] if c["check"] == "vocabulary")
+    assert check["status"] == "warn" and "of the student's tokens are teacher tokens" in check["detail"]
+    m = report["measured"]
+    assert 0 < m["xtok_aligned_share"] <= 1 and 0 < m["xtok_one_to_one_share"] <= 1
+    assert "overlap_mass_teacher" not in m and report["verdict"] in ("go", "caution", "no-go")
+    assert not any(r.startswith("not measured") for r in report["reasons"])

@@ -30,8 +30,11 @@ from opd_exp.engines.hf_models import (check_same_vocab, check_vocab_sizes, load
                                        load_tokenizer, model_shape, stop_token_ids)
 from opd_exp.engines.hf_policy import HFPolicy
 from opd_exp.engines.learner_torch import batch_logprobs
+from opd_exp.engines.teacher_xtok import XTokTeacher
+from opd_exp.engines.token_bytes import token_bytes
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.loop.diagnose import token_metrics
+from opd_exp.loop.pair import check_cross_tokenizer
 
 
 def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
@@ -43,14 +46,23 @@ def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
         checks.append({"check": name, "status": status, "detail": detail})
 
     tok, ttok = load_tokenizer(p.student, "pair.student"), load_tokenizer(p.teacher, "pair.teacher")
-    try:
-        unshared = check_same_vocab(tok, ttok, cfg.objective.mask_unshared)
+    cross = tok.get_vocab() != ttok.get_vocab() and not cfg.objective.mask_unshared
+    unshared = [] if cross else check_same_vocab(tok, ttok, cfg.objective.mask_unshared)
+    if cross:
+        try:
+            check_cross_tokenizer(cfg)
+            overlap = vocab_overlap(token_bytes(tok), token_bytes(ttok))
+            add("vocabulary", "warn", f"different tokenizers ({len(tok)} and {len(ttok)} tokens): "
+                f"the teacher scores chunks of the same bytes (cross-tokenizer OPD); "
+                f"{overlap['student_in_teacher']:.1%} of the student's tokens are teacher tokens "
+                f"(same bytes), {overlap['teacher_in_student']:.1%} of the teacher's are student's")
+        except ConfigError as e:
+            add("vocabulary", "fail", str(e))
+    else:
         add("vocabulary", "ok" if not unshared else "warn",
             "one vocabulary" if not unshared else f"{len(unshared)} student ids not shared (masked)")
-    except ConfigError as e:
-        add("vocabulary", "fail", str(e))
-        unshared = []
-    rows = {f"pair.{who}": model_shape(p[who], f"pair.{who}")[0] for who in ("student", "teacher")}
+    rows = {f"pair.{who}": model_shape(p[who], f"pair.{who}")[0] for who in ("student", "teacher")
+            if who == "student" or not cross}
     try:
         vocab, note = check_vocab_sizes(tok, rows)
         add("embedding rows", "ok", note or f"{vocab} tokens, no padded rows")
@@ -70,9 +82,15 @@ def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
     add("stop tokens", "ok" if s_stop == t_stop else "warn",
         f"student {sorted(map(str, tok.convert_ids_to_tokens(sorted(s_stop))))}, teacher "
         f"{sorted(map(str, ttok.convert_ids_to_tokens(sorted(t_stop))))}; rollouts stop at either")
-    stop_ids = s_stop | {i for i in t_stop if i < vocab and i not in unshared}
+    stop_ids = s_stop | {i for i in t_stop if i < vocab and i not in unshared and not cross}
     return checks, {"tokenizer": tok, "vocab": vocab, "stop_ids": stop_ids,
-                    "teacher_tokenizer": ttok}
+                    "teacher_tokenizer": ttok, "cross": cross, "teacher_stop_ids": t_stop}
+
+
+def vocab_overlap(s_bytes: list[bytes], t_bytes: list[bytes]) -> dict[str, float]:
+    """The share of each side's tokens whose bytes are a token of the other side."""
+    s, t = {b for b in s_bytes if b}, {b for b in t_bytes if b}
+    return {"student_in_teacher": len(s & t) / max(1, len(s)), "teacher_in_student": len(s & t) / max(1, len(t))}
 
 
 def verdict(report: dict, pc) -> tuple[str, list[str]]:
@@ -83,8 +101,9 @@ def verdict(report: dict, pc) -> tuple[str, list[str]]:
         return "no-go", failed
     reasons, severe = [], False
     m = report["measured"]
-    unmeasured = [k for k in ("overlap_mass_teacher", "early_overlap_mass_teacher",
-                              "teacher_pass_rate", "student_pass_rate") if math.isnan(m[k])]
+    cross = "xtok_aligned_share" in m  # another tokenizer: no top-K overlap of ids to compare
+    unmeasured = [k for k in ("teacher_pass_rate", "student_pass_rate") + (() if cross else (
+        "overlap_mass_teacher", "early_overlap_mass_teacher")) if math.isnan(m[k])]
     if unmeasured:
         return "no-go", [f"not measured (no response tokens?): {', '.join(unmeasured)}"]
     if math.isnan(m["logprob_mismatch"]):
@@ -94,8 +113,12 @@ def verdict(report: dict, pc) -> tuple[str, list[str]]:
         reasons.append(f"the sampler's log-probs differ from the learner's by "
                        f"{m['logprob_mismatch']:.3g} per token (> {pc.max_logprob_mismatch}): "
                        "check temperature, generation defaults and the template")
-    early, mass = m["early_overlap_mass_teacher"], m["overlap_mass_teacher"]
-    if early < pc.min_early_overlap_mass or mass < pc.min_overlap_mass:
+    if cross and m["xtok_aligned_share"] < pc.min_aligned_share:
+        reasons.append(f"only {m['xtok_aligned_share']:.2f} of the response tokens align with the "
+                       f"teacher's bytes (< {pc.min_aligned_share}): the rest get no signal; "
+                       "check the templates' end and thinking tokens")
+    early, mass = m.get("early_overlap_mass_teacher", 1.0), m.get("overlap_mass_teacher", 1.0)
+    if not cross and (early < pc.min_early_overlap_mass or mass < pc.min_overlap_mass):
         severe = True
         reasons.append(f"thinking patterns look incompatible: teacher overlap mass {early:.2f} at "
                        f"the first {pc.early_positions} positions, {mass:.2f} overall (< "
@@ -137,9 +160,13 @@ def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
     tok, pc, d, p = ctx["tokenizer"], cfg.probe, cfg.data, cfg.pair
     student = load_model(p.student, "pair.student").eval()
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, student, tok, ctx["stop_ids"], run_dir, 0)
-    teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(cfg, tok, ctx["stop_ids"])
-    encode = student_encoder(cfg, tok, ctx["teacher_tokenizer"], d.prompt_suffix)
-    own = make_encoder(ctx["teacher_tokenizer"], d.chat_template, d.prompt_suffix, p.teacher) \
+    ttok = ctx["teacher_tokenizer"]
+    teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(
+        cfg, ttok if ctx["cross"] else tok, ctx["teacher_stop_ids"] if ctx["cross"] else ctx["stop_ids"])
+    if ctx["cross"]:
+        teacher = XTokTeacher(teacher, tok, ttok, ctx["stop_ids"], cfg.xtok.credit)
+    encode = student_encoder(cfg, tok, ttok, d.prompt_suffix)
+    own = make_encoder(ttok, d.chat_template, d.prompt_suffix, p.teacher) \
         if p.teacher_prompt == "own" else None
     pool = make_prompts(d, cfg.trainer.seed)
     problems = [pool.pool[i] for i in pool.order(0)[:pc.prompts]]
@@ -153,21 +180,25 @@ def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
     mask = r.response_mask_B_T
     mismatch = (((r.logp_B_T - batch.logp_old_B_T).abs() * mask).sum() / mask.sum()).item() \
         if r.logp_B_T is not None else float("nan")
-    diag = token_metrics(batch, view, teacher, scored, cfg)
     t = teacher_rollout.generate([own(q.prompt) for q in problems] if own else prompts, sampling)
-    return {"prompts": len(problems), "by_position": {
-        k.removeprefix("diag/token/"): v for k, v in diag.items() if "_pos" in k}, "measured": {
-        "logprob_mismatch": mismatch,
-        "student_pass_rate": rollout_correctness(tok, r, answers).mean().item(),
-        "teacher_pass_rate": rollout_correctness(tok, t, answers).mean().item(),
+    measured = {"logprob_mismatch": mismatch,
+                "student_pass_rate": rollout_correctness(tok, r, answers).mean().item(),
+                "teacher_pass_rate": rollout_correctness(ttok if ctx["cross"] else tok, t, answers).mean().item(),
+                "response_len": mask.sum(-1).mean().item()}
+    if ctx["cross"]:  # chunks, not ids: the alignment's shares (docs/metrics.md xtok/*)
+        measured.update({k.replace("/", "_"): v for k, v in batch.teacher.metrics.items()})
+        return {"prompts": len(problems), "by_position": {}, "measured": measured}
+    diag = token_metrics(batch, view, teacher, scored, cfg)
+    measured.update({
         "overlap_ratio": diag["diag/token/ratio"],
         "overlap_mass_teacher": diag["diag/token/mass_teacher"],
         "overlap_mass_student": diag["diag/token/mass_student"],
         "early_overlap_mass_teacher": diag["diag/token/early_mass_teacher"],
         "early_overlap_ratio": diag["diag/token/early_ratio"],
         "entropy_gap": diag["diag/token/entropy_gap"],
-        "advantage": diag["diag/token/advantage"],
-        "response_len": mask.sum(-1).mean().item()}}
+        "advantage": diag["diag/token/advantage"]})
+    return {"prompts": len(problems), "by_position": {
+        k.removeprefix("diag/token/"): v for k, v in diag.items() if "_pos" in k}, "measured": measured}
 
 
 def render(report: dict) -> str:

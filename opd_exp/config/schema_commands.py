@@ -35,6 +35,7 @@ class ProbeConfig:
     min_early_overlap_mass: float = 0.8  # … at early positions
     min_pass_gap: float = 0.2  # teacher pass rate minus the student's on the same prompts
     max_logprob_mismatch: float = 0.01  # sampler vs learner log-probs of the sampled tokens
+    min_aligned_share: float = 0.9  # another tokenizer: response tokens that align with the teacher's bytes
     out: Optional[str] = None  # the JSON report; None = probe.json in the working directory
 
 
