@@ -121,20 +121,40 @@ def test_invalid_utf8_and_truncation_get_no_signal(qwen_pair):
 
 
 def test_template_tokens_are_left_out_in_one_piece_or_three(qwen_pair):
-    """Qwen3.6's prompt opens <think>: a Qwen3 student's <think> (one token) and a Qwen2.5
-    student's (<th, ink, >) are the template's; a prompt ending in `assistant\\n` leaves all."""
+    """Qwen3.6's prompt opens `<think>\n`: a Qwen3 student's `<think>` `\n` (or `<think>` alone,
+    as the toy writes it) and a Qwen2.5 student's `<th` `ink` `>\n` are the template's; a prompt
+    ending in `assistant\n` leaves all."""
     from opd_exp.toyworld import qwen_vocab
     _, t_tok, _ = qwen_pair
     opened = t_tok("<|im_start|>assistant\n<think>\n", add_special_tokens=False).input_ids
     plain = t_tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-    for family, pieces in (("qwen3", 1), ("qwen25", 3)):
+    cases = {("qwen3", "<think>1+2"): 1, ("qwen3", "<think>\n1+2"): 2, ("qwen25", "<think>1+2"): 3,
+             ("qwen25", "<think>\n1+2"): 3, ("qwen25", "<think>\n\n1+2"): 3}
+    for (family, start), skipped in cases.items():
         s_tok = qwen_vocab.load(family)
         xtok = XTokTeacher(None, s_tok, t_tok, {s_tok.eos_token_id})
-        ids = s_tok("<think>1+2=3.</think> \\boxed{3}<|im_end|>", add_special_tokens=False).input_ids
+        ids = s_tok(start + "=3.</think> \\boxed{3}<|im_end|>", add_special_tokens=False).input_ids
         t_ids, chunks = xtok.align_row(opened, ids)
-        assert chunks[0].s0 == pieces and t_tok.decode(t_ids[:3]) == "1+2"
+        assert chunks[0].s0 == skipped, (family, start, s_tok.convert_ids_to_tokens(ids[:4]))
+        assert t_tok.decode(t_ids[:3]) == "1+2", (family, start)  # no second <think>, no newline
         t_ids, chunks = xtok.align_row(plain, ids)
         assert chunks[0].s0 == 0 and t_ids[0] == t_tok.convert_tokens_to_ids("<think>")
+
+
+def test_padding_that_is_a_stop_token_is_not_read(qwen_pair):
+    """Qwen pads with <|endoftext|>, one of its stop ids: a short row ends at its own stop."""
+    from opd_exp.toyworld import qwen_vocab
+    _, t_tok, _ = qwen_pair
+    s_tok = qwen_vocab.load("qwen3")
+    stops = {s_tok.convert_tokens_to_ids("<|im_end|>"), s_tok.pad_token_id}
+    assert s_tok.pad_token_id in stops
+    long, short = (s_tok(x + "<|im_end|>", add_special_tokens=False).input_ids for x in ("12+34=46.", "1"))
+    r = rollouts_from_samples([[1], [1]], [[(long, None)], [(short, None)]], s_tok.pad_token_id, sorted(stops))
+    xtok = XTokTeacher(None, s_tok, t_tok, stops)
+    ids, mask = r.response_ids_B_T[1].tolist(), r.response_mask_B_T[1].tolist()
+    assert ids[len(short)] == s_tok.pad_token_id and xtok._length(ids, mask) == len(short)
+    mask[len(short) - 1] = 0.0  # the stop token masked (objective.mask_stop_token): still read
+    assert xtok._length(ids, mask) == len(short)
 
 
 def test_topk_same_tokenizer_reduction_and_mass_across(use_tiny_world, qwen_pair):

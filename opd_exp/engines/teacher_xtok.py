@@ -42,27 +42,37 @@ class XTokTeacher:
         self.to_student = prefix_map(self.s_bytes, self.t_bytes)  # top-K: teacher id → student id
 
     def _length(self, ids: list[int], mask: list[float]) -> int:
-        """Tokens of the response: up to its last trained token, and the stop token after it
-        (masked when objective.mask_stop_token)."""
+        """Tokens of the response: up to its last trained token, and the stop token right after it
+        where that one was masked (objective.mask_stop_token); never the padding after a stop
+        (a pad id may be a stop id: Qwen's <|endoftext|>)."""
         n = max((t + 1 for t, m in enumerate(mask) if m > 0), default=0)
-        return n + 1 if n < len(ids) and ids[n] in self.stop_ids else n
+        ended = n > 0 and ids[n - 1] in self.stop_ids
+        return n + 1 if not ended and n < len(ids) and ids[n] in self.stop_ids else n
 
     def _template_tokens(self, prompt_ids: list[int], body: list[int]) -> int:
-        """How many leading student tokens spell what the teacher's prompt already ends with: its
-        last non-blank token, where that is a special token of the teacher's (Qwen3.6's template
-        opens `<think>`; the student writes it as one token or, Qwen2.5, three)."""
-        last = next((i for i in reversed(prompt_ids) if self.t_bytes[i].strip()), None) \
-            if prompt_ids else None
-        if last is None or last not in self.t_special:
+        """How many leading student tokens spell what the teacher's prompt already ends with: from
+        its last special token to its end (Qwen3.6's template opens `<think>\n`; the student writes
+        it as `<think>` `\n`, or Qwen2.5 `<th` `ink` `>\n`, or without the newline). A student token
+        that runs past that tail is left out too (its extra bytes reach neither side)."""
+        at = next((k for k in range(len(prompt_ids) - 1, -1, -1) if prompt_ids[k] in self.t_special
+                   and self.t_bytes[prompt_ids[k]].strip()), None)
+        if at is None or any(self.t_bytes[i].strip() for i in prompt_ids[at + 1:]):
             return 0
-        want, got = self.t_bytes[last], b""
+        special = self.t_bytes[prompt_ids[at]]
+        want = b"".join(self.t_bytes[i] for i in prompt_ids[at:])
+        got, best = b"", 0
         for k, i in enumerate(body):
             got += self.s_bytes[i] if i < len(self.s_bytes) else b""
-            if got.lstrip() == want:
+            g = got.lstrip()
+            if g == want:
                 return k + 1
-            if not want.startswith(got.lstrip()):
-                return 0
-        return 0
+            if want.startswith(g):
+                best = k + 1 if len(g) >= len(special) else best
+            elif g.startswith(want):
+                return k + 1
+            else:
+                break
+        return best
 
     def align_row(self, prompt_ids: list[int], ids: list[int]) -> tuple[list[int], list[Chunk]]:
         """(the teacher's response ids, the chunks) of one student response `ids`."""
@@ -73,11 +83,16 @@ class XTokTeacher:
         data = b"".join(s_pieces)
         text = valid_utf8_prefix(data)
         t_ids = self.teacher_tok(text, add_special_tokens=False).input_ids if text else []
-        t_pieces = [self.t_bytes[i] for i in t_ids]
-        if b"".join(t_pieces) != text.encode():  # the teacher's tokenizer changed the text
+        t_lens = [len(self.t_bytes[i]) for i in t_ids]
+        spelled = b"".join(self.t_bytes[i] for i in t_ids)
+        extra = len(spelled) - len(text.encode())
+        if extra > 0 and t_lens and t_lens[0] >= extra and spelled[:extra].isspace() \
+                and spelled[extra:] == text.encode():  # SentencePiece's dummy prefix space
+            t_lens[0] -= extra  # (the text the teacher reads has no such space: it is its own)
+        elif spelled != text.encode():  # the teacher's tokenizer changed the text
             return [], []
-        chunks = [Chunk(c.s0 + skip, c.s1 + skip, c.t0, c.t1)
-                  for c in align([len(p) for p in s_pieces], [len(p) for p in t_pieces])]
+        chunks = [Chunk(c.s0 + skip, c.s1 + skip, c.t0, c.t1) for c in align(
+            [len(p) for p in s_pieces], t_lens)]
         whole = len(text.encode()) == len(data) and (not chunks or chunks[-1].s1 == len(body))
         if stop and whole and self.t_eos is not None:
             chunks.append(Chunk(len(body), len(body) + 1, len(t_ids), len(t_ids) + 1))
@@ -134,6 +149,7 @@ class XTokTeacher:
         t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
         logq = torch.full((B, T, K), -torch.inf, device=dev, dtype=t.topk_logq_B_T_K.dtype)
         idx = torch.zeros((B, T, K), dtype=torch.long, device=dev)
+        metrics["xtok/mapped_mass"] = metrics["xtok/residual_mass"] = float("nan")  # same keys on every rank
         if len(b_N):
             lq, sid, residual = map_topk(t.topk_logq_B_T_K[b_N, t_N].cpu(), t.topk_idx_B_T_K[b_N, t_N].cpu(),
                                          self.to_student)
@@ -147,9 +163,9 @@ class XTokTeacher:
         tokens = sum(self._length(r, m) for r, m in zip(resp, masks))
         all_ch = [c for ch in chunks for c in ch]
         aligned = sum(c.s1 - c.s0 for c in all_ch)
-        n = max(1, len(all_ch))
+        n = len(all_ch) or float("nan")  # no chunk on this rank: left out of the mean over ranks
         lens = [c.s1 - c.s0 for c in all_ch]
-        return {"xtok/aligned_share": aligned / max(1, tokens),
+        return {"xtok/aligned_share": aligned / tokens if tokens else float("nan"),
                 "xtok/one_to_one_share": sum(c.s1 - c.s0 == 1 and c.t1 - c.t0 == 1 for c in all_ch) / n,
                 "xtok/chunk_student_tokens": aligned / n,
                 "xtok/chunk_teacher_tokens": sum(c.t1 - c.t0 for c in all_ch) / n,

@@ -157,10 +157,16 @@ def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.
     return out
 
 
-def map_topk(logq_N_K: torch.Tensor, idx_N_K: torch.Tensor, to_student: torch.Tensor):
+def map_topk(logq_N_K: torch.Tensor, idx_N_K: torch.Tensor, to_student: torch.Tensor,
+             rows: int = 4096):
     """The teacher's top-K (log-probs under its full softmax, its ids) at N positions carried onto
     the student's ids: (log q̃ [N, K] with merged duplicates in their first slot and −inf in the
-    others and in unmapped slots, the student ids [N, K] (0 where −inf), residual mass [N])."""
+    others and in unmapped slots, the student ids [N, K] (0 where −inf), residual mass [N]);
+    `rows` positions at a time (the duplicate test holds [rows, K, K])."""
+    if logq_N_K.shape[0] > rows:
+        parts = [map_topk(logq_N_K[i:i + rows], idx_N_K[i:i + rows], to_student, rows)
+                 for i in range(0, logq_N_K.shape[0], rows)]
+        return tuple(torch.cat(x) for x in zip(*parts))
     sid = to_student[idx_N_K]
     ok = (sid >= 0) & torch.isfinite(logq_N_K)
     key = torch.where(ok, sid, -1 - torch.arange(sid.shape[1], device=sid.device).expand_as(sid))

@@ -93,7 +93,7 @@ def load_step(path: Path) -> int:
 
 
 # what changes the maths of a run: a resume with other values is refused unless allowed
-MATH_KEYS = ("pair", "objective", "reward", "learner", "data", "schedule", "prompts",
+MATH_KEYS = ("pair", "xtok", "objective", "reward", "learner", "data", "schedule", "prompts",
              "trainer.seed", "rollout.n",
              "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens",
              "rollout.is_cap", "rollout.max_staleness")  # which weights sample a step's rollouts
