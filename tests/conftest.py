@@ -27,15 +27,18 @@ def qwen_vocab_cache(tmp_path_factory):
         os.environ[CACHE_ENV] = old
 
 
+TINY_FAMILIES = ["qwen3", "qwen36"]  # the real-vocabulary models of the tiny world (qwen_models.py)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory, qwen_vocab_cache):
-    """The pair, the condition models and the Qwen3-vocabulary family (toy:qwen3_teacher,
-    toy:qwen3_student), a few steps each."""
+    """The pair, the condition models, the Qwen3-vocabulary family (toy:qwen3_teacher,
+    toy:qwen3_student) and the Qwen3.6-vocabulary teacher, a few steps each."""
     from opd_exp.toyworld.qwen_models import add_families
 
     out = tmp_path_factory.mktemp("toy") / "world"
     build_world(out, seed=0, teacher=TINY_TEACHER, student_step=2, progress=False, log=lambda *a: None)
-    return add_families(out, ["qwen3", "qwen36"], progress=False, log=lambda *a: None)
+    return add_families(out, TINY_FAMILIES, progress=False, log=lambda *a: None)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from opd_exp.toyworld.build import BENCHMARK_SIZE, VARIANTS, add_variants, build
 from opd_exp.toyworld.qwen_models import add_families
 from opd_exp.toyworld.tokenizer import IM_END, IM_START, PAD
 
-from .conftest import TINY_TEACHER
+from .conftest import TINY_FAMILIES, TINY_TEACHER
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -75,7 +75,7 @@ def test_models_load_like_hub_models(tiny_world):
 def test_build_is_deterministic(tiny_world, tmp_path):
     again = build_world(tmp_path / "again", seed=0, teacher=TINY_TEACHER, student_step=2,
                         progress=False, log=lambda *a: None)
-    add_families(again, ["qwen3"], progress=False, log=lambda *a: None)
+    add_families(again, TINY_FAMILIES, progress=False, log=lambda *a: None)
     assert set(toyworld.manifest(again)["models"]) == set(toyworld.manifest(tiny_world)["models"])
     for name in toyworld.manifest(again)["models"]:
         a = AutoModelForCausalLM.from_pretrained(tiny_world / name).state_dict()

@@ -155,7 +155,7 @@ def test_cross_tokenizer_experiments_pass_the_start_up_checks(name):
     ("pair.teacher_prompt=student", "pair.teacher_prompt"), ("diag.every=5", "diag.every"),
     ("+pair.teachers={long:{path:'toy:teacher_long'}}", "pair.teachers"),
     ("prompts.score=pass_rate", "prompts.score"), ("schedule=cold_start", "schedule.name"),
-    ("objective.rollouts_from=teacher", "objective.rollouts_from")])
+    ("objective.rollouts_from=teacher", "objective.rollouts_from"), ("xtok.loss=uld", "xtok.loss")])
 def test_what_a_cross_tokenizer_pair_does_not_support_is_refused_in_one_line(override, field):
     from opd_exp.config import ConfigError
     from opd_exp.loop.pair import check_cross_tokenizer

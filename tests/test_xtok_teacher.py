@@ -191,11 +191,13 @@ def test_topk_same_tokenizer_reduction_and_mass_across(use_tiny_world, qwen_pair
 
 
 @pytest.mark.slow
-def test_topk_across_tokenizers_trains(use_tiny_world, tmp_path):
+@pytest.mark.parametrize("loss", ["lsm", "uld_hybrid"])
+def test_topk_across_tokenizers_trains(use_tiny_world, tmp_path, loss):
     from .conftest import TINY_RUN, compose
     from .test_train_e2e import TINY_PAIRS, two_finite_steps
     cfg = compose(["+experiment=cross_tokenizer_toy", *TINY_RUN, *TINY_PAIRS["cross_tokenizer_toy"],
-                   "objective=topk", "objective.k=8", "trainer.steps=2", "eval.every=0"])
+                   "objective=topk", "objective.k=8", f"xtok.loss={loss}", "trainer.steps=2",
+                   "eval.every=0"])
     for r in two_finite_steps(cfg, tmp_path):
         assert r["xtok/mapped_mass"] > 0 and r["train/support_size"] > 0
 
@@ -215,3 +217,25 @@ def test_probe_reports_the_vocabularies_and_the_alignment(use_tiny_world, tmp_pa
     assert 0 < m["xtok_aligned_share"] <= 1 and 0 < m["xtok_one_to_one_share"] <= 1
     assert "overlap_mass_teacher" not in m and report["verdict"] in ("go", "caution", "no-go")
     assert not any(r.startswith("not measured") for r in report["reasons"])
+
+
+@pytest.mark.parametrize("loss", ["uld", "uld_hybrid"])
+def test_uld_ablations_score_and_train_on_the_same_positions(use_tiny_world, qwen_pair, loss):
+    """xtok.loss=uld|uld_hybrid: the teacher's own top-K at the chunks' first tokens (the same
+    positions as LSM's support), exact-byte matches marked; the loss has a gradient."""
+    from opd_exp.engines.hf_policy import HFPolicy
+    from opd_exp.methods.topk import TopKOPD
+    s_tok, t_tok, teacher = qwen_pair
+    inner = HFTeacher(teacher, 4, 8, len(t_tok))
+    lsm = XTokTeacher(inner, s_tok, t_tok, {s_tok.eos_token_id})
+    uld = XTokTeacher(inner, s_tok, t_tok, {s_tok.eos_token_id}, loss=loss)
+    r = _rollouts(s_tok, 3, 4)
+    a, b = lsm.score(r, "topk", 8), uld.score(r, "topk", 8)
+    assert torch.equal(torch.isfinite(a.topk_logq_B_T_K).any(-1), torch.isfinite(b.topk_logq_B_T_K).any(-1))
+    at = torch.isfinite(b.topk_logq_B_T_K).any(-1)
+    assert (b.topk_exact_B_T_K[at] >= 0).float().mean() > 0.5  # Qwen3.6's digits are Qwen3's
+    cfg = schema_cfg({"objective": {"name": "topk", "k": 8}}).objective
+    student = HFPolicy(load_model(_cfg("toy:qwen3_student"), "pair.student"), vocab_size=len(s_tok))
+    loss_value, m = TopKOPD(cfg, None, 1.0).loss(student, StepBatch(r, b), r.response_mask_B_T.sum())
+    loss_value.backward()
+    assert loss_value.item() > 0 and m["support_size"] == pytest.approx(at.sum().item() / r.response_mask_B_T.sum().item())

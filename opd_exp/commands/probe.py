@@ -164,7 +164,7 @@ def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(
         cfg, ttok if ctx["cross"] else tok, ctx["teacher_stop_ids"] if ctx["cross"] else ctx["stop_ids"])
     if ctx["cross"]:
-        teacher = XTokTeacher(teacher, tok, ttok, ctx["stop_ids"], cfg.xtok.credit)
+        teacher = XTokTeacher(teacher, tok, ttok, ctx["stop_ids"], cfg.xtok.credit, cfg.xtok.loss)
     encode = student_encoder(cfg, tok, ttok, d.prompt_suffix)
     own = make_encoder(ttok, d.chat_template, d.prompt_suffix, p.teacher) \
         if p.teacher_prompt == "own" else None

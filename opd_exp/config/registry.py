@@ -34,6 +34,7 @@ LEARNERS = {  # learner.backend → make(cfg, model, dist, run_dir, vocab_size)
 # reward.name (opd_exp/methods/rewards.py); verifiable and mix need the rollouts' correctness
 # where a chunk's reward goes when the teacher's tokenizer differs (methods/xtok.py)
 XTOK_CREDITS = ("last", "uniform", "surprisal")
+XTOK_LOSSES = ("lsm", "uld", "uld_hybrid")  # top-K across tokenizers (methods/uld.py)
 REWARDS = ("log_ratio", "power", "log_clip", "log_tanh", "zscore", "verifiable", "mix")
 
 # what an objective asks of the teacher (opd_exp/core/types.py TeacherScores), and what each

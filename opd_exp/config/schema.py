@@ -50,6 +50,9 @@ class XTokConfig:
     """A teacher whose tokenizer differs from the student's (methods/xtok.py): the sampled-token
     objectives compare chunks of the same bytes; this says where a chunk's reward goes."""
     credit: str = "last"  # last | uniform | surprisal (each student token's −log p share)
+    # objective=topk across tokenizers: lsm (local support matching on the byte-prefix map) |
+    # uld | uld_hybrid (TRL GOLD's sorted-L1 ablations, methods/uld.py)
+    loss: str = "lsm"
 
 
 @dataclass

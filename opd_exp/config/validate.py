@@ -98,6 +98,7 @@ def validate(cfg: DictConfig, on_this_machine: bool = True) -> None:
     rw = cfg.reward
     _choice("reward.name", rw.name, registry.REWARDS)
     _choice("xtok.credit", cfg.xtok.credit, registry.XTOK_CREDITS)
+    _choice("xtok.loss", cfg.xtok.loss, registry.XTOK_LOSSES)
     _require(rw.alpha > 0, "reward.alpha", rw.alpha, "a number > 0")
     _require(rw.clip > 0, "reward.clip", rw.clip, "a number > 0")
     _require(rw.eps > 0, "reward.eps", rw.eps, "a number > 0")

@@ -97,6 +97,11 @@ class TeacherScores:
     # student token, to be credited to the chunk's tokens by `credit`
     chunk_B_T: Optional[torch.Tensor] = None
     credit: str = "last"
+    # … with the top-K: `xtok_loss` (lsm | uld | uld_hybrid); for the ULD ablations
+    # `topk_logq_B_T_K` holds the teacher's own top-K (not carried) and `topk_exact_B_T_K` the
+    # student id spelled as each entry's teacher token (−1: none)
+    xtok_loss: str = "lsm"
+    topk_exact_B_T_K: Optional[torch.Tensor] = None
     metrics: dict = field(default_factory=dict)  # the scorer's own (xtok/*: docs/metrics.md)
 
     def select(self, idx: torch.Tensor | slice) -> "TeacherScores":

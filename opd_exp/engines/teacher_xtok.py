@@ -17,7 +17,8 @@ import torch
 from opd_exp.core.protocols import Teacher
 from opd_exp.core.types import Rollouts, TeacherScores, left_pad
 from opd_exp.engines.token_bytes import token_bytes
-from opd_exp.methods.xtok import Chunk, align, at_last, chunk_index, chunk_sums, map_topk, prefix_map
+from opd_exp.methods.xtok import (Chunk, align, at_last, chunk_index, chunk_sums, exact_map, map_topk,
+                                  prefix_map)
 
 
 def valid_utf8_prefix(data: bytes) -> str:
@@ -33,13 +34,14 @@ class XTokTeacher:
     student's response ids."""
 
     def __init__(self, inner: Teacher, student_tok, teacher_tok, student_stop_ids: set[int],
-                 credit: str = "last"):
-        self.inner, self.teacher_tok, self.credit = inner, teacher_tok, credit
+                 credit: str = "last", loss: str = "lsm"):
+        self.inner, self.teacher_tok, self.credit, self.loss = inner, teacher_tok, credit, loss
         self.s_bytes, self.t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
         self.t_special = set(teacher_tok.added_tokens_decoder)
         self.stop_ids = set(student_stop_ids)
         self.t_eos, self.t_pad = teacher_tok.eos_token_id, teacher_tok.pad_token_id
         self.to_student = prefix_map(self.s_bytes, self.t_bytes)  # top-K: teacher id → student id
+        self.exact = exact_map(self.s_bytes, self.t_bytes)  # xtok.loss=uld_hybrid's matched entries
 
     def _length(self, ids: list[int], mask: list[float]) -> int:
         """Tokens of the response: up to its last trained token, and the stop token right after it
@@ -156,7 +158,15 @@ class XTokTeacher:
             logq[b_N, s_N], idx[b_N, s_N] = lq.to(dev, logq.dtype), sid.to(dev)
             metrics["xtok/mapped_mass"] = float(torch.where(torch.isfinite(lq), lq.exp(), 0).sum(-1).mean())
             metrics["xtok/residual_mass"] = float(residual.mean())
-        return TeacherScores(topk_logq_B_T_K=logq, topk_idx_B_T_K=idx, metrics=metrics)
+        if self.loss == "lsm":
+            return TeacherScores(topk_logq_B_T_K=logq, topk_idx_B_T_K=idx, metrics=metrics)
+        raw = torch.full_like(logq, -torch.inf)  # the ULD ablations: the teacher's own top-K
+        exact = torch.full_like(idx, -1)
+        if len(b_N):
+            raw[b_N, s_N] = t.topk_logq_B_T_K[b_N, t_N].to(dev, raw.dtype)
+            exact[b_N, s_N] = self.exact[t.topk_idx_B_T_K[b_N, t_N].cpu()].to(dev)
+        return TeacherScores(topk_logq_B_T_K=raw, topk_idx_B_T_K=idx, topk_exact_B_T_K=exact,
+                             xtok_loss=self.loss, metrics=metrics)
 
     def metrics(self, chunks: list[list[Chunk]], masks, resp) -> dict[str, float]:
         """xtok/* (docs/metrics.md) over the step's responses."""

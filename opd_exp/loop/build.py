@@ -176,8 +176,62 @@ def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, Roll
     if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
         head_alone_at_start(cfg, teacher.model, "teacher")
     if pair.cross_tokenizer:
-        teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit)
+        teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit,
+                              cfg.xtok.loss)
     return teacher, sampler
+
+
+def selected_prompts(cfg: DictConfig, prompts: PromptSource, pair: Pair, dist: Dist, work_dir: Path,
+                     learner: Learner, rollout: RolloutBackend, teacher: Teacher,
+                     teacher_rollout: RolloutBackend, encode, teacher_encode) -> PromptSource:
+    """prompts.score: the pool scored by the student before it trains (teacher pass rate or
+    top-K overlap; cached in the run dir for a resume, teacher scores in teacher.cache_dir) and
+    its top share kept (recipes/prompt_selection.py)."""
+    pc, sampling = cfg.prompts, Sampling.from_cfg(cfg.rollout)
+    scorer = teacher if cfg.teacher.cache_dir is None else CachedTeacher(
+        teacher, cfg.teacher.cache_dir, teacher_identity(
+            cfg.pair.teacher, cfg.teacher.backend, resolve_path(cfg.pair.teacher.path),
+            len(pair.tokenizer), pair.shapes["pair.teacher"][0]))
+
+    def score(problems: list, chunk_no: int) -> list[float]:
+        torch.manual_seed(step_seed(cfg.trainer.seed, chunk_no, purpose=2, rank=dist.rank))
+        if pc.score == "pass_rate":
+            return pass_rates(problems, teacher_rollout, teacher_encode or encode,
+                              replace(sampling, n=pc.samples), pair.tokenizer)
+        return overlaps(problems, rollout, encode, sampling,
+                        HFPolicy(learner.policy, vocab_size=pair.vocab), scorer, pc.k, dist.device,
+                        cfg.learner.micro_batch_size, teacher_encode, pair.tokenizer.pad_token_id)
+    prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
+                             made_under(cfg, SCORES_DEPEND_ON), dist, score)
+    if scorer is not teacher:  # sequences scored by the teacher: read back / asked (all ranks)
+        prompts = replace(prompts, info={**prompts.info, **dist.reduce_metrics(
+            {"data/teacher_cache_hits": scorer.hits, "data/teacher_cache_misses": scorer.misses})})
+    return prompts
+
+
+def resume(cfg: DictConfig, run_dir: Path, resume_from: Path, learner: Learner, diag: Diagnostics,
+           evaluator: Evaluator) -> int:
+    """The checkpoint's learner and diagnostics state, the step-0 evaluations; its step."""
+    learner.load(resume_from)
+    diag.load(resume_from, learner.policy)
+    start = checkpoint.load_step(resume_from)
+    evaluator.recall(read_records(run_dir / "metrics.jsonl"))
+    lag = (" (rollout.max_staleness=1: this first step samples in the foreground from the "
+           "checkpoint's weights, one update newer than an uninterrupted run's)"
+           if cfg.rollout.max_staleness else "")
+    print(f"resumed from {resume_from} at step {start}{lag}")
+    return start
+
+
+def sample_ahead(cfg: DictConfig, rollout: RolloutBackend, teacher_rollout: RolloutBackend,
+                 learner: Learner) -> AheadSampler:
+    """rollout.max_staleness=1: the sampler run one step ahead in a background thread."""
+    shares = getattr(rollout, "shares_weights", False)  # HF generate: its own copy of the policy
+    # the background thread's torch threads as trainer.threads, unless it runs the kernels of
+    # an in-process vLLM engine (they keep the count the engine was set up with)
+    here = getattr(rollout, "kernels_in_process", False) or (
+        cfg.rollout.score_ahead and getattr(teacher_rollout, "kernels_in_process", False))
+    return AheadSampler(rollout, learner.policy, shares, None if here else torch.get_num_threads())
 
 
 def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
@@ -189,7 +243,6 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         cfg.pair.student, {"path": str(resume_from / "student")})
     pair = load_pair(cfg, student_cfg)
     tokenizer, teacher_tok, vocab, stop_ids = pair.tokenizer, pair.teacher_tok, pair.vocab, pair.stop_ids
-    others, shapes = pair.others, pair.shapes
     if pair.note and dist.is_main:
         print(pair.note, flush=True)
     student = load_model(student_cfg, "pair.student").to(dist.device)
@@ -201,8 +254,8 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     rollout = resolve(ROLLOUTS[cfg.rollout.backend])(cfg, learner.policy, tokenizer, stop_ids,
                                                      work_dir, dist.rank)
     teacher, teacher_rollout = make_teacher(cfg, pair, dist)
-    teachers = (routed_teachers(cfg, teacher, teacher_tok, tokenizer, stop_ids, dist, others)
-                if others else None)
+    teachers = (routed_teachers(cfg, teacher, teacher_tok, tokenizer, stop_ids, dist, pair.others)
+                if pair.others else None)
     masker = SpecialTokenMask.from_cfg(cfg.objective, tokenizer, stop_ids, pair.unshared)
     objective = make_objective(cfg.objective, cfg.reward, cfg.rollout.temperature, dist)
     d, t, pc = cfg.data, cfg.pair.teacher, cfg.prompts
@@ -211,7 +264,7 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
     teacher_encode = make_encoder(teacher_tok, d.chat_template, d.prompt_suffix, t) if own else None
     routed = list(teachers.encoders.values()) if teachers else []  # each teacher's own rendering
     prompts = prompt_pool(cfg, [e for e in (encode, teacher_encode, *routed) if e],
-                          [c for _, c in shapes.values()])
+                          [c for _, c in pair.shapes.values()])
     check_routes(cfg.pair.routes, prompts)
     cold, sampling = cfg.schedule.name == "cold_start", Sampling.from_cfg(cfg.rollout)
     evaluator = Evaluator(cfg.eval, cfg.trainer.seed, tokenizer,
@@ -222,45 +275,16 @@ def build(cfg: DictConfig, run_dir: Path, dist: Dist) -> Run:
         if dist.is_main:
             checkpoint.clear(run_dir)
         dist.barrier()
-    scorer = teacher if cfg.teacher.cache_dir is None else CachedTeacher(
-        teacher, cfg.teacher.cache_dir, teacher_identity(
-            cfg.pair.teacher, cfg.teacher.backend, resolve_path(cfg.pair.teacher.path),
-            len(tokenizer), shapes["pair.teacher"][0]))
     if pc.score != "none":  # scored by the student before it trains (cached for a resume)
-        def score(problems: list, chunk_no: int) -> list[float]:
-            torch.manual_seed(step_seed(cfg.trainer.seed, chunk_no, purpose=2, rank=dist.rank))
-            if pc.score == "pass_rate":
-                return pass_rates(problems, teacher_rollout, teacher_encode or encode,
-                                  replace(sampling, n=pc.samples), tokenizer)
-            return overlaps(problems, rollout, encode, sampling,
-                            HFPolicy(learner.policy, vocab_size=vocab), scorer, pc.k, dist.device,
-                            cfg.learner.micro_batch_size, teacher_encode, tokenizer.pad_token_id)
-        prompts = select_prompts(prompts, pc, work_dir / "prompt_scores.jsonl",
-                                 made_under(cfg, SCORES_DEPEND_ON), dist, score)
-        if scorer is not teacher:  # sequences scored by the teacher: read back / asked (all ranks)
-            prompts = replace(prompts, info={**prompts.info, **dist.reduce_metrics(
-                {"data/teacher_cache_hits": scorer.hits, "data/teacher_cache_misses": scorer.misses})})
+        prompts = selected_prompts(cfg, prompts, pair, dist, work_dir, learner, rollout, teacher,
+                                   teacher_rollout, encode, teacher_encode)
     traces = TeacherTraces(work_dir / "cold_start_traces.jsonl", made_under(cfg, TRACES_DEPEND_ON),
                            teacher_rollout, tokenizer, encode, teacher_encode or encode, sampling,
                            stop_ids, cfg.schedule) if cold else None
     sft = resolve(OBJECTIVES["sft"])(cfg.objective, cfg.reward, cfg.rollout.temperature, dist) if cold else None
-    start = 0
-    if resume_from is not None:
-        learner.load(resume_from)
-        diag.load(resume_from, learner.policy)
-        start = checkpoint.load_step(resume_from)
-        evaluator.recall(read_records(run_dir / "metrics.jsonl"))
-        lag = (" (rollout.max_staleness=1: this first step samples in the foreground from the "
-               "checkpoint's weights, one update newer than an uninterrupted run's)"
-               if cfg.rollout.max_staleness else "")
-        print(f"resumed from {resume_from} at step {start}{lag}")
+    start = 0 if resume_from is None else resume(cfg, run_dir, resume_from, learner, diag, evaluator)
     if cfg.rollout.max_staleness:  # sampled one step ahead, in the background (loop/ahead.py)
-        shares = getattr(rollout, "shares_weights", False)  # HF generate: its own copy of the policy
-        # the background thread's torch threads as trainer.threads, unless it runs the kernels of
-        # an in-process vLLM engine (they keep the count the engine was set up with)
-        here = getattr(rollout, "kernels_in_process", False) or (
-            cfg.rollout.score_ahead and getattr(teacher_rollout, "kernels_in_process", False))
-        rollout = AheadSampler(rollout, learner.policy, shares, None if here else torch.get_num_threads())
+        rollout = sample_ahead(cfg, rollout, teacher_rollout, learner)
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True),
                          resume_step=start if resume_from is not None else None, main=dist.is_main)
     return Run(cfg, run_dir, dist, tokenizer, learner, rollout, teacher, teacher_rollout, masker,

@@ -87,9 +87,12 @@ def check_cross_tokenizer(cfg: DictConfig) -> None:
         refuse("objective.name", "it supports the sampled-token objective (every reward) and "
                "top-K with the teacher's support today; or objective.mask_unshared=true trains "
                "only on the ids both vocabularies share")
+    if cfg.xtok.loss != "lsm" and cfg.objective.name != "topk":
+        refuse("xtok.loss", "the ULD ablations compare distributions: objective=topk")
     if cfg.pair.teacher_prompt != "own":
         refuse("pair.teacher_prompt", "the teacher reads its own template and tokens: "
-               "pair.teacher_prompt=own")
+               "pair.teacher_prompt=own (or objective.mask_unshared=true: the teacher reads the "
+               "student's ids and only the ids both vocabularies share are trained)")
     checks = [("pair.teachers", bool(cfg.pair.teachers), "one teacher"),
               ("objective.rollouts_from", cfg.objective.rollouts_from != "student", "student rollouts"),
               ("schedule.name", cfg.schedule.name != "none", "schedule=none"),

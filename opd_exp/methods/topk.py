@@ -11,6 +11,7 @@ from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
 from opd_exp.methods.full_vocab import GradientInForward, plain_linear, with_autograd
+from opd_exp.methods.uld import ULD_LOSSES, uld_summed
 
 
 class FusedSupportLoss(GradientInForward):
@@ -125,6 +126,12 @@ class TopKOPD:
 
     def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
         t = mb.teacher
+        if t.xtok_loss in ULD_LOSSES:  # across tokenizers, the GOLD ablations (methods/uld.py)
+            total, n = uld_summed(policy.lm_head, policy.response_hidden(mb.rollouts), mb.mask_B_T,
+                                  t.topk_logq_B_T_K, t.topk_exact_B_T_K, t.xtok_loss == "uld_hybrid",
+                                  self.temperature, policy.vocab_size, self.chunk)
+            loss = total / n_tokens
+            return loss, {"loss": loss.item(), "support_size": float(n) / n_tokens}
         teacher_parts = ((t.topk_logq_B_T_K, t.topk_idx_B_T_K) if self.support == "teacher"
                          else (t.hidden_B_T_H,))
         total, support = self.summed(policy.lm_head, t.lm_head, policy.response_hidden(mb.rollouts),

@@ -157,6 +157,15 @@ def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.
     return out
 
 
+def exact_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
+    """[V_teacher] long: the student token with exactly the teacher token's bytes (−1: none)."""
+    first: dict[bytes, int] = {}
+    for i, b in enumerate(student_bytes):
+        if b:
+            first.setdefault(b, i)
+    return torch.tensor([first.get(b, -1) if b else -1 for b in teacher_bytes], dtype=torch.long)
+
+
 def map_topk(logq_N_K: torch.Tensor, idx_N_K: torch.Tensor, to_student: torch.Tensor,
              rows: int = 4096):
     """The teacher's top-K (log-probs under its full softmax, its ids) at N positions carried onto
