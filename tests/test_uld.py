@@ -62,3 +62,26 @@ def test_summed_counts_only_positions_with_a_teacher_entry_and_has_gradients():
     direct = uld_position_loss(torch.log_softmax(head(h[[0, 1], [1, 4]]), -1), logq[[0, 1], [1, 4]],
                                exact[[0, 1], [1, 4]], False).sum()
     assert total.item() == pytest.approx(direct.item(), rel=1e-6)
+
+
+def test_hybrid_with_student_id_0_matched_in_any_slot_order():
+    """An unmatched entry (−1) must not write over a matched entry's student id 0."""
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1]], dtype=torch.float64))
+    q = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    exact = torch.tensor([0, -1, -1])
+    values = set()
+    for perm in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+        got = uld_position_loss(logp, q[perm].log()[None], exact[perm][None], True).item()
+        assert got == pytest.approx(_reference([0.5, 0.2, 0.2, 0.1], q[perm].tolist(), exact[perm].tolist(), True))
+        values.add(round(got, 12))
+    assert len(values) == 1
+
+
+def test_a_micro_batch_without_teacher_positions_still_has_a_graph():
+    head = torch.nn.Linear(4, 6, bias=False)
+    h = torch.randn(1, 3, 4, requires_grad=True)
+    total, n = uld_summed(head, h, torch.ones(1, 3), torch.full((1, 3, 2), -torch.inf),
+                          torch.full((1, 3, 2), -1), True, 1.0, None, chunk=2)
+    assert n.item() == 0 and total.item() == 0.0
+    total.backward()  # no error: the learner's backward works on such a micro-batch
+    assert head.weight.grad is not None and (head.weight.grad == 0).all()

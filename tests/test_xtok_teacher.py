@@ -239,3 +239,13 @@ def test_uld_ablations_score_and_train_on_the_same_positions(use_tiny_world, qwe
     loss_value, m = TopKOPD(cfg, None, 1.0).loss(student, StepBatch(r, b), r.response_mask_B_T.sum())
     loss_value.backward()
     assert loss_value.item() > 0 and m["support_size"] == pytest.approx(at.sum().item() / r.response_mask_B_T.sum().item())
+
+
+def test_uld_on_a_shared_vocabulary_is_refused(use_tiny_world):
+    from opd_exp.config import ConfigError
+    from opd_exp.loop.pair import load_pair
+
+    from .conftest import compose
+    cfg = compose(["objective=topk", "xtok.loss=uld"])
+    with pytest.raises(ConfigError, match=r"^xtok.loss='uld' is not allowed: the ULD ablations"):
+        load_pair(cfg, cfg.pair.student)

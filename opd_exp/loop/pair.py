@@ -55,6 +55,10 @@ def load_pair(cfg: DictConfig, student_cfg: DictConfig) -> Pair:
     student_rows = {k: rows for k, (rows, _) in shapes.items() if k != "pair.teacher" or relation != "different"}
     vocab, note = check_vocab_sizes(tokenizer, student_rows)
     teacher_stops = stop_token_ids(cfg.pair.teacher, teacher_tok)
+    if relation != "different" and cfg.xtok.loss != "lsm":
+        raise ConfigError(f"xtok.loss={cfg.xtok.loss!r} is not allowed: the ULD ablations are for a "
+                          "teacher whose tokenizer differs from the student's; this pair shares one "
+                          "vocabulary: xtok.loss=lsm")
     if relation == "different":
         check_vocab_sizes(teacher_tok, {"pair.teacher": shapes["pair.teacher"][0]})
         check_cross_tokenizer(cfg)

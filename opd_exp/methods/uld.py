@@ -9,7 +9,8 @@ probabilities over its own (under its full softmax).
                 thrown away (Universal Logit Distillation, as TRL's GOLDTrainer computes it with
                 `use_uld_loss`, there over both whole vocabularies; here over the teacher's top-K)
     uld_hybrid  w · JSD_β=½ over the teacher tokens whose bytes are a student token (p and q at
-                those ids, unnormalised, 0·log 0 = 0) + (1 − w) · the sorted L1 over the rest
+                those ids, unnormalised, 0·log 0 = 0; two entries spelled as one student token each
+                meet p of that token) + (1 − w) · the sorted L1 over the rest
                 (the teacher's unmatched top-K against the student's top-K outside the matched
                 ids); w = the matched share of the K entries (GOLD's adaptive weight, over its
                 top-K here)
@@ -45,7 +46,8 @@ def uld_position_loss(logp_N_V: torch.Tensor, logq_N_K: torch.Tensor, exact_N_K:
     xlogy = lambda a, b: torch.where(a > 0, a * (a.clamp(min=1e-30).log() - b.clamp(min=1e-30).log()),  # noqa: E731
                                      torch.zeros_like(a))
     jsd = (0.5 * xlogy(p_m, m) + 0.5 * xlogy(q_m, m)).sum(-1)
-    p_rest = p.scatter(-1, exact_N_K.clamp(min=0), torch.where(matched, 0.0, p.gather(-1, exact_N_K.clamp(min=0))))
+    hit = torch.zeros_like(p).scatter_add(-1, exact_N_K.clamp(min=0), matched.to(p.dtype))
+    p_rest = p.masked_fill(hit > 0, 0.0)  # the student outside the matched ids
     l1 = sorted_l1(p_rest, torch.where(matched, torch.zeros_like(q), q))
     w = matched.to(q.dtype).sum(-1) / q.shape[-1]
     return w * jsd + (1 - w) * l1
@@ -62,7 +64,9 @@ def uld_summed(head, h_B_T_H: torch.Tensor, mask_B_T: torch.Tensor, logq_B_T_K: 
     def part(h, lq, ex):
         logp = torch.log_softmax(upcast(head(h)[..., :vocab]) / temperature, -1)
         return uld_position_loss(logp, lq, ex, hybrid).sum()
-    total = h_B_T_H.new_zeros((), dtype=torch.float32)
+    # a micro-batch with no such position still touches the head: a loss with a graph (0), the
+    # same parameters reduced on every rank
+    total = (head(h_B_T_H[:1, :1]).sum() * 0.0).float()
     for c in range(0, h_N_H.shape[0], chunk):
         args = (h_N_H[c:c + chunk], logq_N_K[c:c + chunk], exact_N_K[c:c + chunk])
         total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
