@@ -34,7 +34,7 @@ from opd_exp.engines.teacher_xtok import XTokTeacher
 from opd_exp.engines.token_bytes import token_bytes
 from opd_exp.evaluation import rollout_correctness
 from opd_exp.loop.diagnose import token_metrics
-from opd_exp.loop.pair import check_cross_tokenizer
+from opd_exp.loop.pair import check_cross_tokenizer, vocab_relation
 
 
 def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
@@ -46,7 +46,7 @@ def pair_checks(cfg: DictConfig) -> tuple[list[dict], dict]:
         checks.append({"check": name, "status": status, "detail": detail})
 
     tok, ttok = load_tokenizer(p.student, "pair.student"), load_tokenizer(p.teacher, "pair.teacher")
-    cross = tok.get_vocab() != ttok.get_vocab() and not cfg.objective.mask_unshared
+    cross = vocab_relation(tok, ttok, cfg.objective.mask_unshared) == "different"
     unshared = [] if cross else check_same_vocab(tok, ttok, cfg.objective.mask_unshared)
     if cross:
         try:

@@ -115,8 +115,9 @@ class XTokTeacher:
                    zip(rollouts.prompt_ids_B_P.tolist(), rollouts.prompt_mask_B_P.tolist())]
         resp, masks = rollouts.response_ids_B_T.tolist(), rollouts.response_mask_B_T.tolist()
         rows, chunks = [], []
+        lengths = [self._length(r, m) for r, m in zip(resp, masks)]
         for b in range(B):
-            t_ids, ch = self.align_row(prompts[b], resp[b][:self._length(resp[b], masks[b])])
+            t_ids, ch = self.align_row(prompts[b], resp[b][:lengths[b]])
             rows.append(t_ids)
             chunks.append(ch)
         U = max(1, max(len(r) for r in rows))
@@ -128,7 +129,7 @@ class XTokTeacher:
         p_ids, p_mask = left_pad(prompts, self.t_pad)
         dev = rollouts.response_ids_B_T.device
         t_roll = Rollouts(p_ids.to(dev), p_mask.to(dev), t_resp.to(dev), t_mask.to(dev), rollouts.group_B)
-        metrics = self.metrics(chunks, masks, resp)
+        metrics = self.metrics(chunks, lengths)
         if needs == "topk":
             return self._topk(self.inner.score(t_roll, "topk", k), chunks, B, T, dev, metrics)
         logq_B_U = self.inner.score(t_roll, "sampled").logp_B_T.to(dev) * t_mask.to(dev)
@@ -168,9 +169,9 @@ class XTokTeacher:
         return TeacherScores(topk_logq_B_T_K=raw, topk_idx_B_T_K=idx, topk_exact_B_T_K=exact,
                              xtok_loss=self.loss, metrics=metrics)
 
-    def metrics(self, chunks: list[list[Chunk]], masks, resp) -> dict[str, float]:
-        """xtok/* (docs/metrics.md) over the step's responses."""
-        tokens = sum(self._length(r, m) for r, m in zip(resp, masks))
+    def metrics(self, chunks: list[list[Chunk]], lengths: list[int]) -> dict[str, float]:
+        """xtok/* (docs/metrics.md) over the step's responses (`lengths`: their tokens)."""
+        tokens = sum(lengths)
         all_ch = [c for ch in chunks for c in ch]
         aligned = sum(c.s1 - c.s0 for c in all_ch)
         n = len(all_ch) or float("nan")  # no chunk on this rank: left out of the mean over ranks
@@ -182,5 +183,4 @@ class XTokTeacher:
                 "xtok/chunk_len_1_share": sum(x == 1 for x in lens) / n,
                 "xtok/chunk_len_2_share": sum(x == 2 for x in lens) / n,
                 "xtok/chunk_len_3plus_share": sum(x >= 3 for x in lens) / n,
-                "xtok/unaligned_rows": float(sum(not ch for ch, r, m in zip(chunks, resp, masks)
-                                                 if self._length(r, m)))}
+                "xtok/unaligned_rows": float(sum(not ch for ch, n in zip(chunks, lengths) if n))}

@@ -40,11 +40,17 @@ class Pair:
         return self.relation == "different"
 
 
+def vocab_relation(tokenizer, teacher_tok, mask_unshared: bool) -> str:
+    """One of RELATIONS (see the module doc)."""
+    if tokenizer.get_vocab() == teacher_tok.get_vocab():
+        return "identical"
+    return "masked" if mask_unshared else "different"
+
+
 def load_pair(cfg: DictConfig, student_cfg: DictConfig) -> Pair:
     tokenizer = load_tokenizer(cfg.pair.student, "pair.student")
     teacher_tok = load_tokenizer(cfg.pair.teacher, "pair.teacher")
-    same = tokenizer.get_vocab() == teacher_tok.get_vocab()
-    relation = "identical" if same else "masked" if cfg.objective.mask_unshared else "different"
+    relation = vocab_relation(tokenizer, teacher_tok, cfg.objective.mask_unshared)
     unshared = check_same_vocab(tokenizer, teacher_tok, True) if relation == "masked" else []
     others = {name: (mc, load_tokenizer(mc, f"pair.teachers.{name}")) for name, mc in cfg.pair.teachers.items()}
     for mc, tok in others.values():  # routed teachers share the student's vocabulary exactly

@@ -140,12 +140,18 @@ def chunk_rewards(reward_fn, logq_last_B_T: torch.Tensor, logp_B_T: torch.Tensor
 # q̃(v) = Σ_{z → v} q(z) keeps which token is which and all the mass; a teacher token with no
 # student prefix (a special token the student lacks) goes to the residual, reported, not trained.
 
-def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
-    """[V_teacher] long: the student token each teacher token's mass goes to (−1: residual)."""
+def _first_ids(student_bytes: list[bytes]) -> dict[bytes, int]:
+    """Each non-empty byte string's first student id."""
     first: dict[bytes, int] = {}
     for i, b in enumerate(student_bytes):
         if b:
             first.setdefault(b, i)
+    return first
+
+
+def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
+    """[V_teacher] long: the student token each teacher token's mass goes to (−1: residual)."""
+    first = _first_ids(student_bytes)
     longest = max((len(b) for b in first), default=0)
     out = torch.full((len(teacher_bytes),), -1, dtype=torch.long)
     for j, b in enumerate(teacher_bytes):
@@ -159,10 +165,7 @@ def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.
 
 def exact_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
     """[V_teacher] long: the student token with exactly the teacher token's bytes (−1: none)."""
-    first: dict[bytes, int] = {}
-    for i, b in enumerate(student_bytes):
-        if b:
-            first.setdefault(b, i)
+    first = _first_ids(student_bytes)
     return torch.tensor([first.get(b, -1) if b else -1 for b in teacher_bytes], dtype=torch.long)
 
 
