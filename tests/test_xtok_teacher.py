@@ -120,6 +120,35 @@ def test_invalid_utf8_and_truncation_get_no_signal(qwen_pair):
     assert t_tok.decode(t_ids) == "ab 12"
 
 
+def test_teacher_rows_fit_its_context(qwen_pair):
+    """A teacher that spells the response in more tokens than its context leaves (vLLM refuses
+    such a prompt): the row is cut to fit and the chunks past the cut get no signal."""
+    s_tok, t_tok, _ = qwen_pair
+    seen = []
+
+    class Inner:  # a vLLM-like teacher: refuses a row longer than its context
+        def score(self, rollouts, needs, k=0):
+            P, U = rollouts.prompt_mask_B_P.sum(-1), rollouts.response_mask_B_T.sum(-1)
+            seen.append(int((P + U).max()))
+            assert seen[-1] <= limit, "the engine would refuse this row"
+            return TeacherScores(logp_B_T=-torch.ones(rollouts.response_ids_B_T.shape))
+    r = _rollouts(s_tok, 3, 2)
+    t_prompts = [t_tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False).input_ids] * 3
+    r = r.with_prompts(t_prompts, s_tok.pad_token_id)
+    whole = XTokTeacher(Inner(), s_tok, t_tok, {s_tok.eos_token_id})
+    limit = 10 ** 6
+    full = whole.score(r, "sampled")
+    longest = seen[-1]
+    limit = longest - 5
+    cut = XTokTeacher(Inner(), s_tok, t_tok, {s_tok.eos_token_id}, max_len=limit).score(r, "sampled")
+    assert seen[-1] == limit
+    assert cut.metrics["xtok/aligned_share"] < full.metrics["xtok/aligned_share"]
+    kept = cut.chunk_B_T >= 0
+    assert (full.chunk_B_T[kept] == cut.chunk_B_T[kept]).all()  # the chunks before the cut unchanged
+    assert (cut.logp_B_T[~kept] == 0).all()
+
+
 def test_template_tokens_are_left_out_in_one_piece_or_three(qwen_pair):
     """Qwen3.6's prompt opens `<think>\n`: a Qwen3 student's `<think>` `\n` (or `<think>` alone,
     as the toy writes it) and a Qwen2.5 student's `<th` `ink` `>\n` are the template's; a prompt

@@ -34,8 +34,9 @@ class XTokTeacher:
     student's response ids."""
 
     def __init__(self, inner: Teacher, student_tok, teacher_tok, student_stop_ids: set[int],
-                 credit: str = "last", loss: str = "lsm"):
+                 credit: str = "last", loss: str = "lsm", max_len: int | None = None):
         self.inner, self.teacher_tok, self.credit, self.loss = inner, teacher_tok, credit, loss
+        self.max_len = max_len  # the most prompt + response tokens the teacher's engine reads
         self.s_bytes, self.t_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
         self.t_special = set(teacher_tok.added_tokens_decoder)
         self.stop_ids = set(student_stop_ids)
@@ -101,6 +102,15 @@ class XTokTeacher:
             t_ids = t_ids + [self.t_eos]
         return t_ids, chunks
 
+    def fit(self, prompt_len: int, t_ids: list[int], chunks: list[Chunk]) -> tuple[list[int], list[Chunk]]:
+        """The teacher's tokens cut to its engine's context (its tokenizer may spell the response in
+        more tokens than the student's, which the prompt pool's length check counts); the chunks
+        past the cut get no signal (xtok/aligned_share counts them)."""
+        room = len(t_ids) if self.max_len is None else max(0, self.max_len - prompt_len)
+        if len(t_ids) <= room:
+            return t_ids, chunks
+        return t_ids[:room], [c for c in chunks if c.t1 <= room]
+
     @torch.no_grad()
     def score(self, rollouts: Rollouts, needs: str, k: int = 0) -> TeacherScores:
         """"sampled": log q(chunk) on each chunk's last student token; "topk": the teacher's
@@ -117,7 +127,7 @@ class XTokTeacher:
         rows, chunks = [], []
         lengths = [self._length(r, m) for r, m in zip(resp, masks)]
         for b in range(B):
-            t_ids, ch = self.align_row(prompts[b], resp[b][:lengths[b]])
+            t_ids, ch = self.fit(len(prompts[b]), *self.align_row(prompts[b], resp[b][:lengths[b]]))
             rows.append(t_ids)
             chunks.append(ch)
         U = max(1, max(len(r) for r in rows))

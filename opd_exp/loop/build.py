@@ -176,8 +176,11 @@ def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, Roll
     if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
         head_alone_at_start(cfg, teacher.model, "teacher")
     if pair.cross_tokenizer:
+        # what the teacher's engine reads: its context (a vLLM teacher must generate one token after)
+        contexts = [c for c in (cfg.teacher.max_model_len, pair.shapes["pair.teacher"][1]) if c]
+        max_len = min(contexts) - (cfg.teacher.backend != "hf") if contexts else None
         teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit,
-                              cfg.xtok.loss)
+                              cfg.xtok.loss, max_len)
     return teacher, sampler
 
 
