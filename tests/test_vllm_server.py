@@ -209,3 +209,25 @@ def test_train_with_both_servers_behind_the_secret(server, teacher_server, tiny_
     folders = [tmp_path, *base.glob("server*"), *base.glob("teacher_server*")]
     written = [f for d in folders for f in d.rglob("*") if f.is_file()]
     assert len(written) > 20 and not [f for f in written if TOKEN.encode() in f.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def xtok_teacher_server(tiny_world, tmp_path_factory, secret):
+    """The tiny world's Qwen3.6 teacher served for its Qwen3 student (another tokenizer)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    yield from start_server(tiny_world, tmp_path_factory.mktemp("xtok_teacher_server"), url, [
+        "+experiment=cross_tokenizer_toy", "pair.student.path=toy:qwen3_student", "teacher=vllm_server",
+        "serve.role=teacher", f"teacher.server_urls=[{url}]", "teacher.max_model_len=256",
+        f"serve.token_file={secret}"])
+
+
+def test_a_teacher_server_with_another_tokenizer_gives_the_in_process_chunk_scores(
+        xtok_teacher_server, tiny_world, secret):
+    p = subprocess.run([sys.executable, "-m", "tests.engines.vllm_xtok_server_probe", str(tiny_world),
+                        xtok_teacher_server], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**os.environ, "OPD_EXP_SERVER_TOKEN_FILE": str(secret)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["positions"] > 50 and out["chunks"] > 50 and out["aligned_share"] > 0.5
+    assert out["same_chunks"] and out["topk_same_support"] and out["topk_same_idx"]
+    assert out["sampled_max_diff"] <= 1e-4 and out["topk_value_max_diff"] <= 1e-4
