@@ -16,7 +16,8 @@ from .conftest import compose, sweep_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"poweropd": 30, "lsm": 9, "rethinking": 15, "geometry": 21}  # runs each script promises
-TOY_ONLY = {"multi_teacher": 9}  # no Slurm form: no real multi-teacher setup in SPEC §5
+TOY_ONLY = {"multi_teacher": 9,  # no Slurm form: no real multi-teacher setup in SPEC §5
+            "cross_tokenizer": 21}  # nor a real cross-tokenizer one (cross_tokenizer_qwen: unrun)
 
 
 def recorded_calls(tmp_path, script: str, *args: str, env: dict | None = None) -> list[list[str]]:
