@@ -20,7 +20,6 @@ from opd_exp.config.errors import ConfigError
 from opd_exp.engines.rollout_vllm_server import SERVED_MARK, serve_command, server_token
 from opd_exp.engines.server_guard import TOKEN_FILE_ENV, WEIGHTS_DIR_ENV, is_loopback, token_file
 from opd_exp.loop.evaluator import Evaluator
-from opd_exp.loop.pair import vocab_relation
 
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -80,11 +79,8 @@ def run_serve(cfg: DictConfig, run_dir: Path) -> int:
     if sv.role == "teacher":
         t, p = cfg.teacher, cfg.pair.teacher
         rows, _ = model_shape(p, "pair.teacher")
-        t_tok, s_tok = load_tokenizer(p, "pair.teacher"), load_tokenizer(cfg.pair.student, "pair.student")
-        cross = vocab_relation(s_tok, t_tok, cfg.objective.mask_unshared) == "different"
-        vocab = len(t_tok) if cross else min(len(t_tok), len(s_tok))
-        padded = max(0, rows - vocab)  # as the run counts it: the student's vocabulary, or the
-        # teacher's own where its tokenizer differs (engines/teacher_xtok.py)
+        vocab = min(len(load_tokenizer(p, "pair.teacher")), len(load_tokenizer(cfg.pair.student, "pair.student")))
+        padded = max(0, rows - vocab)  # as the run counts it (the student's vocabulary)
         most = max(cfg.objective.k, cfg.prompts.k, cfg.diag.k, 20) + padded
         cmd = serve_command(url, resolve_path(p.path), p.dtype,
                             cfg.trainer.seed, sv.gpu_memory_utilization or t.gpu_memory_utilization,
