@@ -401,3 +401,25 @@ def test_rethinking_only_stu_is_the_authors_formula():
     assert torch.allclose(got, s2.grad, atol=1e-12)
     outside = [v for v in range(V) if v not in set(s[0, 0].detach().topk(K).indices.tolist())]
     assert got[0, 0, outside].abs().max() > 0  # full-softmax log-probs: the normaliser's gradient
+
+
+def test_lm_head_chunks_are_bounded_in_logits_not_only_positions(tiny_world, monkeypatch):
+    """objective.chunk_size caps a chunk's positions, and a chunk of B rows holds at most
+    CHUNK_ELEMENTS logits (at V = 151,936 a 64-position chunk of 64 rows is 2.5 GB): fewer positions,
+    the same loss, gradient, top-K and entropies."""
+    from opd_exp.engines.hf_policy import topk_and_entropy
+    from opd_exp.methods import full_vocab, head_logprobs
+    student, teacher = _model(tiny_world, "student"), _model(tiny_world, "teacher")
+    r = _rollouts(seed=3)
+    batch, V = _batch(teacher, r, "hidden"), student.config.vocab_size
+    obj = _obj(FullVocabOPD, _cfg(chunk_size=64))
+    ref_loss, ref_grad = _loss_and_grad(obj, student, batch)
+    ref_top = topk_and_entropy(HFPolicy(student), r, 5, 3, 64)
+    monkeypatch.setattr(head_logprobs, "CHUNK_ELEMENTS", r.size * V * 2)  # 2 positions of 4 rows
+    seen, apply = [], full_vocab.FusedHeadLoss.apply
+    monkeypatch.setattr(full_vocab.FusedHeadLoss, "apply", lambda *a: seen.append(a[3]) or apply(*a))
+    loss, grad = _loss_and_grad(obj, student, batch)
+    assert seen == [2]  # was 64: the whole response in one chunk
+    assert abs(loss - ref_loss) < 1e-10 and torch.allclose(grad, ref_grad, atol=1e-10, rtol=1e-8)
+    for a, b in zip(topk_and_entropy(HFPolicy(student), r, 5, 3, 64), ref_top):  # 3-row micro-batches
+        assert torch.allclose(a.double(), b.double(), atol=1e-10)

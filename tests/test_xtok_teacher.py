@@ -143,10 +143,21 @@ def test_teacher_rows_fit_its_context(qwen_pair):
     limit = longest - 5
     cut = XTokTeacher(Inner(), s_tok, t_tok, {s_tok.eos_token_id}, max_len=limit).score(r, "sampled")
     assert seen[-1] == limit
+    assert cut.metrics["xtok/cut_rows"] >= 1 and full.metrics["xtok/cut_rows"] == 0
     assert cut.metrics["xtok/aligned_share"] < full.metrics["xtok/aligned_share"]
     kept = cut.chunk_B_T >= 0
     assert (full.chunk_B_T[kept] == cut.chunk_B_T[kept]).all()  # the chunks before the cut unchanged
     assert (cut.logp_B_T[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("backend,max_model_len,context,reads", [
+    ("vllm", 256, 4096, 255), ("vllm_server", 0, 4096, 4095), ("hf", 256, 4096, 256), ("hf", 0, None, None),
+    ("vllm", 0, None, None)])
+def test_what_the_teacher_engine_reads(backend, max_model_len, context, reads):
+    """The cut's length: the teacher's context, less the token a vLLM teacher must generate."""
+    from opd_exp.loop.build import teacher_reads
+    cfg = OmegaConf.create({"teacher": {"backend": backend, "max_model_len": max_model_len}})
+    assert teacher_reads(cfg, context) == reads
 
 
 def test_template_tokens_are_left_out_in_one_piece_or_three(qwen_pair):

@@ -86,7 +86,8 @@ def levels_avg(levels, pick):
 
 
 def xtok_row(cfg: dict) -> str:
-    """`toy_xtok (another tokenizer) · top-32 OPD · ULD` / `toy_qwen25 (the student's) · OPD (log-ratio)`."""
+    """`toy_xtok · top-32 OPD · ULD`, `toy_qwen25 · OPD (log-ratio)`: the pair (its teacher on
+    another tokenizer or on the student's), the method, the ULD ablation when it is one."""
     pair = cfg["pair"]["name"]
     loss = cfg.get("xtok", {}).get("loss", "lsm")
     return f"{pair} · {method(cfg)}" + (f" · {loss.upper().replace('_', ' ')}" if loss != "lsm" else "")
@@ -132,9 +133,9 @@ TABLES: dict[str, Table] = {
         "levels of both teachers"),
     "cross_tokenizer": Table(
         "OPD across tokenizers", xtok_row,
-        {**AVG_BEFORE, "gain": lambda run, k: last(run.records, f"eval/avg@{k}") - first(run.records, f"eval/avg@{k}"),
+        {**AVG_BEFORE, "avg@k gain": lambda run, k: last(run.records, f"eval/avg@{k}") - first(run.records, f"eval/avg@{k}"),
          "gap recovered": lambda run, k: last(run.records, "eval/gap_recovery"),
-         "teacher avg": lambda run, k: last(run.records, f"teacher/eval/avg@{k}"), **XTOK_SHARES},
+         "teacher avg@k": lambda run, k: last(run.records, f"teacher/eval/avg@{k}"), **XTOK_SHARES},
         "Across tokenizers (no paper of SPEC §5; the ask of the trackers): the cross-tokenizer "
         "student should gain ≥ 80 % of what the same-skill teacher on its own tokenizer gives with "
         "the same budget, and more than GOLD's sorted-L1 ULD"),

@@ -33,6 +33,7 @@ from opd_exp.engines.learner_torch import batch_logprobs
 from opd_exp.engines.teacher_xtok import XTokTeacher
 from opd_exp.engines.token_bytes import token_bytes
 from opd_exp.evaluation import rollout_correctness
+from opd_exp.loop.build import teacher_reads
 from opd_exp.loop.diagnose import token_metrics
 from opd_exp.loop.pair import check_cross_tokenizer, vocab_relation
 
@@ -164,7 +165,8 @@ def measure(cfg: DictConfig, ctx: dict, run_dir: Path) -> dict:
     teacher, teacher_rollout = resolve(TEACHERS[cfg.teacher.backend])(
         cfg, ttok if ctx["cross"] else tok, ctx["teacher_stop_ids"] if ctx["cross"] else ctx["stop_ids"])
     if ctx["cross"]:
-        teacher = XTokTeacher(teacher, tok, ttok, ctx["stop_ids"], cfg.xtok.credit, cfg.xtok.loss)
+        teacher = XTokTeacher(teacher, tok, ttok, ctx["stop_ids"], cfg.xtok.credit, cfg.xtok.loss,
+                              teacher_reads(cfg, model_shape(p.teacher, "pair.teacher")[1]))
     encode = student_encoder(cfg, tok, ttok, d.prompt_suffix)
     own = make_encoder(ttok, d.chat_template, d.prompt_suffix, p.teacher) \
         if p.teacher_prompt == "own" else None

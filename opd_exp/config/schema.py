@@ -82,7 +82,8 @@ class ObjectiveConfig:
     renormalize: bool = True  # topk: softmax over the support (false: raw probabilities)
     gradient: str = "analytic"  # topk: analytic | pg (policy gradient over the K candidates)
     weight: str = "student"  # topk pg weights: student | teacher | uniform
-    chunk_size: int = 64  # positions per LM-head chunk for vocabulary-wide work (docs/benchmarks.md)
+    chunk_size: int = 64  # at most this many positions per LM-head chunk for vocabulary-wide work, and
+    # fewer where [rows, positions, V] would pass 2²⁵ logits (a real vocabulary; docs/benchmarks.md)
     rollouts_from: str = "student"  # student (on-policy) | teacher (off-policy; sft)
     special_mask: bool = False  # mask the first occurrence of each mask_strings string
     # matched as text: one token where the tokenizer writes the string as one, else its pieces

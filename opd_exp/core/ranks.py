@@ -18,7 +18,7 @@ import torch.distributed as tdist
 # how per-rank metrics combine into the logged value (docs/metrics.md); everything else: mean
 SUM_KEYS = ("rollout/tokens", "train/masked_tokens", "schedule/traces", "schedule/rejected",
             "schedule/dropped", "schedule/kept_rejected", "data/teacher_cache_hits",
-            "data/teacher_cache_misses", "xtok/unaligned_rows")
+            "data/teacher_cache_misses", "xtok/unaligned_rows", "xtok/cut_rows")
 MIN_SUFFIXES = ("/min", "_min")
 MAX_SUFFIXES = ("/max", "_max")
 

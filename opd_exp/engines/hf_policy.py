@@ -15,7 +15,7 @@ from opd_exp.config import ConfigError
 from opd_exp.core.types import Rollouts, micro_slices
 from opd_exp.engines.packing import pack
 from opd_exp.methods.common import upcast
-from opd_exp.methods.head_logprobs import head_token_logprobs
+from opd_exp.methods.head_logprobs import chunk_positions, head_token_logprobs
 
 
 def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0,
@@ -212,6 +212,8 @@ def topk_and_entropy(view: HFPolicy, r: Rollouts, k: int, micro_batch_size: int,
         zeros = r.response_ids_B_T.new_zeros(B, T).float()
         return empty.float(), empty, zeros, zeros
     vals, ids, ents, picked = [], [], [], []
+    chunk = chunk_positions(min(B, micro_batch_size), view.vocab_size or getattr(view.lm_head, "out_features", 0),
+                            chunk)
     for s in micro_slices(r.size, micro_batch_size):
         hidden = view.response_hidden(r.select(s))
         for c in range(0, hidden.shape[1], chunk):

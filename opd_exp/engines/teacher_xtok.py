@@ -124,12 +124,14 @@ class XTokTeacher:
         prompts = [[i for i, m in zip(p, pm) if m] for p, pm in
                    zip(rollouts.prompt_ids_B_P.tolist(), rollouts.prompt_mask_B_P.tolist())]
         resp, masks = rollouts.response_ids_B_T.tolist(), rollouts.response_mask_B_T.tolist()
-        rows, chunks = [], []
+        rows, chunks, cut = [], [], 0
         lengths = [self._length(r, m) for r, m in zip(resp, masks)]
         for b in range(B):
-            t_ids, ch = self.fit(len(prompts[b]), *self.align_row(prompts[b], resp[b][:lengths[b]]))
-            rows.append(t_ids)
-            chunks.append(ch)
+            t_ids, ch = self.align_row(prompts[b], resp[b][:lengths[b]])
+            fitted = self.fit(len(prompts[b]), t_ids, ch)
+            cut += len(fitted[0]) < len(t_ids)
+            rows.append(fitted[0])
+            chunks.append(fitted[1])
         U = max(1, max(len(r) for r in rows))
         t_resp = torch.full((B, U), self.t_pad, dtype=torch.long)
         t_mask = torch.zeros(B, U)
@@ -139,7 +141,7 @@ class XTokTeacher:
         p_ids, p_mask = left_pad(prompts, self.t_pad)
         dev = rollouts.response_ids_B_T.device
         t_roll = Rollouts(p_ids.to(dev), p_mask.to(dev), t_resp.to(dev), t_mask.to(dev), rollouts.group_B)
-        metrics = self.metrics(chunks, lengths)
+        metrics = {**self.metrics(chunks, lengths), "xtok/cut_rows": float(cut)}
         if needs == "topk":
             return self._topk(self.inner.score(t_roll, "topk", k), chunks, B, T, dev, metrics)
         logq_B_U = self.inner.score(t_roll, "sampled").logp_B_T.to(dev) * t_mask.to(dev)

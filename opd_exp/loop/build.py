@@ -166,6 +166,13 @@ def routed_teachers(cfg: DictConfig, main: Teacher, main_tok, tokenizer, stop_id
     return Teachers(scorers, dict(cfg.pair.routes), encoders)
 
 
+def teacher_reads(cfg: DictConfig, context: int | None) -> int | None:
+    """The most prompt + response tokens the teacher's engine reads (`context`: its model's): a
+    vLLM teacher (in process or served with the run's overrides) must generate one token after."""
+    contexts = [c for c in (cfg.teacher.max_model_len, context) if c]
+    return min(contexts) - (cfg.teacher.backend != "hf") if contexts else None
+
+
 def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, RolloutBackend]:
     """The teacher's scorer (teacher.backend) and its sampler, in the teacher's own tokens; a
     teacher with another tokenizer scores the student's tokens through chunks of the same bytes
@@ -176,11 +183,8 @@ def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, Roll
     if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
         head_alone_at_start(cfg, teacher.model, "teacher")
     if pair.cross_tokenizer:
-        # what the teacher's engine reads: its context (a vLLM teacher must generate one token after)
-        contexts = [c for c in (cfg.teacher.max_model_len, pair.shapes["pair.teacher"][1]) if c]
-        max_len = min(contexts) - (cfg.teacher.backend != "hf") if contexts else None
         teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit,
-                              cfg.xtok.loss, max_len)
+                              cfg.xtok.loss, teacher_reads(cfg, pair.shapes["pair.teacher"][1]))
     return teacher, sampler
 
 

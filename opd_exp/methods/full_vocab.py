@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
+from opd_exp.methods.head_logprobs import chunk_positions
 
 
 def divergence(logp_N_V: torch.Tensor, logq_N_V: torch.Tensor, kind: str,
@@ -77,12 +78,13 @@ class FullVocabOPD:
                 logq = teacher_logq(h_t_C)
             return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
 
+        chunk = chunk_positions(h_s_B_T_H.shape[0], vocab or getattr(head_s, "out_features", 0), self.chunk)
         if plain_linear(head_s) and torch.is_grad_enabled():
             fn = (with_autograd(chunk_loss) if self.kind != "reverse_kl" else
                   lambda z, h_t_C, m_C: reverse_kl_and_grad(z, teacher_logq(h_t_C), m_C, self.temperature))
-            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, fn, self.chunk, vocab,
+            return FusedHeadLoss.apply(h_s_B_T_H, head_s.weight, fn, chunk, vocab,
                                        h_t_B_T_H, mask_B_T)
-        return chunked(lambda h, t, m: chunk_loss(head_s(h)[..., :vocab], t, m), self.chunk,
+        return chunked(lambda h, t, m: chunk_loss(head_s(h)[..., :vocab], t, m), chunk,
                        h_s_B_T_H.shape[1], h_s_B_T_H, h_t_B_T_H, mask_B_T)
 
 

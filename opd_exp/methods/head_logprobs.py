@@ -67,11 +67,22 @@ class HeadTokenLogprobs(torch.autograd.Function):
 CHUNK_ELEMENTS = 1 << 25
 
 
+def chunk_positions(rows: int, vocab: int, most: int | None = None) -> int:
+    """Positions per LM-head chunk of `rows` sequences: as many as CHUNK_ELEMENTS logits allow
+    (one position at least), and at most `most` (objective.chunk_size) — so a real vocabulary
+    (V = 151,936: 3 positions of 64 sequences) never holds [B, 64, V] logits at once. `vocab`
+    None or 0 (a head whose width is not known before it runs): `most`."""
+    if not vocab:
+        return most or 1
+    n = max(1, CHUNK_ELEMENTS // max(1, rows * vocab))
+    return n if most is None else max(1, min(most, n))
+
+
 def head_token_logprobs(h_B_T_H: torch.Tensor, head: torch.nn.Linear, ids_B_T: torch.Tensor,
                         temperature: float = 1.0, vocab: int | None = None,
                         chunk: int | None = None) -> torch.Tensor:
     """log softmax(h Wᵀ / τ)[y] at every position: [B, T] (see the module doc); `chunk`
     positions at a time (None: as many as CHUNK_ELEMENTS logits allow)."""
     V = head.weight.shape[0] if vocab is None else vocab
-    chunk = chunk or max(1, CHUNK_ELEMENTS // max(1, h_B_T_H.shape[0] * V))
+    chunk = chunk or chunk_positions(h_B_T_H.shape[0], V)
     return HeadTokenLogprobs.apply(h_B_T_H, head.weight, ids_B_T, temperature, vocab, chunk)

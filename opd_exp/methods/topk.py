@@ -11,6 +11,7 @@ from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
 from opd_exp.methods.full_vocab import GradientInForward, plain_linear, with_autograd
+from opd_exp.methods.head_logprobs import chunk_positions
 from opd_exp.methods.uld import ULD_LOSSES, uld_summed
 
 
@@ -156,8 +157,9 @@ class TopKOPD:
             return total, (valid.sum(-1) * mask_B_T).sum()
         total, support = 0.0, 0.0
         fn = lambda *a: self._chunk_loss(head_s, head_t, vocab, *a)  # noqa: E731
-        for c in range(0, h_s_B_T_H.shape[1], self.chunk):
-            parts = [x[:, c:c + self.chunk] for x in (h_s_B_T_H, mask_B_T, *teacher_parts)]
+        chunk = chunk_positions(h_s_B_T_H.shape[0], vocab or getattr(head_s, "out_features", 0), self.chunk)
+        for c in range(0, h_s_B_T_H.shape[1], chunk):  # [B, C, V] logits a chunk
+            parts = [x[:, c:c + chunk] for x in (h_s_B_T_H, mask_B_T, *teacher_parts)]
             l_c, s_c = (checkpoint(fn, *parts, use_reentrant=False) if torch.is_grad_enabled()
                         else fn(*parts))
             total, support = total + l_c, support + s_c

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from opd_exp.methods.common import upcast
+from opd_exp.methods.head_logprobs import chunk_positions
 
 ULD_LOSSES = ("uld", "uld_hybrid")
 
@@ -67,6 +68,7 @@ def uld_summed(head, h_B_T_H: torch.Tensor, mask_B_T: torch.Tensor, logq_B_T_K: 
     # a micro-batch with no such position still touches the head: a loss with a graph (0), the
     # same parameters reduced on every rank
     total = (head(h_B_T_H[:1, :1]).sum() * 0.0).float()
+    chunk = chunk_positions(1, vocab or getattr(head, "out_features", 0), chunk)  # [C, V] logits a chunk
     for c in range(0, h_N_H.shape[0], chunk):
         args = (h_N_H[c:c + chunk], logq_N_K[c:c + chunk], exact_N_K[c:c + chunk])
         total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))

@@ -18,8 +18,8 @@ Per rank, W ranks, Ψ = the student's parameters:
   (H hidden, I intermediate, Q = heads·head_dim, KV = kv heads·head_dim); with gradient
   checkpointing the layers keep only their inputs (H·b per token and layer) and one layer is
   recomputed at a time.
-- the LM head: the head applied a chunk of positions at a time (chunk · V · 4 bytes, a few live at
-  once) or, where the whole forward is used, [tokens, V] logits in the model dtype, their fp32 copy
+- the LM head: the head applied a chunk of positions at a time (rows · chunk · V · 4 bytes with at
+  most 2²⁵ logits, one position at least, a few live at once) or, where the whole forward is used, [tokens, V] logits in the model dtype, their fp32 copy
   and the log-softmax (b + 8 bytes a logit).
 - a colocated vLLM engine: `gpu_memory_utilization` of the GPU (weights, KV cache, its own
   activations); it must hold its weights and a KV cache of at least one `max_model_len` sequence.
@@ -37,6 +37,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from opd_exp.methods.head_logprobs import chunk_positions
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -238,8 +240,11 @@ def activations(cfg, s: Shape, whole_forward: bool) -> dict[str, float]:
     layers = sum(activation_parts(cfg, s))
     if whole_forward:  # [tokens, V] logits, their fp32 copy and the log-softmax
         head = tokens * s.vocab_rows * (BYTES[dtype] + 8)
-    else:  # a chunk of positions at a time: logits, softmax and their gradient live at once
-        head = 3 * min(tokens, max(cfg.objective.chunk_size, 256)) * s.vocab_rows * 4
+    else:  # a chunk of positions at a time (methods/head_logprobs.py chunk_positions; the
+        # sampled-token head's, uncapped by objective.chunk_size, is the largest): logits, softmax
+        # and their gradient live at once
+        rows = 1 if cfg.learner.packing else cfg.learner.micro_batch_size
+        head = 3 * min(tokens, rows * chunk_positions(rows, s.vocab_rows)) * s.vocab_rows * 4
     return {"activations (one micro-batch)": layers, "LM head (logits or chunks)": head}
 
 
