@@ -242,8 +242,8 @@ def activations(cfg, s: Shape, whole_forward: bool) -> dict[str, float]:
         head = tokens * s.vocab_rows * (BYTES[dtype] + 8)
     else:  # a chunk of positions at a time (methods/head_logprobs.py chunk_positions; the
         # sampled-token head's, uncapped by objective.chunk_size, is the largest): logits, softmax
-        # and their gradient live at once
-        rows = 1 if cfg.learner.packing else cfg.learner.micro_batch_size
+        # and their gradient live at once; packed hidden states are unpacked to [B, T, H] first
+        rows = cfg.learner.micro_batch_size
         head = 3 * min(tokens, rows * chunk_positions(rows, s.vocab_rows)) * s.vocab_rows * 4
     return {"activations (one micro-batch)": layers, "LM head (logits or chunks)": head}
 
