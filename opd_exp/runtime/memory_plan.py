@@ -38,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd_exp.config.registry import READS_LM_HEAD
 from opd_exp.methods.head_logprobs import chunk_positions
 
 GIB = 2**30
@@ -237,15 +238,20 @@ def activation_parts(cfg, s: Shape) -> tuple[float, float]:
 def activations(cfg, s: Shape, whole_forward: bool) -> dict[str, float]:
     """One micro-batch's activations and its LM-head memory, bytes."""
     dtype, tokens = compute_dtype(cfg), micro_batch_tokens(cfg)
-    layers = sum(activation_parts(cfg, s))
+    kept, recomputed = activation_parts(cfg, s)
     if whole_forward:  # [tokens, V] logits, their fp32 copy and the log-softmax
         head = tokens * s.vocab_rows * (BYTES[dtype] + 8)
-    else:  # a chunk of positions at a time (methods/head_logprobs.py chunk_positions; the
-        # sampled-token head's, uncapped by objective.chunk_size, is the largest): logits, softmax
-        # and their gradient live at once; packed hidden states are unpacked to [B, T, H] first
-        rows = cfg.learner.micro_batch_size
-        head = 3 * min(tokens, rows * chunk_positions(rows, s.vocab_rows)) * s.vocab_rows * 4
-    return {"activations (one micro-batch)": layers, "LM head (logits or chunks)": head}
+    else:  # a chunk of positions of micro_batch_size rows at a time (packed hidden states are
+        # unpacked first; methods/head_logprobs.py chunk_positions): the vocabulary-wide losses
+        # hold a chunk's logits, softmax and gradient at once, the sampled-token head one chunk
+        # (its softmax and gradient written over the logits), with no objective.chunk_size cap
+        rows, wide = cfg.learner.micro_batch_size, cfg.objective.name in READS_LM_HEAD
+        chunk = chunk_positions(rows, s.vocab_rows, cfg.objective.chunk_size if wide else None)
+        head = (3 if wide else 1) * min(tokens, rows * chunk) * s.vocab_rows * 4
+        # the head's chunks are gone before backward recomputes a checkpointed layer: only what
+        # the larger of the two adds counts (tests/test_memory_plan.py, against the peak RSS)
+        head = max(0.0, head - recomputed)
+    return {"activations (one micro-batch)": kept + recomputed, "LM head (logits or chunks)": head}
 
 
 def whole_forward_head(cfg) -> bool:
