@@ -33,6 +33,7 @@ class Stub:
         self.token = None  # a shared secret: requests without `Authorization: Bearer <it>` get 401
         self.auth = []  # the Authorization header of every request
         self.root = "/models/Teacher-8B"  # the served model's folder (/v1/models)
+        self.context = None  # its max_model_len on /v1/models (vLLM's model card has it)
         self.rpc = []  # the bodies of /collective_rpc and /reset_prefix_cache requests
         self.rpc_code = 200  # their answer
         stub = self
@@ -58,7 +59,8 @@ class Stub:
 
             def do_GET(self):
                 if not self.refused():
-                    self.answer(200, {"data": [{"id": "teacher", "root": stub.root}]})
+                    card = {"id": "teacher", "root": stub.root}
+                    self.answer(200, {"data": [{**card, "max_model_len": stub.context} if stub.context else card]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -326,3 +328,12 @@ def test_a_launched_run_is_refused_before_its_ranks_start(pair, stub, tmp_path, 
         check_access(compose(args))
     check_access(compose([*args, f"serve.token_file={secret}"]))
     check_access(compose(["teacher=vllm_server", "teacher.server_urls=[http://127.0.0.1:9]"]))  # not up yet
+
+
+def test_the_servers_own_context_is_read_from_their_model_cards(stub):
+    """A cross-tokenizer teacher cuts its rows to what the servers read (loop/build.py): the
+    smallest max_model_len their /v1/models cards give; None where a card has none."""
+    a, b = stub(None), stub(None)
+    a.context, b.context = 300, 200
+    assert VLLMServerTeacher([a.url, b.url], 5, 0, 10, 10).max_model_len == 200
+    assert VLLMServerTeacher([stub(None).url], 5, 0, 10, 10).max_model_len is None

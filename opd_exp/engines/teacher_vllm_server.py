@@ -63,6 +63,8 @@ class VLLMServerTeacher:
         self.token = token
         served = [self._request(u, "/v1/models")["data"][0] for u in self.urls]
         self.models = [m["id"] for m in served]
+        contexts = [m["max_model_len"] for m in served if m.get("max_model_len")]
+        self.max_model_len = min(contexts) if contexts else None  # the servers' own (vLLM's model card)
         for url, m in zip(self.urls, served):  # another model's scores are no error later
             if expect is not None and not same_model(expect, m["id"], m.get("root")):
                 raise ConfigError(f"teacher.server_urls: {url} serves {m['id']!r} (from {m.get('root')!r}), "

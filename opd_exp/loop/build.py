@@ -183,8 +183,10 @@ def make_teacher(cfg: DictConfig, pair: Pair, dist: Dist) -> tuple[Teacher, Roll
     if isinstance(getattr(teacher, "model", None), torch.nn.Module):  # the HF teacher
         head_alone_at_start(cfg, teacher.model, "teacher")
     if pair.cross_tokenizer:
+        # the context: the model's, or a teacher server's own (started with other overrides)
+        contexts = [c for c in (pair.shapes["pair.teacher"][1], getattr(teacher, "max_model_len", None)) if c]
         teacher = XTokTeacher(teacher, pair.tokenizer, pair.teacher_tok, pair.stop_ids, cfg.xtok.credit,
-                              cfg.xtok.loss, teacher_reads(cfg, pair.shapes["pair.teacher"][1]))
+                              cfg.xtok.loss, teacher_reads(cfg, min(contexts, default=None)))
     return teacher, sampler
 
 
