@@ -88,4 +88,5 @@ def finish(run: Run, last: dict[str, float]) -> None:
         final = run.run_dir / "final_metrics.json"
         if last or not final.exists():
             final.write_text(json.dumps(last, indent=2) + "\n")
+    run.close_engines()
     run.dist.close()

@@ -55,6 +55,8 @@ def test_train_with_vllm_rollouts_end_to_end(tiny_world, tmp_path, staleness, ex
                        capture_output=True, text=True, cwd=ROOT, timeout=900,
                        env={**ENV, "OPD_EXP_TOY_DIR": str(tiny_world)})
     assert p.returncode == 0, p.stderr[-3000:]
+    # the engines are shut down before the process group goes, not by finalizers at exit
+    assert "Exception ignored" not in p.stderr and "Invalid process group" not in p.stderr, p.stderr[-3000:]
     # vLLM says so when an engine starts eager; compiled, the student's engine does not
     assert ("Enforce eager set" in p.stdout + p.stderr) == ("rollout.enforce_eager=false" not in extra)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -165,12 +166,32 @@ def start_engine(path: str, dtype: str, gpu_memory_utilization: float, enforce_e
     args = dict(model=path, dtype=dtype, enforce_eager=enforce_eager, generation_config="vllm",
                 gpu_memory_utilization=gpu_memory_utilization, **launcher_kwargs(), **kw)
     llm = LLM(**args)
+    _STARTED.append(weakref.ref(llm))
     device, worker_rank = check_engine_device(llm)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({**args, "device": device, "rank": os.environ.get("RANK", "0"),
                                       "worker_rank": worker_rank}, indent=2, default=str))
     return llm
+
+
+_STARTED: list[weakref.ref] = []  # the engines start_engine made in this process, in order
+
+
+def shutdown_engines() -> int:
+    """Shut down, newest first, every in-process engine `start_engine` made that is still alive
+    (vLLM's `EngineCoreClient.shutdown`), before the run's own process group goes: each engine
+    would otherwise tear down vLLM's distributed state from a weakref finalizer at interpreter
+    exit, after `Dist.close` destroyed the default group under it (`ValueError: Invalid process
+    group specified`), and in a sweep the finished run's engines would keep their memory while the
+    next run starts its own. Returns how many were shut down."""
+    done = 0
+    while _STARTED:
+        llm = _STARTED.pop()()
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            done += 1
+    return done
 
 
 def launcher_kwargs() -> dict:

@@ -7,6 +7,7 @@ config groups it uses.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,15 @@ class Run:
     start: int  # optimizer steps already done (a resumed run)
     ckpt_meta: dict  # what a resume must match
     teachers: Teachers | None = None  # pair.teachers: multi-teacher OPD, prompts routed by tag
+
+    def close_engines(self) -> None:
+        """The background sampler's thread, then this process's vLLM engines (newest first), before
+        the process group goes (`Dist.close`): rollout_vllm.shutdown_engines."""
+        if isinstance(self.rollout, AheadSampler):
+            self.rollout.close()
+        engines = sys.modules.get("opd_exp.engines.rollout_vllm")  # imported where one started
+        if engines is not None:
+            engines.shutdown_engines()
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,
