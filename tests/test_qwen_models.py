@@ -3,7 +3,9 @@ vocabulary covers the task, the training loss is the real-size model's cross-ent
 model loads like a hub Qwen3 with the real tokenizer, and its softmax is the small model's."""
 
 import json
+import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,6 +104,14 @@ def test_the_manifest_states_the_mass_outside_the_tasks_tokens(tiny_world):
     entry = json.loads((tiny_world / "manifest.json").read_text())["models"]["qwen3_student"]
     assert entry["vocab"] == "qwen3" and entry["rows"] == 151936 and entry["task_tokens"] == 191
     assert 0 <= entry["other_mass_mean"] <= entry["other_mass_max"] <= 1
+    assert entry["lifted_training"] is qwen_models.LIFTED_TRAINING["qwen3"] is False  # as built
+    teacher36 = json.loads((tiny_world / "manifest.json").read_text())["models"]["qwen36_teacher"]
+    assert teacher36["lifted_training"] is True
+
+
+def test_a_family_trained_unlifted_has_no_offset_until_the_row_is_fitted():
+    small = SmallVocab((5, 9, -1), rows=100)
+    assert small.offset == pytest.approx(math.log(98)) and replace(small, lifted=False).offset == 0.0
 
 
 @pytest.mark.skipif(not toyworld.is_built(toyworld.SHIPPED_DIR), reason="no shipped toy world")
