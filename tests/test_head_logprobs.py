@@ -97,6 +97,22 @@ def test_the_policy_gives_the_whole_forwards_log_probs_and_gradients(tiny_world,
     assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-10
 
 
+def test_the_head_scores_only_the_response_positions(tiny_world, monkeypatch):
+    """The LM head runs at the N response tokens, not at the B × T of the padded batch; the
+    padded positions' log-probs are 0, as before."""
+    from opd_exp.engines import hf_policy
+
+    seen, real = [], hf_policy.head_token_logprobs
+    monkeypatch.setattr(hf_policy, "head_token_logprobs",
+                        lambda h, *a, **kw: seen.append(h.shape[:2]) or real(h, *a, **kw))
+    r = rollouts()
+    m = r.response_mask_B_T.bool()
+    assert not m.all()  # the fixture has padding
+    logp = HFPolicy(AutoModelForCausalLM.from_pretrained(tiny_world / "student")).token_logprobs(r)
+    assert seen == [(1, int(m.sum()))]
+    assert torch.equal(logp[~m], torch.zeros(int((~m).sum()))) and (logp[m] < 0).all()
+
+
 def test_the_head_never_forms_all_positions_logits_at_once():
     """No matmul output (forward or backward) is larger than one chunk's [B, C, V] logits."""
     from torch.profiler import ProfilerActivity, profile

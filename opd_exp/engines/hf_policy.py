@@ -34,9 +34,13 @@ def token_logprobs(model: torch.nn.Module, r: Rollouts, temperature: float = 1.0
     """
     T = r.response_ids_B_T.shape[1]
     if packing or head_alone:
-        hidden = response_hidden(model, r, packing)
-        return head_token_logprobs(hidden, model.get_output_embeddings(), r.response_ids_B_T,
-                                   temperature, vocab_size) * r.response_mask_B_T
+        # the head at the response's own N positions only, as one row (not the B × T of the
+        # padded batch: at V = 151,936 the head's matmul is most of a sampled-token score)
+        hidden_B_T_H, at_B_T = response_hidden(model, r, packing), r.response_mask_B_T != 0
+        logp_1_N = head_token_logprobs(hidden_B_T_H[at_B_T][None], model.get_output_embeddings(),
+                                       r.response_ids_B_T[at_B_T][None], temperature, vocab_size)
+        logp_B_T = logp_1_N.new_zeros(at_B_T.shape).index_put((at_B_T,), logp_1_N[0])
+        return logp_B_T * r.response_mask_B_T
     logits_B_T_V = model(input_ids=r.input_ids_B_L, attention_mask=r.attention_mask_B_L,
                          position_ids=r.position_ids_B_L, logits_to_keep=T + 1,
                          use_cache=False).logits[:, :-1, :vocab_size]
