@@ -88,5 +88,6 @@ def finish(run: Run, last: dict[str, float]) -> None:
         final = run.run_dir / "final_metrics.json"
         if last or not final.exists():
             final.write_text(json.dumps(last, indent=2) + "\n")
+    run.dist.barrier()  # every rank past its last collective: shutting vLLM down may end the group
     run.close_engines()
     run.dist.close()

@@ -155,6 +155,7 @@ def test_two_ranks_vllm_rollouts_deepspeed_learner_one_command(tiny_world, tmp_p
                       f"launcher.master_port={free_port()}", "learner.zero_stage=3",
                       "trainer.steps=3", "eval.every=3", f"hydra.run.dir={tmp_path}"), tiny_world)
     assert "torch.distributed.run" in p.stdout and "--nproc_per_node=2" in p.stdout
+    assert "Invalid process group" not in p.stderr  # each rank's engine shut down, not finalized at exit
     steps = [r for r in records(tmp_path) if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3]  # rank 0 alone logs: one record per step
     for r in steps:

@@ -79,7 +79,7 @@ def test_the_policy_gives_the_whole_forwards_log_probs_and_gradients(tiny_world,
     own forward."""
     from opd_exp.methods import head_logprobs
 
-    monkeypatch.setattr(head_logprobs, "CHUNK_ELEMENTS", 6 * 500 * 7)
+    monkeypatch.setattr(head_logprobs, "CHUNK_ELEMENTS", 500 * 7)  # one row of response tokens
     r = rollouts()
     m = r.response_mask_B_T.bool()
     model = AutoModelForCausalLM.from_pretrained(tiny_world / "student", dtype=torch.float64)

@@ -1,6 +1,7 @@
 """Toy models on the real Qwen vocabularies (opd_exp/toyworld/qwen_models.py): the reduced
-vocabulary covers the task, the training loss is the real-size model's cross-entropy, the lifted
-model loads like a hub Qwen3 with the real tokenizer, and its softmax is the small model's."""
+vocabulary covers the task, the lifted small model's loss is the real-size model's cross-entropy,
+the lifted model loads like a hub Qwen3 with the real tokenizer, its softmax is the small model's,
+and the manifest's mass outside the task is the saved model's."""
 
 import json
 import math
@@ -44,9 +45,10 @@ def test_qwen36_responses_continue_the_think_block_its_template_opens(qwen_token
     assert prompt.endswith("<|im_start|>assistant\n") and response.startswith("<think>")
 
 
-def test_the_training_loss_is_the_lifted_models_cross_entropy(tiny_world):
-    """SmallVocab.loss (small logits, + log N_other on `other`) equals the real-size model's
-    next-token cross-entropy over all 151,936 rows, brute force."""
+def test_the_lifted_small_loss_is_the_real_size_models_cross_entropy(tiny_world):
+    """SmallVocab.loss (small logits, + log N_other on `other`: the loss a family trained lifted
+    minimises) equals the real-size model's next-token cross-entropy over all 151,936 rows,
+    brute force."""
     small_dir = tiny_world / "qwen3_teacher"
     _, small = SmallVocab.load(small_dir)
     tok = qwen_vocab.load("qwen3")
@@ -107,6 +109,21 @@ def test_the_manifest_states_the_mass_outside_the_tasks_tokens(tiny_world):
     assert entry["lifted_training"] is qwen_models.LIFTED_TRAINING["qwen3"] is False  # as built
     teacher36 = json.loads((tiny_world / "manifest.json").read_text())["models"]["qwen36_teacher"]
     assert teacher36["lifted_training"] is True
+
+
+@pytest.mark.parametrize("name", ["qwen3_student", "qwen36_teacher"])  # trained plain / lifted
+def test_the_manifests_mass_outside_the_task_is_the_saved_models_at_the_lifted_logit(tiny_world, name):
+    """Recomputed from the saved folder (its real_ids.json: the lifted vocabulary) on the
+    benchmarks' answers: a family trained plain must be measured, and fitted, at + log N_other,
+    not at the offset it trained with (0: the mass would be understated by a factor ≈ N_other)."""
+    entry = json.loads((tiny_world / "manifest.json").read_text())["models"][name]
+    vocab, small = SmallVocab.load(tiny_world / name)
+    assert small.lifted and small.offset > 11
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / name).eval()
+    bench = [p for ps in benchmark_problems(0).values() for p in ps]
+    got = qwen_models.other_mass(model, small, qwen_vocab.load(vocab), bench)
+    assert got["other_mass_max"] == pytest.approx(entry["other_mass_max"], rel=1e-4)
+    assert got["other_mass_mean"] == pytest.approx(entry["other_mass_mean"], rel=1e-4)
 
 
 def test_a_family_trained_unlifted_has_no_offset_until_the_row_is_fitted():

@@ -47,7 +47,7 @@ class Dist:
         engines' references to them collected while the interpreter is alive (gloo's worker
         threads torn down at interpreter exit abort the process: "terminate called without an
         active exception", seen here ~1 in 30 two-rank runs)."""
-        if tdist.is_initialized():  # a one-rank group too (DeepSpeed in a plain process)
+        if tdist.is_initialized():  # a one-rank group too; gone already where vLLM's shutdown ended it
             if self.world_size > 1:
                 tdist.barrier()
             tdist.destroy_process_group()

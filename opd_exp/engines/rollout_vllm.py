@@ -180,11 +180,13 @@ _STARTED: list[weakref.ref] = []  # the engines start_engine made in this proces
 
 def shutdown_engines() -> int:
     """Shut down, newest first, every in-process engine `start_engine` made that is still alive
-    (vLLM's `EngineCoreClient.shutdown`), before the run's own process group goes: each engine
+    (vLLM's `EngineCoreClient.shutdown`), at the end of a run (finished or failed). Each engine
     would otherwise tear down vLLM's distributed state from a weakref finalizer at interpreter
-    exit, after `Dist.close` destroyed the default group under it (`ValueError: Invalid process
-    group specified`), and in a sweep the finished run's engines would keep their memory while the
-    next run starts its own. Returns how many were shut down."""
+    exit, after `Dist.close` / `restore_env` destroyed the default group under it (`ValueError:
+    Invalid process group specified`), and in a sweep the finished run's engines would keep their
+    memory while the next run starts its own. The shutdown itself destroys vLLM's groups and the
+    default group, which vLLM joined where one existed (torchrun's, DeepSpeed's group of one): no
+    collective may follow it. Returns how many were shut down."""
     done = 0
     while _STARTED:
         llm = _STARTED.pop()()

@@ -67,8 +67,9 @@ class Run:
     teachers: Teachers | None = None  # pair.teachers: multi-teacher OPD, prompts routed by tag
 
     def close_engines(self) -> None:
-        """The background sampler's thread, then this process's vLLM engines (newest first), before
-        the process group goes (`Dist.close`): rollout_vllm.shutdown_engines."""
+        """The background sampler's thread, then this process's vLLM engines, newest first
+        (rollout_vllm.shutdown_engines; vLLM's shutdown destroys the default process group it
+        joined, so every rank must be past its last collective first: `finish`)."""
         if isinstance(self.rollout, AheadSampler):
             self.rollout.close()
         engines = sys.modules.get("opd_exp.engines.rollout_vllm")  # imported where one started

@@ -183,7 +183,7 @@ def pretrain(spec: ModelSpec, tokenizer, seed: int, exclude: frozenset[str],
     """Supervised pre-training on responses in `style` (and `mix`, see `renderer`), or as
     `render(problem) -> (prompt, response)` writes them; `on_step(step, model)` is called after
     every step if given. `small` (a SmallVocab): train on its reduced vocabulary, its `other`
-    class's logit + log N_other (lift.py)."""
+    class's logit + `small.offset` (log N_other where `small.lifted`; lift.py)."""
     render = render or renderer(style, tokenizer, seed, mix)
     torch.manual_seed(seed)
     model = make_model(spec, tokenizer, small)
