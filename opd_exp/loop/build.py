@@ -7,7 +7,6 @@ config groups it uses.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -36,7 +35,7 @@ from opd_exp.methods import make_objective
 from opd_exp.methods.masking import SpecialTokenMask
 from opd_exp.recipes.cold_start import TeacherTraces
 from opd_exp.recipes.prompt_selection import overlaps, pass_rates, select_prompts
-from opd_exp.runtime import checkpoint
+from opd_exp.runtime import checkpoint, distributed
 from opd_exp.runtime.loggers import make_logger, read_records
 from opd_exp.runtime.score_cache import CachedTeacher, teacher_identity
 
@@ -72,9 +71,7 @@ class Run:
         joined, so every rank must be past its last collective first: `finish`)."""
         if isinstance(self.rollout, AheadSampler):
             self.rollout.close()
-        engines = sys.modules.get("opd_exp.engines.rollout_vllm")  # imported where one started
-        if engines is not None:
-            engines.shutdown_engines()
+        distributed.shutdown_vllm_engines()
 
 
 def open_run_dir(cfg: DictConfig, run_dir: Path, dist: Dist,

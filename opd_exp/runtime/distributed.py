@@ -64,14 +64,20 @@ _ADDED_ENV: list[str] = []  # rank variables `init` set for a group of one
 _OWN_GROUP: list[bool] = []  # `init` made the one-rank group
 
 
+def shutdown_vllm_engines() -> None:
+    """This process's in-process vLLM engines, newest first (rollout_vllm.shutdown_engines; that
+    module is imported wherever one started)."""
+    engines = sys.modules.get("opd_exp.engines.rollout_vllm")
+    if engines is not None:
+        engines.shutdown_engines()
+
+
 def restore_env() -> None:
     """After a run (finished or failed): the one-rank group `init` made is gone (a failed run
     never reached `Dist.close`) and so are the rank variables it set, so a later job in this
     process (a sweep's next run) starts as a plain process again. A failed run's vLLM engines are
     shut down first (rollout_vllm.shutdown_engines), while the group they joined still exists."""
-    engines = sys.modules.get("opd_exp.engines.rollout_vllm")  # imported where one started
-    if engines is not None:
-        engines.shutdown_engines()
+    shutdown_vllm_engines()
     if _OWN_GROUP and tdist.is_initialized():
         tdist.destroy_process_group()
         gc.collect()
