@@ -136,6 +136,45 @@ def test_full_vocab_equals_unchunked_reference_and_is_chunk_invariant(tiny_world
         assert torch.allclose(grad, ref_grad, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+def test_a_teacher_support_short_of_the_vocabulary_is_the_divergence_on_that_support(kind, beta):
+    """Across tokenizers the teacher's log q̃ is −inf on the student tokens no teacher token maps
+    to (methods/xtok.py mapped_logq): the divergence is over the support, p and q renormalised
+    on it (a float64 reference on the support's columns), fused (reverse KL's closed form) and
+    unfused alike; the student rows outside get exactly no gradient."""
+    g = torch.Generator().manual_seed(5)
+    H, V, B, T = 6, 13, 2, 5
+    head_s, head_t = (torch.nn.Linear(H, V, bias=False).double() for _ in range(2))
+    with torch.no_grad():
+        for head in (head_s, head_t):
+            head.weight.copy_(torch.randn(V, H, generator=g, dtype=torch.float64))
+    out = torch.zeros(V, dtype=torch.bool)
+    out[[2, 5, 11]] = True
+
+    class Partial(torch.nn.Module):  # the teacher's log-probs, −inf outside its support
+        def forward(self, h):
+            return head_t(h).log_softmax(-1).masked_fill(out, -torch.inf)
+
+    h_s = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    h_t = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.float64)
+    hs = h_s.clone().requires_grad_()
+    ls, lt = head_s(hs)[..., ~out].log_softmax(-1), head_t(h_t)[..., ~out].log_softmax(-1)
+    ref = (divergence(ls, lt.detach(), kind, beta) * mask).sum()
+    ref_gh, ref_gw = torch.autograd.grad(ref, (hs, head_s.weight))
+    obj = FullVocabOPD(_cfg(divergence=kind, beta=beta, chunk_size=2).objective, None, 1.0)
+    hs = h_s.clone().requires_grad_()
+    head_s.weight.grad = None
+    loss = obj.summed(head_s, Partial(), hs, h_t, mask, V)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-10
+    assert torch.allclose(hs.grad, ref_gh, atol=1e-10)
+    assert torch.allclose(head_s.weight.grad, ref_gw, atol=1e-10)
+    assert (head_s.weight.grad[out] == 0).all()
+    with torch.no_grad():  # the same divergence outside autograd (evaluation, the probe)
+        assert abs(obj.summed(head_s, Partial(), h_s, h_t, mask, V).item() - ref.item()) < 1e-10
+
+
 # ---- top-K local support matching -------------------------------------------------------------
 
 def test_topk_with_k_equal_v_is_full_vocab(tiny_world):

@@ -151,7 +151,7 @@ def test_cross_tokenizer_experiments_pass_the_start_up_checks(name):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("objective=topk_only_stu", "objective.support"), ("objective=full_vocab", "objective.name"),
+    ("objective=topk_only_stu", "objective.support"),
     ("pair.teacher_prompt=student", "pair.teacher_prompt"), ("diag.every=5", "diag.every"),
     ("+pair.teachers={long:{path:'toy:teacher_long'}}", "pair.teachers"),
     ("prompts.score=pass_rate", "prompts.score"), ("schedule=cold_start", "schedule.name"),

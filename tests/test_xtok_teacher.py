@@ -230,16 +230,64 @@ def test_topk_same_tokenizer_reduction_and_mass_across(use_tiny_world, qwen_pair
     assert (s.topk_idx_B_T_K[first] < len(s_tok)).all()
 
 
+def test_full_vocab_same_tokenizer_reduction_and_the_mapped_distribution_across(use_tiny_world, qwen_pair):
+    """The full vocabulary through the cross-tokenizer path: the same tokenizer gives today's loss
+    for every divergence (≤ 1e-6); across Qwen3 / Qwen3.6 the teacher's distribution at each
+    chunk's first token is its softmax carried onto the student's ids by the byte-prefix map
+    (against a plain sum of probabilities), the loss and gradient are finite, and only the chunks'
+    first tokens are trained."""
+    from opd_exp.engines.hf_policy import HFPolicy
+    from opd_exp.methods.full_vocab import FullVocabOPD
+    from opd_exp.methods.xtok import first_of_chunk
+    tok = load_tokenizer(_cfg("toy:qwen3_student"), "pair.student")
+    inner = HFTeacher(load_model(_cfg("toy:qwen3_teacher"), "pair.teacher"), 4, 8, len(tok))
+    student = HFPolicy(load_model(_cfg("toy:qwen3_student"), "pair.student"), vocab_size=len(tok))
+    r = _rollouts(tok, 3, 2)
+    direct, chunked = inner.score(r, "hidden"), XTokTeacher(inner, tok, tok, {tok.eos_token_id}).score(r, "hidden")
+    assert chunked.metrics["xtok/residual_mass"] < 1e-6
+    n = r.response_mask_B_T.sum()
+    for kind in ("reverse_kl", "forward_kl", "jsd"):
+        cfg = schema_cfg({"objective": {"name": "full_vocab", "divergence": kind}}).objective
+        a, b = (FullVocabOPD(cfg, None, 1.0).loss(student, StepBatch(r, s), n)[0].item() for s in (direct, chunked))
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), kind
+
+    s_tok, t_tok, teacher = qwen_pair
+    inner = HFTeacher(teacher, 4, 8, len(t_tok))
+    xtok = XTokTeacher(inner, s_tok, t_tok, {s_tok.eos_token_id})
+    r_student = _rollouts(s_tok, 3, 3)
+    rng = random.Random(3)  # the teacher reads the same responses after its own prompts
+    r = r_student.with_prompts([t_tok(render(t_tok, task.make_problem(rng, rng.choice(task.LEVELS)))[0],
+                                      add_special_tokens=False).input_ids for _ in range(3)], s_tok.pad_token_id)
+    s = xtok.score(r, "hidden")
+    assert 0 < s.metrics["xtok/mapped_mass"] <= 1 and s.metrics["xtok/residual_mass"] >= 0
+    at = first_of_chunk(s.chunk_B_T)
+    assert at.any() and not at[:, 0].any()  # the template's <think>: no chunk
+    h_N_H = s.hidden_B_T_H[at]
+    logq_t = inner.view.lm_head(h_N_H)[..., :len(t_tok)].double().log_softmax(-1)
+    keep = xtok.to_student >= 0
+    ref = torch.zeros(len(h_N_H), len(s_tok), dtype=torch.float64).index_add_(
+        1, xtok.to_student[keep], logq_t[:, keep].exp())
+    got = s.lm_head(h_N_H).double()
+    assert torch.allclose(got.exp(), ref, atol=1e-6)
+    assert torch.equal(torch.isneginf(got), ref == 0)
+    cfg = schema_cfg({"objective": {"name": "full_vocab"}}).objective
+    loss, _ = FullVocabOPD(cfg, None, 1.0).loss(student, StepBatch(r_student, s), r.response_mask_B_T.sum())
+    loss.backward()
+    grads = [p.grad for p in student.model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and loss.item() > 0 and all(torch.isfinite(x).all() for x in grads)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["lsm", "uld_hybrid"])
-def test_topk_across_tokenizers_trains(use_tiny_world, tmp_path, loss):
+@pytest.mark.parametrize("arm", [["objective=topk", "objective.k=8", "xtok.loss=lsm"],
+                                 ["objective=topk", "objective.k=8", "xtok.loss=uld_hybrid"],
+                                 ["objective=full_vocab", "teacher=hf"]])
+def test_distributions_across_tokenizers_train(use_tiny_world, tmp_path, arm):
     from .conftest import TINY_RUN, compose
     from .test_train_e2e import TINY_PAIRS, two_finite_steps
     cfg = compose(["+experiment=cross_tokenizer_toy", *TINY_RUN, *TINY_PAIRS["cross_tokenizer_toy"],
-                   "objective=topk", "objective.k=8", f"xtok.loss={loss}", "trainer.steps=2",
-                   "eval.every=0"])
+                   *arm, "trainer.steps=2", "eval.every=0"])
     for r in two_finite_steps(cfg, tmp_path):
-        assert r["xtok/mapped_mass"] > 0 and r["train/support_size"] > 0
+        assert r["xtok/mapped_mass"] > 0 and r.get("train/support_size", 1) > 0
 
 
 def test_probe_reports_the_vocabularies_and_the_alignment(use_tiny_world, tmp_path):

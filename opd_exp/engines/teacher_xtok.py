@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from opd_exp.core.protocols import Teacher
-from opd_exp.core.types import Rollouts, TeacherScores, left_pad
+from opd_exp.core.types import Rollouts, TeacherScores, left_pad, upcast
 from opd_exp.engines.token_bytes import token_bytes
 from opd_exp.methods.xtok import (Chunk, align, at_last, chunk_index, chunk_sums, exact_map, map_topk,
-                                  prefix_map)
+                                  mapped_logq, prefix_map)
 
 
 def valid_utf8_prefix(data: bytes) -> str:
@@ -26,6 +26,27 @@ def valid_utf8_prefix(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         return data[:e.start].decode("utf-8")
+
+
+class MappedHead(torch.nn.Module):
+    """The teacher's LM head followed by its softmax over its tokens and the byte-prefix map onto
+    the student's: h → log q̃ [..., V_student] (methods/xtok.py `mapped_logq`; −inf where no
+    teacher token maps). What a full-vocabulary objective reads as the teacher's logits across
+    tokenizers; the residual (teacher tokens with no student prefix) is left out."""
+
+    def __init__(self, head: torch.nn.Module, to_student: torch.Tensor, student_vocab: int):
+        super().__init__()
+        self.head, self.teacher_vocab, self.student_vocab = head, len(to_student), student_vocab
+        src = (to_student >= 0).nonzero()[:, 0]
+        self.register_buffer("src", src, persistent=False)
+        self.register_buffer("dest", to_student[src], persistent=False)
+
+    def teacher_logq(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(upcast(self.head(h)[..., :self.teacher_vocab]), -1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dev = h.device
+        return mapped_logq(self.teacher_logq(h), self.src.to(dev), self.dest.to(dev), self.student_vocab)
 
 
 class XTokTeacher:
@@ -117,9 +138,9 @@ class XTokTeacher:
         top-K at each chunk's first token, on the student's ids (methods/xtok.py map_topk)."""
         if needs == "none":
             return TeacherScores()
-        if needs not in ("sampled", "topk"):
-            raise ValueError(f"a teacher with another tokenizer scores chunk log-probs ('sampled') "
-                             f"or its top-K ('topk'), not {needs!r}")
+        if needs not in ("sampled", "topk", "hidden"):
+            raise ValueError(f"a teacher with another tokenizer scores chunk log-probs ('sampled'), "
+                             f"its top-K ('topk') or its hidden states ('hidden'), not {needs!r}")
         B, T = rollouts.response_ids_B_T.shape
         prompts = [[i for i, m in zip(p, pm) if m] for p, pm in
                    zip(rollouts.prompt_ids_B_P.tolist(), rollouts.prompt_mask_B_P.tolist())]
@@ -142,6 +163,8 @@ class XTokTeacher:
         dev = rollouts.response_ids_B_T.device
         t_roll = Rollouts(p_ids.to(dev), p_mask.to(dev), t_resp.to(dev), t_mask.to(dev), rollouts.group_B)
         metrics = {**self.metrics(chunks, lengths), "xtok/cut_rows": float(cut)}
+        if needs == "hidden":
+            return self._hidden(self.inner.score(t_roll, "hidden"), chunks, T, dev, metrics)
         if needs == "topk":
             return self._topk(self.inner.score(t_roll, "topk", k), chunks, B, T, dev, metrics)
         logq_B_U = self.inner.score(t_roll, "sampled").logp_B_T.to(dev) * t_mask.to(dev)
@@ -153,6 +176,31 @@ class XTokTeacher:
             logq_B_C = torch.nn.functional.pad(logq_B_C, (0, C - logq_B_C.shape[1]))
         return TeacherScores(logp_B_T=at_last(logq_B_C, s_chunk), chunk_B_T=s_chunk,
                              credit=self.credit, metrics=metrics)
+
+    def _hidden(self, t: TeacherScores, chunks: list[list[Chunk]], T: int, dev, metrics: dict,
+                rows: int = 256) -> TeacherScores:
+        """The teacher's final hidden state at each chunk's first teacher token, put at the chunk's
+        first student token, with a head that maps its softmax onto the student's ids
+        (`MappedHead`); the objective trains those positions only (`chunk_B_T`). Mapped and
+        residual mass measured here, `rows` positions at a time."""
+        B = len(chunks)
+        hidden = t.hidden_B_T_H.new_zeros((B, T, t.hidden_B_T_H.shape[-1]))
+        b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
+        s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
+        t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
+        head = MappedHead(t.lm_head, self.to_student, len(self.s_bytes))
+        metrics["xtok/mapped_mass"] = metrics["xtok/residual_mass"] = float("nan")
+        if len(b_N):
+            h_N_H = t.hidden_B_T_H[b_N.to(t.hidden_B_T_H.device), t_N.to(t.hidden_B_T_H.device)]
+            hidden[b_N.to(hidden.device), s_N.to(hidden.device)] = h_N_H
+            lost = (self.to_student < 0).nonzero()[:, 0].to(h_N_H.device)  # the residual's tokens
+            residual = torch.cat([head.teacher_logq(h_N_H[i:i + rows]).index_select(-1, lost).exp().sum(-1)
+                                  for i in range(0, len(b_N), rows)])
+            metrics["xtok/mapped_mass"] = float(1 - residual.mean())
+            metrics["xtok/residual_mass"] = float(residual.mean())
+        s_chunk = torch.stack([chunk_index(c, T) for c in chunks])
+        return TeacherScores(hidden_B_T_H=hidden.to(dev), lm_head=head, chunk_B_T=s_chunk.to(dev),
+                             metrics=metrics)
 
     def _topk(self, t: TeacherScores, chunks: list[list[Chunk]], B: int, T: int, dev,
               metrics: dict) -> TeacherScores:

@@ -93,10 +93,6 @@ def check_cross_tokenizer(cfg: DictConfig) -> None:
     if cfg.objective.name == "topk" and needs != "topk":
         refuse("objective.support", "the teacher's top-K carried onto the student's ids: "
                "objective.support=teacher")
-    if needs not in ("sampled", "topk", "none"):
-        refuse("objective.name", "it supports the sampled-token objective (every reward) and "
-               "top-K with the teacher's support today; or objective.mask_unshared=true trains "
-               "only on the ids both vocabularies share")
     if cfg.xtok.loss != "lsm" and cfg.objective.name != "topk":
         refuse("xtok.loss", "the ULD ablations compare distributions: objective=topk")
     if cfg.pair.teacher_prompt != "own":

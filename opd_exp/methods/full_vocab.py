@@ -12,25 +12,44 @@ from opd_exp.core.protocols import PolicyView
 from opd_exp.core.types import StepBatch
 from opd_exp.methods.common import upcast
 from opd_exp.methods.head_logprobs import chunk_positions
+from opd_exp.methods.xtok import first_of_chunk
 
 
 def divergence(logp_N_V: torch.Tensor, logq_N_V: torch.Tensor, kind: str,
-               beta: float = 0.5) -> torch.Tensor:
+               beta: float = 0.5, keep_N_V: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position divergence between student p and teacher q over the vocabulary: [N].
 
     reverse_kl = Σ_v p (log p − log q);  forward_kl = Σ_v q (log q − log p);
     jsd(β) = β KL(q ‖ m) + (1 − β) KL(p ‖ m), m = (1 − β) p + β q  (TRL's generalised JSD:
     β = 0 is forward KL, β = 1 reverse KL).
+    `keep_N_V` (bool): the support, where both p and q live (`on_support`); the terms of the
+    other entries are 0 (their −inf log-probs never meet a product).
     """
+    w = None
+    if keep_N_V is not None:
+        logp_N_V, logq_N_V = logp_N_V.masked_fill(~keep_N_V, 0.0), logq_N_V.masked_fill(~keep_N_V, 0.0)
+        w = keep_N_V.to(logp_N_V.dtype)
+    on = (lambda x: x) if w is None else (lambda x: x * w)  # noqa: E731
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     if kind == "reverse_kl":
-        return (logp_N_V.exp() * (logp_N_V - logq_N_V)).sum(-1)
+        return on(logp_N_V.exp() * (logp_N_V - logq_N_V)).sum(-1)
     if kind == "forward_kl":
-        return (logq_N_V.exp() * (logq_N_V - logp_N_V)).sum(-1)
+        return on(logq_N_V.exp() * (logq_N_V - logp_N_V)).sum(-1)
     logm = torch.logsumexp(torch.stack([logp_N_V + math.log(1 - beta), logq_N_V + math.log(beta)]), 0)
-    return (beta * (logq_N_V.exp() * (logq_N_V - logm)).sum(-1)
-            + (1 - beta) * (logp_N_V.exp() * (logp_N_V - logm)).sum(-1))
+    return on(beta * logq_N_V.exp() * (logq_N_V - logm)
+              + (1 - beta) * logp_N_V.exp() * (logp_N_V - logm)).sum(-1)
+
+
+def on_support(logits_N_V: torch.Tensor, logq_N_V: torch.Tensor):
+    """The support of a teacher whose log q is −inf on some tokens (across tokenizers: a student
+    token that no teacher token maps to, methods/xtok.py `mapped_logq`): there the student's
+    logit is set to −inf too, so p is renormalised over the support, as q is, and no gradient
+    reaches the other tokens. Returns (logits, keep or None where q is finite everywhere)."""
+    out = torch.isneginf(logq_N_V)
+    if not out.any():
+        return logits_N_V, None
+    return logits_N_V.masked_fill(out, -torch.inf), ~out
 
 
 def chunked(fn, chunk: int, T: int, *tensors_B_T) -> torch.Tensor:
@@ -61,8 +80,12 @@ class FullVocabOPD:
         return batch, {}
 
     def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
-        loss = self.summed(policy.lm_head, mb.teacher.lm_head, policy.response_hidden(mb.rollouts),
-                           mb.teacher.hidden_B_T_H, mb.mask_B_T, policy.vocab_size) / n_tokens
+        t, mask_B_T = mb.teacher, mb.mask_B_T
+        if t.chunk_B_T is not None:  # across tokenizers: the teacher's distribution (its head maps
+            mask_B_T = mask_B_T * first_of_chunk(t.chunk_B_T)  # it onto the student's ids) is at
+            # each chunk's first token only (engines/teacher_xtok.py)
+        loss = self.summed(policy.lm_head, t.lm_head, policy.response_hidden(mb.rollouts),
+                           t.hidden_B_T_H, mask_B_T, policy.vocab_size) / n_tokens
         return loss, {"loss": loss.item()}
 
     def summed(self, head_s, head_t, h_s_B_T_H, h_t_B_T_H, mask_B_T,
@@ -73,10 +96,11 @@ class FullVocabOPD:
             return log_softmax_(upcast(head_t(h_t_C)[..., :vocab]))
 
         def chunk_loss(logits_s, h_t_C, mask_C):  # logits_s: the student's [B, C, V] logits
-            logp = torch.log_softmax(upcast(logits_s) / self.temperature, -1)
             with torch.no_grad():
                 logq = teacher_logq(h_t_C)
-            return (divergence(logp, logq, self.kind, self.beta) * mask_C).sum()
+            logits_s, keep = on_support(upcast(logits_s) / self.temperature, logq)
+            logp = torch.log_softmax(logits_s, -1)
+            return (divergence(logp, logq, self.kind, self.beta, keep) * mask_C).sum()
 
         chunk = chunk_positions(h_s_B_T_H.shape[0], vocab or getattr(head_s, "out_features", 0), self.chunk)
         if plain_linear(head_s) and torch.is_grad_enabled():
@@ -133,9 +157,15 @@ def reverse_kl_and_grad(z_B_C_V: torch.Tensor, logq_B_C_V: torch.Tensor, mask_B_
     w.r.t. the student's logits z, in closed form:
         ∂/∂z_v = (m_t / T) · p_v · (log p_v − log q_v − KL(p_t ‖ q_t)).
     Works in place on `z` and `logq` (both consumed): no [B, C, V] buffer besides them, no
-    autograd graph."""
-    logp = log_softmax_(upcast(z_B_C_V).div_(temperature))
+    autograd graph. Where log q is −inf (outside the teacher's support: `on_support`) p is 0 and
+    so are the terms and the gradient."""
+    out = torch.isneginf(logq_B_C_V)
+    out = out if out.any() else None
+    z = upcast(z_B_C_V).div_(temperature)
+    logp = log_softmax_(z if out is None else z.masked_fill_(out, -torch.inf))
     diff = logq_B_C_V.neg_().add_(logp)  # log p − log q, in the teacher's buffer
+    if out is not None:
+        diff.masked_fill_(out, 0.0)  # (−inf) − (−inf)
     p = logp.exp_()
     kl_B_C = (p[..., None, :] @ diff[..., :, None])[..., 0, 0]  # Σ_v p (log p − log q), no [C, V] product
     g = diff.sub_(kl_B_C[..., None]).mul_(p).mul_((mask_B_C / temperature)[..., None])

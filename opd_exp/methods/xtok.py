@@ -88,6 +88,13 @@ def last_of_chunk(chunk_B_T: torch.Tensor) -> torch.Tensor:
     return (chunk_B_T >= 0) & (nxt != chunk_B_T)
 
 
+def first_of_chunk(chunk_B_T: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the first student token of each chunk (where both models predict the next
+    bytes after the same byte prefix)."""
+    prev = torch.cat([torch.full_like(chunk_B_T[:, :1], -1), chunk_B_T[:, :-1]], 1)
+    return (chunk_B_T >= 0) & (prev != chunk_B_T)
+
+
 def at_last(x_B_C: torch.Tensor, chunk_B_T: torch.Tensor) -> torch.Tensor:
     """[B, T]: each chunk's value on its last student token, 0 elsewhere."""
     return torch.where(last_of_chunk(chunk_B_T), x_B_C.gather(1, chunk_B_T.clamp(min=0)),
@@ -167,6 +174,22 @@ def exact_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.T
     """[V_teacher] long: the student token with exactly the teacher token's bytes (−1: none)."""
     first = _first_ids(student_bytes)
     return torch.tensor([first.get(b, -1) if b else -1 for b in teacher_bytes], dtype=torch.long)
+
+
+def mapped_logq(logq_N_Vt: torch.Tensor, src: torch.Tensor, dest: torch.Tensor,
+                student_vocab: int) -> torch.Tensor:
+    """The teacher's whole distribution carried onto the student's vocabulary by the byte-prefix
+    map (teacher ids `src` → student ids `dest`, the mapped entries of `prefix_map`):
+    log q̃(v) = log Σ_{z→v} q(z), a log-sum-exp per student id (the largest term factored out:
+    a student id with one teacher token gets that token's log-prob exactly), −inf where no teacher
+    token maps (outside the teacher's support). [..., V_t] → [..., V_s]; the residual's mass
+    (unmapped teacher tokens) is left out, so Σ_v q̃(v) = 1 − residual."""
+    vals = logq_N_Vt.index_select(-1, src)
+    top = torch.full((*vals.shape[:-1], student_vocab), -torch.inf, dtype=vals.dtype, device=vals.device)
+    top.scatter_reduce_(-1, dest.expand_as(vals), vals, "amax")  # an expanded view: no [N, V_t] index
+    shift = top.index_select(-1, dest)
+    mass = torch.zeros_like(top).index_add_(-1, dest, vals.sub_(shift).exp_())
+    return mass.log_().add_(top)
 
 
 def map_topk(logq_N_K: torch.Tensor, idx_N_K: torch.Tensor, to_student: torch.Tensor,
