@@ -175,6 +175,15 @@ def test_prefix_map_matches_an_enumeration_on_a_small_pair():
     assert got == [3, 2, 1, 5, -1, -1, -1, 3]
 
 
+def test_special_tokens_map_by_exact_bytes_only():
+    """A teacher special token the student lacks is residual (not the text token `<|`); one the
+    student has maps to it; no teacher text token lands on a student special token."""
+    student = [b"<|", b"<", b"<|im_end|>", b"<think>", b"a"]
+    teacher = [b"<|im_end|>", b"<|endoftext|>", b"<think>x", b"<|a", b"<think>"]
+    assert prefix_map(student, teacher).tolist() == [2, 0, 3, 0, 3]  # bytes alone
+    assert prefix_map(student, teacher, {2, 3}, {0, 1, 4}).tolist() == [2, -1, 1, 0, 3]
+
+
 def test_prefix_map_on_qwen36_to_qwen3(tables):
     to_s = prefix_map(tables["qwen3"], tables["qwen36"])
     assert (to_s >= 0).float().mean() > 0.99  # byte-level: every byte is a student token

@@ -258,10 +258,25 @@ def test_full_vocab_same_tokenizer_reduction_and_the_mapped_distribution_across(
     rng = random.Random(3)  # the teacher reads the same responses after its own prompts
     r = r_student.with_prompts([t_tok(render(t_tok, task.make_problem(rng, rng.choice(task.LEVELS)))[0],
                                       add_special_tokens=False).input_ids for _ in range(3)], s_tok.pad_token_id)
+    seen = {}
+    score = inner.score
+
+    def spy(rollouts, needs, k=0):  # the teacher's own hidden states, on its own tokens
+        out = score(rollouts, needs, k)
+        seen["h"] = out.hidden_B_T_H
+        return out
+
+    inner.score = spy
     s = xtok.score(r, "hidden")
     assert 0 < s.metrics["xtok/mapped_mass"] <= 1 and s.metrics["xtok/residual_mass"] >= 0
     at = first_of_chunk(s.chunk_B_T)
     assert at.any() and not at[:, 0].any()  # the template's <think>: no chunk
+    for b in range(r.size):  # each chunk's first student token holds its first teacher token's state
+        ids = r.response_ids_B_T[b][r.response_mask_B_T[b] > 0].tolist()
+        prompt = r.prompt_ids_B_P[b][r.prompt_mask_B_P[b] > 0].tolist()
+        for c in xtok.align_row(prompt, ids)[1]:
+            assert torch.equal(s.hidden_B_T_H[b, c.s0], seen["h"][b, c.t0])
+    assert (s.hidden_B_T_H[~at] == 0).all()
     h_N_H = s.hidden_B_T_H[at]
     logq_t = inner.view.lm_head(h_N_H)[..., :len(t_tok)].double().log_softmax(-1)
     keep = xtok.to_student >= 0
@@ -271,7 +286,12 @@ def test_full_vocab_same_tokenizer_reduction_and_the_mapped_distribution_across(
     assert torch.allclose(got.exp(), ref, atol=1e-6)
     assert torch.equal(torch.isneginf(got), ref == 0)
     cfg = schema_cfg({"objective": {"name": "full_vocab"}}).objective
-    loss, _ = FullVocabOPD(cfg, None, 1.0).loss(student, StepBatch(r_student, s), r.response_mask_B_T.sum())
+    obj, n = FullVocabOPD(cfg, None, 1.0), r.response_mask_B_T.sum()
+    loss, _ = obj.loss(student, StepBatch(r_student, s), n)
+    with torch.no_grad():  # only the chunks' first tokens are trained
+        firsts = obj.summed(student.lm_head, s.lm_head, student.response_hidden(r_student), s.hidden_B_T_H,
+                            r.response_mask_B_T * at, student.vocab_size) / n
+    assert loss.item() == pytest.approx(firsts.item(), rel=1e-6)
     loss.backward()
     grads = [p.grad for p in student.model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and loss.item() > 0 and all(torch.isfinite(x).all() for x in grads)

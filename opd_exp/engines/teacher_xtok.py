@@ -17,6 +17,7 @@ import torch
 from opd_exp.core.protocols import Teacher
 from opd_exp.core.types import Rollouts, TeacherScores, left_pad, upcast
 from opd_exp.engines.token_bytes import token_bytes
+from opd_exp.methods.full_vocab import log_softmax_
 from opd_exp.methods.xtok import (Chunk, align, at_last, chunk_index, chunk_sums, exact_map, map_topk,
                                   mapped_logq, prefix_map)
 
@@ -40,13 +41,13 @@ class MappedHead(torch.nn.Module):
         src = (to_student >= 0).nonzero()[:, 0]
         self.register_buffer("src", src, persistent=False)
         self.register_buffer("dest", to_student[src], persistent=False)
+        self.register_buffer("lost", (to_student < 0).nonzero()[:, 0], persistent=False)  # the residual
 
     def teacher_logq(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(upcast(self.head(h)[..., :self.teacher_vocab]), -1)
+        return log_softmax_(upcast(self.head(h)[..., :self.teacher_vocab]))  # fresh: in place
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        dev = h.device
-        return mapped_logq(self.teacher_logq(h), self.src.to(dev), self.dest.to(dev), self.student_vocab)
+        return mapped_logq(self.teacher_logq(h), self.src, self.dest, self.student_vocab)
 
 
 class XTokTeacher:
@@ -62,7 +63,11 @@ class XTokTeacher:
         self.t_special = set(teacher_tok.added_tokens_decoder)
         self.stop_ids = set(student_stop_ids)
         self.t_eos, self.t_pad = teacher_tok.eos_token_id, teacher_tok.pad_token_id
-        self.to_student = prefix_map(self.s_bytes, self.t_bytes)  # top-K: teacher id → student id
+        self.to_student = prefix_map(self.s_bytes, self.t_bytes, set(student_tok.added_tokens_decoder),
+                                     self.t_special)  # distributions: teacher id → student id
+        s_eos = student_tok.eos_token_id
+        if self.t_eos is not None and s_eos in self.stop_ids:  # the end chunk pairs them (align_row)
+            self.to_student[self.t_eos] = s_eos
         self.exact = exact_map(self.s_bytes, self.t_bytes)  # xtok.loss=uld_hybrid's matched entries
 
     def _length(self, ids: list[int], mask: list[float]) -> int:
@@ -188,13 +193,12 @@ class XTokTeacher:
         b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
         s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
         t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
-        head = MappedHead(t.lm_head, self.to_student, len(self.s_bytes))
+        head = MappedHead(t.lm_head, self.to_student, len(self.s_bytes)).to(t.hidden_B_T_H.device)
         metrics["xtok/mapped_mass"] = metrics["xtok/residual_mass"] = float("nan")
         if len(b_N):
             h_N_H = t.hidden_B_T_H[b_N.to(t.hidden_B_T_H.device), t_N.to(t.hidden_B_T_H.device)]
             hidden[b_N.to(hidden.device), s_N.to(hidden.device)] = h_N_H
-            lost = (self.to_student < 0).nonzero()[:, 0].to(h_N_H.device)  # the residual's tokens
-            residual = torch.cat([head.teacher_logq(h_N_H[i:i + rows]).index_select(-1, lost).exp().sum(-1)
+            residual = torch.cat([head.teacher_logq(h_N_H[i:i + rows]).index_select(-1, head.lost).exp().sum(-1)
                                   for i in range(0, len(b_N), rows)])
             metrics["xtok/mapped_mass"] = float(1 - residual.mean())
             metrics["xtok/residual_mass"] = float(residual.mean())

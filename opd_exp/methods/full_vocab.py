@@ -102,7 +102,9 @@ class FullVocabOPD:
             logp = torch.log_softmax(logits_s, -1)
             return (divergence(logp, logq, self.kind, self.beta, keep) * mask_C).sum()
 
-        chunk = chunk_positions(h_s_B_T_H.shape[0], vocab or getattr(head_s, "out_features", 0), self.chunk)
+        width = vocab or getattr(head_s, "out_features", 0)  # a teacher head that maps another
+        width += 2 * getattr(head_t, "teacher_vocab", 0)  # vocabulary holds about two [C, V_t] more
+        chunk = chunk_positions(h_s_B_T_H.shape[0], width, self.chunk)
         if plain_linear(head_s) and torch.is_grad_enabled():
             fn = (with_autograd(chunk_loss) if self.kind != "reverse_kl" else
                   lambda z, h_t_C, m_C: reverse_kl_and_grad(z, teacher_logq(h_t_C), m_C, self.temperature))

@@ -156,12 +156,20 @@ def _first_ids(student_bytes: list[bytes]) -> dict[bytes, int]:
     return first
 
 
-def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> torch.Tensor:
-    """[V_teacher] long: the student token each teacher token's mass goes to (−1: residual)."""
-    first = _first_ids(student_bytes)
+def prefix_map(student_bytes: list[bytes], teacher_bytes: list[bytes],
+               student_special: set[int] = frozenset(), teacher_special: set[int] = frozenset()) -> torch.Tensor:
+    """[V_teacher] long: the student token each teacher token's mass goes to (−1: residual).
+    Special (added) tokens on either side match by exact bytes only: a teacher `<|im_end|>` the
+    student lacks is residual, never the text token `<|`, and no text token lands on a student
+    special token."""
+    first = _first_ids([b"" if i in student_special else b for i, b in enumerate(student_bytes)])
+    exact = _first_ids(student_bytes)
     longest = max((len(b) for b in first), default=0)
     out = torch.full((len(teacher_bytes),), -1, dtype=torch.long)
     for j, b in enumerate(teacher_bytes):
+        if j in teacher_special:
+            out[j] = exact.get(b, -1) if b else -1
+            continue
         for n in range(min(len(b), longest), 0, -1):
             i = first.get(b[:n])
             if i is not None:
@@ -187,7 +195,7 @@ def mapped_logq(logq_N_Vt: torch.Tensor, src: torch.Tensor, dest: torch.Tensor,
     vals = logq_N_Vt.index_select(-1, src)
     top = torch.full((*vals.shape[:-1], student_vocab), -torch.inf, dtype=vals.dtype, device=vals.device)
     top.scatter_reduce_(-1, dest.expand_as(vals), vals, "amax")  # an expanded view: no [N, V_t] index
-    shift = top.index_select(-1, dest)
+    shift = top.index_select(-1, dest).nan_to_num_(neginf=0.0)  # all of a student id's terms −inf: no NaN
     mass = torch.zeros_like(top).index_add_(-1, dest, vals.sub_(shift).exp_())
     return mass.log_().add_(top)
 
