@@ -29,6 +29,14 @@ def valid_utf8_prefix(data: bytes) -> str:
         return data[:e.start].decode("utf-8")
 
 
+def first_positions(chunks: list[list[Chunk]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, first student token, first teacher token) of every chunk: [N] long each."""
+    b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
+    s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
+    t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
+    return b_N, s_N, t_N
+
+
 class MappedHead(torch.nn.Module):
     """The teacher's LM head followed by its softmax over its tokens and the byte-prefix map onto
     the student's: h → log q̃ [..., V_student] (methods/xtok.py `mapped_logq`; −inf where no
@@ -69,6 +77,7 @@ class XTokTeacher:
         if self.t_eos is not None and s_eos in self.stop_ids:  # the end chunk pairs them (align_row)
             self.to_student[self.t_eos] = s_eos
         self.exact = exact_map(self.s_bytes, self.t_bytes)  # xtok.loss=uld_hybrid's matched entries
+        self._mapped: MappedHead | None = None  # objective=full_vocab's teacher head (_mapped_head)
 
     def _length(self, ids: list[int], mask: list[float]) -> int:
         """Tokens of the response: up to its last trained token, and the stop token right after it
@@ -182,6 +191,12 @@ class XTokTeacher:
         return TeacherScores(logp_B_T=at_last(logq_B_C, s_chunk), chunk_B_T=s_chunk,
                              credit=self.credit, metrics=metrics)
 
+    def _mapped_head(self, lm_head: torch.nn.Module, device) -> MappedHead:
+        """One `MappedHead` per teacher head and device, its index buffers made once, not every step."""
+        if self._mapped is None or self._mapped.head is not lm_head or self._mapped.src.device != device:
+            self._mapped = MappedHead(lm_head, self.to_student, len(self.s_bytes)).to(device)
+        return self._mapped
+
     def _hidden(self, t: TeacherScores, chunks: list[list[Chunk]], T: int, dev, metrics: dict,
                 rows: int = 256) -> TeacherScores:
         """The teacher's final hidden state at each chunk's first teacher token, put at the chunk's
@@ -190,10 +205,8 @@ class XTokTeacher:
         residual mass measured here, `rows` positions at a time."""
         B = len(chunks)
         hidden = t.hidden_B_T_H.new_zeros((B, T, t.hidden_B_T_H.shape[-1]))
-        b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
-        s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
-        t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
-        head = MappedHead(t.lm_head, self.to_student, len(self.s_bytes)).to(t.hidden_B_T_H.device)
+        b_N, s_N, t_N = first_positions(chunks)
+        head = self._mapped_head(t.lm_head, t.hidden_B_T_H.device)
         metrics["xtok/mapped_mass"] = metrics["xtok/residual_mass"] = float("nan")
         if len(b_N):
             h_N_H = t.hidden_B_T_H[b_N.to(t.hidden_B_T_H.device), t_N.to(t.hidden_B_T_H.device)]
@@ -211,9 +224,7 @@ class XTokTeacher:
         """The teacher's top-K at each chunk's first teacher token, carried onto the student's
         ids at the chunk's first student token; every other position has an empty support."""
         K = t.topk_logq_B_T_K.shape[-1]
-        b_N = torch.tensor([b for b, ch in enumerate(chunks) for _ in ch], dtype=torch.long)
-        s_N = torch.tensor([c.s0 for ch in chunks for c in ch], dtype=torch.long)
-        t_N = torch.tensor([c.t0 for ch in chunks for c in ch], dtype=torch.long)
+        b_N, s_N, t_N = first_positions(chunks)
         logq = torch.full((B, T, K), -torch.inf, device=dev, dtype=t.topk_logq_B_T_K.dtype)
         idx = torch.zeros((B, T, K), dtype=torch.long, device=dev)
         metrics["xtok/mapped_mass"] = metrics["xtok/residual_mass"] = float("nan")  # same keys on every rank

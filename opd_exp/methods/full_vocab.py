@@ -81,9 +81,9 @@ class FullVocabOPD:
 
     def loss(self, policy: PolicyView, mb: StepBatch, n_tokens: float) -> tuple[torch.Tensor, dict]:
         t, mask_B_T = mb.teacher, mb.mask_B_T
-        if t.chunk_B_T is not None:  # across tokenizers: the teacher's distribution (its head maps
-            mask_B_T = mask_B_T * first_of_chunk(t.chunk_B_T)  # it onto the student's ids) is at
-            # each chunk's first token only (engines/teacher_xtok.py)
+        if t.chunk_B_T is not None:  # across tokenizers the teacher's distribution, mapped onto the
+            # student's ids by its head, is at each chunk's first token only (engines/teacher_xtok.py)
+            mask_B_T = mask_B_T * first_of_chunk(t.chunk_B_T)
         loss = self.summed(policy.lm_head, t.lm_head, policy.response_hidden(mb.rollouts),
                            t.hidden_B_T_H, mask_B_T, policy.vocab_size) / n_tokens
         return loss, {"loss": loss.item()}
